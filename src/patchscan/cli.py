@@ -1,0 +1,121 @@
+"""Command line: `patchscan run` (Hydra: composes configs, -m multirun) and `patchscan eval RUN_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from patchscan.errors import UserError
+
+log = logging.getLogger("patchscan")
+CONFIG_DIR = os.environ.get("PATCHSCAN_CONFIG_DIR") or str(Path(__file__).resolve().parents[2] / "configs")
+USAGE = """usage: patchscan run +experiment=NAME [group=option ...] [key=value ...]   (Hydra; -m for multirun)
+       patchscan eval RUN_DIR                                          (recompute metrics.json and plots)
+experiments: next_token, attribute_extraction, entity_resolution, cross_model, multihop"""
+
+
+def finalize(scope_cls, cfg, run_dir: Path) -> dict:
+    """metrics.json, plots and the printed table, from the Parquet results alone."""
+    from patchscan.runner import read_results
+
+    df = read_results(run_dir)
+    metrics = scope_cls.metrics(df, cfg)
+    for png in scope_cls.plot(df, metrics, run_dir):
+        metrics.setdefault("figures", []).append(str(png))
+    tmp = run_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1, default=str))
+    os.replace(tmp, run_dir / "metrics.json")
+    report = scope_cls.report(metrics)
+    if report:
+        print(report)
+    print(f"results: {run_dir / 'results'}\nmetrics: {run_dir / 'metrics.json'}")
+    for png in metrics.get("figures", []):
+        print(f"figure:  {png}")
+    return metrics
+
+
+def run_job(cfg) -> dict:
+    """One Hydra job: scope -> model -> plan -> chunks -> Parquet -> metrics."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from patchscan.models import load_model
+    from patchscan.runner import execute, plan_run, run_metadata
+    from patchscan.scopes import get_scope
+
+    name = cfg.get("experiment", {}).get("name")
+    if not name or name == "???":
+        raise UserError("no experiment chosen; add +experiment=NAME (next_token, attribute_extraction, "
+                        "entity_resolution, cross_model, multihop)")
+    scope_cls = get_scope(name)
+    scope = scope_cls(cfg)  # reads and checks the data before any model is loaded
+    view = load_model(cfg.model)
+    scope.bind(view)
+    examples = scope.examples()
+    if not examples:
+        raise UserError("the dataset gave no examples")
+    for i, example in enumerate(examples):
+        example["_index"] = i
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    plan = plan_run(cfg, run_dir, examples, run_metadata(cfg, view))
+    execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name)
+    return finalize(scope_cls, cfg, plan.run_dir)
+
+
+def _hydra_task(cfg):
+    try:
+        return run_job(cfg)
+    except UserError as exc:
+        print(f"patchscan: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_main(argv: list[str]) -> None:
+    import hydra
+
+    sys.argv = [sys.argv[0]] + argv
+    hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_hydra_task)()
+
+
+def eval_main(argv: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    from patchscan.runner import META_NAME
+    from patchscan.scopes import get_scope
+
+    parser = argparse.ArgumentParser(prog="patchscan eval", description="Recompute metrics.json and plots "
+                                     "of a run from its Parquet results alone.")
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir
+    meta = run_dir / "results" / META_NAME
+    if not meta.is_file():
+        raise UserError(f"{run_dir} is not a patchscan run dir (no results/{META_NAME})")
+    cfg = OmegaConf.create(json.loads(meta.read_text())["config"])
+    finalize(get_scope(cfg.experiment.name), cfg, run_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "run":
+            run_main(rest)
+        elif command == "eval":
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            eval_main(rest)
+        else:
+            raise UserError(f"unknown command {command!r}; use run or eval")
+    except UserError as exc:
+        print(f"patchscan: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Dataset loaders: texts (file, JSONL, built-in, HF), LRE relations, entity lists."""

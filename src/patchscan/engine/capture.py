@@ -1,0 +1,77 @@
+"""Source states: one forward returns the outputs of all requested blocks at all requested
+positions, for a batch of prompts of different lengths (right padding keeps positions exact)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from patchscan.engine.hooks import block_hooks, hidden_of
+from patchscan.errors import UserError
+from patchscan.models.view import ModelView
+
+
+def resolve_position(position: int, length: int, what: str = "position") -> int:
+    """An index into the unpadded sequence; negative counts from the end."""
+    if not -length <= position < length:
+        raise UserError(f"{what} {position} is out of range for a prompt of {length} tokens")
+    return position % length
+
+
+@dataclass
+class Captured:
+    """States of one prompt: states[k, j] is block layers[k]'s output at positions[j]."""
+
+    layers: list[int]
+    positions: list[int]
+    states: torch.Tensor  # (n_layers, n_positions, width)
+    logprobs: torch.Tensor | None  # (n_positions, vocab): the model's own next-token log-probs
+
+
+@torch.no_grad()
+def capture(view: ModelView, prompts: list[list[int]], layers: list[int], positions: list[list[int]],
+            batch_size: int = 32, with_logprobs: bool = False) -> list[Captured]:
+    """Run each prompt once and gather block outputs at the given positions.
+
+    `positions[p]` lists positions of prompt p (negative ones count from its end). With
+    `with_logprobs`, also return the model's next-token log-probabilities there (p_L of DESIGN §2),
+    read out from the last block's output so no full-vocabulary logits are made for other positions.
+    """
+    layers = [view.check_layer(layer) for layer in layers]
+    want = sorted(set(layers) | ({view.n_blocks - 1} if with_logprobs else set()))
+    results: list[Captured] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        pos = [[resolve_position(p, len(ids), "source position") for p in positions[start + b]]
+               for b, ids in enumerate(batch)]
+        width = max(len(ids) for ids in batch)
+        pad = view.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, ids in enumerate(batch):
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            mask[b, : len(ids)] = 1
+        rows = torch.tensor([b for b, ps in enumerate(pos) for _ in ps], device=view.device)
+        cols = torch.tensor([p for ps in pos for p in ps], device=view.device)
+        store: dict[int, torch.Tensor] = {}
+
+        def make_hook(layer):
+            def hook(module, inputs, output):
+                store[layer] = hidden_of(output)[rows, cols]
+            return hook
+
+        with block_hooks(view.blocks, {layer: make_hook(layer) for layer in want}):
+            # The base model (no LM head) avoids full-vocabulary logits at every position.
+            base = getattr(view.model, "base_model", view.model)
+            base(input_ids=input_ids.to(view.device), attention_mask=mask.to(view.device), use_cache=False)
+        stacked = torch.stack([store[layer] for layer in layers])  # (n_layers, n_rows, width)
+        logprobs = None
+        if with_logprobs:
+            logprobs = torch.log_softmax(view.readout(store[view.n_blocks - 1]), dim=-1)
+        offset = 0
+        for ps in pos:
+            sl = slice(offset, offset + len(ps))
+            results.append(Captured(layers, ps, stacked[:, sl], None if logprobs is None else logprobs[sl]))
+            offset += len(ps)
+    return results

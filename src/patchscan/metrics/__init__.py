@@ -1,0 +1,1 @@
+"""Metrics computed from Parquet rows only, so `patchscan eval` and scripts reuse them."""

@@ -1,0 +1,142 @@
+"""A uniform view of any decoder-only Hugging Face model: blocks, final norm, unembedding.
+
+Architecture lookups live here and only here (like tuned-lens' model_surgery.py): a generic
+search finds the ModuleList of decoder blocks and the final norm beside it; FAMILY_PATHS
+covers families whose layout the search would get wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from patchscan.errors import UserError
+
+# model_type -> (path to the block list, path to the final norm), relative to the CausalLM.
+FAMILY_PATHS: dict[str, tuple[str, str | None]] = {
+    "gpt2": ("transformer.h", "transformer.ln_f"),
+    "gptj": ("transformer.h", "transformer.ln_f"),
+    "gpt_neox": ("gpt_neox.layers", "gpt_neox.final_layer_norm"),
+    "opt": ("model.decoder.layers", "model.decoder.final_layer_norm"),
+}
+NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm", "norm_f")
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return name, module
+    raise UserError(
+        f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of "
+        f"{n_layers} blocks; add its paths to patchscan.models.view.FAMILY_PATHS"
+    )
+
+
+def _find_norm(model: nn.Module, blocks_path: str) -> nn.Module | None:
+    parent = _get(model, blocks_path.rpartition(".")[0]) if "." in blocks_path else model
+    for name in NORM_NAMES:
+        if isinstance(getattr(parent, name, None), nn.Module):
+            return getattr(parent, name)
+    return None
+
+
+@dataclass
+class ModelView:
+    """What patching needs of a model, found once: blocks, final norm, unembedding."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str = "model"
+    blocks: nn.ModuleList = field(init=False)
+    final_norm: nn.Module | None = field(init=False)
+    unembed: nn.Module = field(init=False)
+    block_returns_tuple: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n_layers = text_config.num_hidden_layers
+        paths = FAMILY_PATHS.get(config.model_type)
+        if paths is not None:
+            blocks_path, norm_path = paths
+            self.blocks = _get(self.model, blocks_path)
+            self.final_norm = _get(self.model, norm_path) if norm_path else None
+        else:
+            blocks_path, self.blocks = _find_blocks(self.model, n_layers)
+            self.final_norm = _find_norm(self.model, blocks_path)
+        unembed = self.model.get_output_embeddings()
+        if unembed is None:
+            raise UserError(f"{type(self.model).__name__} has no output embedding (unembedding)")
+        self.unembed = unembed
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        self.block_returns_tuple = self._probe_block_output()
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def width(self) -> int:
+        return self.unembed.weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.unembed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unembed.weight.dtype
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.model.config, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+    def check_layer(self, layer: int, what: str = "layer") -> int:
+        """Resolve a (possibly negative) block index; a clear error when out of range."""
+        if not -self.n_blocks <= layer < self.n_blocks:
+            raise UserError(
+                f"{what} {layer} is out of range for {self.name} ({self.n_blocks} blocks: 0..{self.n_blocks - 1})"
+            )
+        return layer % self.n_blocks
+
+    @torch.no_grad()
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of block outputs read through the final norm and unembedding (the logit lens)."""
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        logits = self.unembed(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.no_grad()
+    def _probe_block_output(self) -> bool:
+        """Blocks return a tensor or a tuple depending on model and transformers version: look once."""
+        seen: list[bool] = []
+        handle = self.blocks[0].register_forward_hook(lambda m, i, o: seen.append(isinstance(o, tuple)))
+        try:
+            self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
+        finally:
+            handle.remove()
+        return seen[0]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text as the model sees it (with a BOS token where the tokenizer adds one)."""
+        return list(self.tokenizer(text).input_ids)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -1,0 +1,1 @@
+"""PNG figures made from Parquet results (through the metrics computed from them)."""

@@ -1,0 +1,59 @@
+"""Line plots of a metric against the source block, one line per method, with SE bands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def method_curves(by: pd.DataFrame, columns: list[str], labels: list[str], path: Path, title: str = "",
+                  line_column: str = "method") -> Path:
+    """One panel per column; x = source_layer; one line per `line_column` value; shaded ±1 SE."""
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4), squeeze=False)
+    for ax, column, label in zip(axes[0], columns, labels):
+        for name, group in by.groupby(line_column, sort=True):
+            group = group.sort_values("source_layer")
+            x, y = group["source_layer"], group[column]
+            ax.plot(x, y, marker="o", ms=3, label=str(name))
+            if f"{column}_se" in group:
+                se = group[f"{column}_se"].fillna(0)
+                ax.fill_between(x, y - se, y + se, alpha=0.2)
+        ax.set_xlabel("source block ℓ")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def heatmap(matrix: pd.DataFrame, path: Path, title: str, xlabel: str, ylabel: str, fmt: str = ".2f") -> Path:
+    """A heatmap of a (rows × columns) table, values annotated when small enough to read."""
+    fig, ax = plt.subplots(figsize=(1 + 0.35 * matrix.shape[1] + 2, 1 + 0.3 * matrix.shape[0] + 1))
+    im = ax.imshow(matrix.values, origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], fontsize=7)
+    ax.set_yticks(range(matrix.shape[0]), [str(r) for r in matrix.index], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    if matrix.size <= 400:
+        for i in range(matrix.shape[0]):
+            for j in range(matrix.shape[1]):
+                v = matrix.values[i, j]
+                if v == v:
+                    ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=6, color="w")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
