@@ -45,16 +45,17 @@ class PrefixCache:
     def get(self, prefix: tuple[int, ...]):
         if not prefix:
             return None
-        if prefix not in self._store:
-            ids = torch.tensor([prefix], device=self.view.device)
-            base = getattr(self.view.model, "base_model", self.view.model)
-            out = base(input_ids=ids, use_cache=True)
-            cache = out.past_key_values
-            self._store[prefix] = [(layer.keys, layer.values) for layer in cache.layers]
+        if prefix in self._store:
+            self._store.move_to_end(prefix)
+            return self._store[prefix]
+        ids = torch.tensor([prefix], device=self.view.device)
+        base = getattr(self.view.model, "base_model", self.view.model)
+        kv = [(layer.keys, layer.values) for layer in base(input_ids=ids, use_cache=True).past_key_values.layers]
+        if self.capacity > 0:
+            self._store[prefix] = kv
             while len(self._store) > self.capacity:
                 self._store.popitem(last=False)
-        self._store.move_to_end(prefix)
-        return self._store[prefix]
+        return kv
 
     def expanded(self, prefix: tuple[int, ...], batch: int):
         """A fresh cache object holding the prefix for `batch` rows (the model extends it in place)."""

@@ -1,0 +1,132 @@
+"""The batched, prefix-reusing engine equals the naive one-forward-per-patch reference."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from patchscan.engine import Patch, capture, generate, patched_logits
+from patchscan.engine.hooks import block_hooks, patch_hook, skip_blocks
+from patchscan.engine.naive import naive_generate, naive_logits
+
+SOURCES = ["The quick brown fox jumps over the lazy dog", "Hello", "Paris is the capital of France"]
+IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
+
+
+def _patches(view):
+    caps = capture(view, [view.encode(s) for s in SOURCES], list(range(view.n_blocks)), [[-1, 2], [0], [3, -1]])
+    target = tuple(view.encode(IDENTITY))
+    other = tuple(view.encode("The capital city of x"))
+    patches = []
+    for c in caps:
+        for j in range(len(c.positions)):
+            for s in range(view.n_blocks):
+                for t in range(view.n_blocks):
+                    patches.append(Patch(target, -1, t, c.states[s, j]))
+                patches.append(Patch(other, 2, s, c.states[s, j]))  # a middle position: a 3-token suffix
+                patches.append(Patch(other, 0, s, c.states[s, j]))  # position 0: no prefix at all
+    return patches
+
+
+def test_patched_logits_equal_naive(view):
+    patches = _patches(view)
+    fast = patched_logits(view, patches, batch_size=7)
+    ref = torch.stack([naive_logits(view, p) for p in patches])
+    assert torch.allclose(fast, ref, atol=1e-4), (fast - ref).abs().max()
+    assert torch.equal(fast.argmax(-1), ref.argmax(-1))
+
+
+def test_fast_paths_off_equal_on(view):
+    patches = _patches(view)[:40]
+    fast = patched_logits(view, patches, batch_size=16)
+    plain = patched_logits(view, patches, batch_size=1, reuse_prefix=False, skip_blocks_below=False)
+    assert torch.allclose(fast, plain, atol=1e-4)
+
+
+def test_generate_equals_naive(view):
+    patches = _patches(view)
+    chosen = patches[:: max(1, len(patches) // 24)]
+    fast = generate(view, chosen, max_new_tokens=8, batch_size=5)
+    ref = [naive_generate(view, p, max_new_tokens=8) for p in chosen]
+    assert fast == ref
+
+
+def test_self_patch_changes_nothing(view):
+    ids = view.encode("The cat sat on the mat and looked at the door")
+    clean = view.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    positions = [0, 4, len(ids) - 1]
+    cap = capture(view, [ids], list(range(view.n_blocks)), [positions])[0]
+    patches = [Patch(tuple(ids), p, layer, cap.states[layer, j])
+               for layer in range(view.n_blocks) for j, p in enumerate(positions)]
+    logits = patched_logits(view, patches)
+    assert torch.allclose(logits, clean.expand_as(logits), atol=1e-4)
+    gens = generate(view, patches[:4], max_new_tokens=5)
+    plain = naive_generate(view, Patch(tuple(ids), 0, 0, cap.states[0, 0]), max_new_tokens=5)
+    assert all(g == plain for g in gens)
+
+
+def test_batched_capture_equals_one_at_a_time(view):
+    prompts = [view.encode(s) for s in SOURCES]
+    positions = [[0, -1], [0], [1, 2, -1]]
+    layers = list(range(view.n_blocks))
+    batched = capture(view, prompts, layers, positions, with_logprobs=True)
+    for p, pos, b in zip(prompts, positions, batched):
+        single = capture(view, [p], layers, [pos], with_logprobs=True)[0]
+        assert b.positions == single.positions
+        assert torch.allclose(b.states, single.states, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(b.logprobs, single.logprobs, atol=1e-4)
+
+
+def test_capture_is_block_output_before_final_norm(view):
+    ids = view.encode("Rome is in Italy")
+    out = view.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    cap = capture(view, [ids], list(range(view.n_blocks)), [list(range(len(ids)))], with_logprobs=True)[0]
+    last = cap.states[-1]
+    # hidden_states[-1] is after the final norm in HF; ours is the block output, before it.
+    assert not torch.allclose(last, out.hidden_states[-1][0], atol=1e-3)
+    assert torch.allclose(view.final_norm(last), out.hidden_states[-1][0], rtol=1e-4, atol=1e-4)
+    for layer in range(view.n_blocks - 1):  # hidden_states[l + 1] is the output of block l
+        assert torch.allclose(cap.states[layer], out.hidden_states[layer + 1][0], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(cap.logprobs, torch.log_softmax(out.logits[0], -1), atol=1e-4)
+
+
+def test_last_block_patch_is_the_logit_lens(view):
+    ids = view.encode("One two three four")
+    cap = capture(view, [ids], list(range(view.n_blocks)), [[-1]])[0]
+    target = tuple(view.encode(IDENTITY))
+    patches = [Patch(target, -1, view.n_blocks - 1, cap.states[layer, 0]) for layer in range(view.n_blocks)]
+    assert torch.allclose(patched_logits(view, patches), view.readout(cap.states[:, 0]), atol=1e-4)
+
+
+class TupleBlock(nn.Module):
+    """A block in the older transformers style: returns (hidden, extra)."""
+
+    def forward(self, hidden_states):
+        return hidden_states * 2, "extra"
+
+
+def test_hooks_handle_tuple_and_tensor_outputs():
+    blocks = nn.ModuleList([TupleBlock(), nn.Identity()])
+    x = torch.zeros(2, 3, 4)
+    vec = torch.ones(1, 4)
+    with block_hooks(blocks, {0: patch_hook(torch.tensor([1]), torch.tensor([2]), vec),
+                              1: patch_hook(torch.tensor([0]), torch.tensor([0]), vec * 5)}):
+        h, extra = blocks[0](x)
+        y = blocks[1](h)
+    assert extra == "extra" and h[1, 2].eq(1).all() and h[0].eq(0).all()
+    assert y[0, 0].eq(5).all() and y[1, 2].eq(1).all()
+    with skip_blocks(blocks, 0, returns_tuple=True):
+        assert blocks[0](x + 3)[0].eq(3).all()  # passed through, not doubled
+    assert blocks[0](x + 3)[0].eq(6).all()  # restored
+
+
+def test_builtin_model_fast_equals_naive(builtin_view):
+    view = builtin_view
+    assert view.n_blocks == 30 and view.width == 576
+    caps = capture(view, [view.encode("The Eiffel Tower is in Paris")], [3, 15, 25], [[-1]])
+    target = tuple(view.encode(IDENTITY))
+    patches = [Patch(target, -1, t, caps[0].states[k, 0]) for k in range(3) for t in (3, 15, 29)]
+    fast = patched_logits(view, patches)
+    ref = torch.stack([naive_logits(view, p) for p in patches])
+    assert torch.allclose(fast, ref, atol=1e-3) and torch.equal(fast.argmax(-1), ref.argmax(-1))
+    assert generate(view, patches[:3], max_new_tokens=6) == [naive_generate(view, p, 6) for p in patches[:3]]
