@@ -18,11 +18,11 @@ USAGE = """usage: patchscan run +experiment=NAME [group=option ...] [key=value .
 experiments: next_token, attribute_extraction, entity_resolution, cross_model, multihop"""
 
 
-def finalize(scope_cls, cfg, run_dir: Path) -> dict:
+def finalize(scope_cls, cfg, run_dir: Path, results_dir: Path) -> dict:
     """metrics.json, plots and the printed table, from the Parquet results alone."""
     from patchscan.runner import read_results
 
-    df = read_results(run_dir)
+    df = read_results(results_dir)
     metrics = scope_cls.metrics(df, cfg)
     for png in scope_cls.plot(df, metrics, run_dir):
         metrics.setdefault("figures", []).append(str(png))
@@ -32,7 +32,7 @@ def finalize(scope_cls, cfg, run_dir: Path) -> dict:
     report = scope_cls.report(metrics)
     if report:
         print(report)
-    print(f"results: {run_dir / 'results'}\nmetrics: {run_dir / 'metrics.json'}")
+    print(f"results: {results_dir}\nmetrics: {run_dir / 'metrics.json'}")
     for png in metrics.get("figures", []):
         print(f"figure:  {png}")
     return metrics
@@ -62,7 +62,7 @@ def run_job(cfg) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     plan = plan_run(cfg, run_dir, examples, run_metadata(cfg, view))
     execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name)
-    return finalize(scope_cls, cfg, plan.run_dir)
+    return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
 
 
 def _hydra_task(cfg):
@@ -73,9 +73,29 @@ def _hydra_task(cfg):
         sys.exit(2)
 
 
+GROUPS = ("model", "dataset", "patchscope", "sweep", "experiment", "hydra/launcher")
+PLUGIN_LAUNCHERS = ("basic", "submitit_local", "submitit_slurm")
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Name an unknown config option in one line, with the valid choices, before Hydra starts."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS:
+            continue
+        folder = Path(CONFIG_DIR) / key
+        choices = sorted(p.stem for p in folder.glob("*.yaml"))
+        if key == "hydra/launcher":
+            choices = sorted(set(choices) | set(PLUGIN_LAUNCHERS))
+        for option in value.split(","):
+            if option and option not in choices:
+                raise UserError(f"unknown {key} {option!r}; choose from {', '.join(choices)}")
+
+
 def run_main(argv: list[str]) -> None:
     import hydra
 
+    check_group_choices(argv)
     sys.argv = [sys.argv[0]] + argv
     hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_hydra_task)()
 
@@ -88,14 +108,15 @@ def eval_main(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="patchscan eval", description="Recompute metrics.json and plots "
                                      "of a run from its Parquet results alone.")
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, help="a run dir, or a results dir shared by shards")
     args = parser.parse_args(argv)
     run_dir = args.run_dir
-    meta = run_dir / "results" / META_NAME
+    results_dir = run_dir if (run_dir / META_NAME).is_file() else run_dir / "results"
+    meta = results_dir / META_NAME
     if not meta.is_file():
-        raise UserError(f"{run_dir} is not a patchscan run dir (no results/{META_NAME})")
+        raise UserError(f"{run_dir} is not a patchscan run dir or results dir (no {META_NAME})")
     cfg = OmegaConf.create(json.loads(meta.read_text())["config"])
-    finalize(get_scope(cfg.experiment.name), cfg, run_dir)
+    finalize(get_scope(cfg.experiment.name), cfg, run_dir, results_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
