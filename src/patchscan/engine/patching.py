@@ -16,8 +16,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
+from patchscan.engine.batching import FORWARD_OVERHEAD, plan_layer_chunks, rows_for_budget, run_with_backoff
 from patchscan.engine.capture import resolve_position
+from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
 from patchscan.models.view import ModelView
 
 
@@ -75,15 +76,31 @@ def _groups(view: ModelView, patches: list[Patch]) -> dict[tuple, list[int]]:
     return groups
 
 
-def _micro_batches(indices: list[int], patches: list[Patch], batch_size: int, by_layer: bool) -> Iterator[list[int]]:
-    if by_layer:  # one block to start from per micro-batch, so skipping applies to all its rows
-        layers: dict[int, list[int]] = {}
-        for i in indices:
-            layers.setdefault(patches[i].layer, []).append(i)
-        for layer in sorted(layers):
-            rows = layers[layer]
-            for s in range(0, len(rows), batch_size):
-                yield rows[s:s + batch_size]
+def bytes_per_row(view: ModelView, seq_len: int) -> int:
+    """A generous estimate of one row's memory: its KV cache, logits and block activations."""
+    config = view.model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or view.width // config.num_attention_heads
+    elem = torch.finfo(view.dtype).bits // 8
+    kv = 2 * view.n_blocks * heads * head_dim * seq_len * elem
+    logits = 3 * view.unembed.weight.shape[0] * 4
+    activations = 8 * (getattr(config, "intermediate_size", None) or 4 * view.width) * elem
+    return kv + logits + activations
+
+
+def _batch_size(view: ModelView, batch_size: int | str | None, seq_len: int, budget_gb: float | None) -> int:
+    if batch_size in (None, "auto", 0):
+        return rows_for_budget(bytes_per_row(view, seq_len), view.device, budget_gb)
+    return int(batch_size)
+
+
+def _micro_batches(view: ModelView, indices: list[int], patches: list[Patch], batch_size: int,
+                   skip: bool) -> Iterator[list[int]]:
+    if skip:  # sorted by target block, cut where skipping the blocks below pays for another forward
+        layers = [patches[i].layer for i in indices]
+        overhead = FORWARD_OVERHEAD.get(view.device.type, 100.0)
+        for chunk in plan_layer_chunks(layers, view.n_blocks, batch_size, overhead):
+            yield [indices[k] for k in chunk]
     else:
         for s in range(0, len(indices), batch_size):
             yield indices[s:s + batch_size]
@@ -102,27 +119,34 @@ def _prefill(view: ModelView, cache: PrefixCache, patches: list[Patch], rows: li
     kv = cache.expanded(first.target_ids[: first.position], n)
     kwargs = dict(input_ids=input_ids, past_key_values=kv, use_cache=use_cache, logits_to_keep=1)
     with block_hooks(view.blocks, hooks):
-        if skip:
-            with skip_blocks(view.blocks, layers[0], view.block_returns_tuple):
+        if skip:  # rows are patched at their last position: blocks below the lowest patch do nothing
+            with skip_blocks(view.blocks, min(layers), view.block_returns_tuple):
                 out = view.model(**kwargs)
         else:
             out = view.model(**kwargs)
     return out.logits[:, -1].float(), out.past_key_values
 
 
-def iter_patched_logits(view: ModelView, patches: list[Patch], batch_size: int = 64, reuse_prefix: bool = True,
-                        skip_blocks_below: bool = True, progress: Callable[[int], None] | None = None
+def iter_patched_logits(view: ModelView, patches: list[Patch], batch_size: int | str | None = 256,
+                        reuse_prefix: bool = True, skip_blocks_below: bool = True,
+                        progress: Callable[[int], None] | None = None, memory_budget_gb: float | None = None
                         ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (patch indices, last-position logits) micro-batch by micro-batch."""
+    """Yield (patch indices, last-position logits) micro-batch by micro-batch.
+
+    `batch_size="auto"` sizes micro-batches from free GPU memory or `memory_budget_gb`; an
+    out-of-memory error halves the micro-batch and retries it.
+    """
     patches = [p.resolved(view) for p in patches]
     cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
     for (ids, position), indices in _groups(view, patches).items():
         skip = skip_blocks_below and position == len(ids) - 1
-        for rows in _micro_batches(indices, patches, batch_size, by_layer=skip):
-            logits, _ = _prefill(view, cache, patches, rows, skip, use_cache=False)
-            if progress:
-                progress(len(rows))
-            yield rows, logits
+        size = _batch_size(view, batch_size, len(ids), memory_budget_gb)
+        for chunk in _micro_batches(view, indices, patches, size, skip):
+            for rows, (logits, _) in run_with_backoff(
+                    chunk, lambda rows: _prefill(view, cache, patches, rows, skip, use_cache=False)):
+                if progress:
+                    progress(len(rows))
+                yield rows, logits
 
 
 def patched_logits(view: ModelView, patches: list[Patch], **kwargs) -> torch.Tensor:
@@ -150,8 +174,9 @@ def patched_next_token(view: ModelView, patches: list[Patch], top_k: int = 5, **
 
 
 @torch.no_grad()
-def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, batch_size: int = 64,
-             reuse_prefix: bool = True, progress: Callable[[int], None] | None = None) -> list[list[int]]:
+def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, batch_size: int | str | None = 256,
+             reuse_prefix: bool = True, progress: Callable[[int], None] | None = None,
+             memory_budget_gb: float | None = None) -> list[list[int]]:
     """Greedy continuations of the patched target prompts (the patch acts in the prefill only).
 
     Each continuation stops after an end-of-sequence token (kept) or `max_new_tokens`; finished
@@ -161,22 +186,31 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
     cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
     eos = torch.tensor(sorted(view.eos_token_ids) or [-1], device=view.device)
     out: list[list[int]] = [[] for _ in patches]
-    for _, indices in _groups(view, patches).items():
-        for rows in _micro_batches(indices, patches, batch_size, by_layer=False):
-            logits, kv = _prefill(view, cache, patches, rows, skip=False, use_cache=True)
-            alive = torch.arange(len(rows), device=view.device)
-            for step in range(max_new_tokens):
-                token = logits.argmax(-1)
-                for r, t in zip(alive.tolist(), token.tolist()):
-                    out[rows[r]].append(t)
-                keep = ~torch.isin(token, eos)
-                if step == max_new_tokens - 1 or not keep.any():
-                    break
-                if not keep.all():
-                    alive, token = alive[keep], token[keep]
-                    kv.batch_select_indices(keep.nonzero().flatten())
-                logits = view.model(input_ids=token[:, None], past_key_values=kv, use_cache=True,
-                                    logits_to_keep=1).logits[:, -1].float()
-            if progress:
-                progress(len(rows))
+
+    def run(rows: list[int]) -> list[list[int]]:
+        logits, kv = _prefill(view, cache, patches, rows, skip=False, use_cache=True)
+        tokens: list[list[int]] = [[] for _ in rows]
+        alive = torch.arange(len(rows), device=view.device)
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1)
+            for r, t in zip(alive.tolist(), token.tolist()):
+                tokens[r].append(t)
+            keep = ~torch.isin(token, eos)
+            if step == max_new_tokens - 1 or not keep.any():
+                break
+            if not keep.all():  # finished rows leave the batch
+                alive, token = alive[keep], token[keep]
+                kv.batch_select_indices(keep.nonzero().flatten())
+            logits = view.model(input_ids=token[:, None], past_key_values=kv, use_cache=True,
+                                logits_to_keep=1).logits[:, -1].float()
+        return tokens
+
+    for (ids, _), indices in _groups(view, patches).items():
+        size = _batch_size(view, batch_size, len(ids) + max_new_tokens, memory_budget_gb)
+        for chunk in _micro_batches(view, indices, patches, size, skip=False):
+            for rows, tokens in run_with_backoff(chunk, run):
+                for r, t in zip(rows, tokens):
+                    out[r] = t
+                if progress:
+                    progress(len(rows))
     return out

@@ -45,5 +45,14 @@ class Scope:
     def plot(df: pd.DataFrame, metrics: dict, run_dir: Path) -> list[Path]:
         return []
 
+    def batching(self) -> dict:
+        """Engine keyword arguments from `runner`: micro-batch size (or auto) and memory budget."""
+        runner = self.cfg.runner
+        return {"batch_size": runner.batch_size, "memory_budget_gb": runner.get("memory_budget_gb")}
+
+    def capture_batch_size(self) -> int:
+        size = self.cfg.runner.batch_size
+        return 64 if size in (None, "auto", 0) else int(size)
+
     def common_columns(self) -> dict:
         return {"model": self.view.name, "target_model": self.view.name}

@@ -112,7 +112,7 @@ class NextTokenScope(Scope):
             return {l: load_mapping(folder / f"block{l}.pt") for l in self.source_layers}
         log.info("fitting affine-lens maps on %d held-out texts", len(ids))
         caps = capture(view, ids, self.source_layers + [last], [list(range(len(x))) for x in ids],
-                       batch_size=int(self.cfg.runner.batch_size))
+                       batch_size=self.capture_batch_size())
         states = torch.cat([c.states for c in caps], dim=1)[:, : int(acfg.max_positions)]
         if states.shape[1] <= view.width // 4:
             raise UserError(f"affine_lens: only {states.shape[1]} training positions; add texts or raise "
@@ -126,7 +126,7 @@ class NextTokenScope(Scope):
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
         view, last = self.view, self.view.n_blocks - 1
         caps = capture(view, [e["ids"] for e in examples], self.source_layers, [[e["position"]] for e in examples],
-                       batch_size=int(self.cfg.runner.batch_size), with_logprobs=True)
+                       batch_size=self.capture_batch_size(), with_logprobs=True)
         layer_index = {l: k for k, l in enumerate(self.source_layers)}
         rows: list[dict] = []
 
@@ -154,7 +154,7 @@ class NextTokenScope(Scope):
             else:
                 patches = [Patch(tuple(self.target_ids), self.target_position, t, cap.states[layer_index[s], 0])
                            for cap in caps for s, t in self.pairs]
-                top = patched_next_token(view, patches, top_k=1, batch_size=int(self.cfg.runner.batch_size))
+                top = patched_next_token(view, patches, top_k=1, **self.batching())
                 k = 0
                 for e, cap in zip(examples, caps):
                     for s, t in self.pairs:

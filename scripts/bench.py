@@ -1,0 +1,159 @@
+"""Benchmark patchscan against the naive per-patch method, in one run, on one machine.
+
+Three workloads on the same examples (DESIGN §4, issue 8):
+  (a) next-token grid with ℓ* = ℓ (token identity over every block),
+  (b) the full ℓ×ℓ* next-token grid,
+  (c) the attribute-extraction generation grid (greedy continuations over (ℓ, ℓ*) cells).
+The naive method runs one HF forward (or generate call) per patch with its own hook, as the
+paper's code does. It is timed on a random subset of cells (--naive-cells) and its rate is
+compared with patchscan's rate on the whole grid; agreement is checked on that subset.
+patchscan's time includes capturing the source states; model loading is reported apart.
+
+    python scripts/bench.py [--model smollm2_135m] [--dtype float32] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from patchscan.engine import Patch, capture, generate, patched_next_token
+from patchscan.engine.naive import naive_generate, naive_logits
+from patchscan.models import load_model
+
+TEXTS = ["The Eiffel Tower is located in the city of", "Water freezes at zero degrees",
+         "The cat sat on the mat and looked at the", "She plays the piano every day after school",
+         "The largest planet in the solar system is", "In the morning he drinks a cup of"]
+SUBJECTS = ["France", "Japan", "Canada", "Egypt", "Brazil", "Italy"]
+IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
+ATTRIBUTE = "The capital city of x"
+
+
+def peak_memory_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    peak_memory_reset(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start, peak_memory_mb(device)
+
+
+def report(name, n_fast, t_fast, mem_fast, n_naive, t_naive, mem_naive, agree, what):
+    fast_rate, naive_rate = n_fast / t_fast, n_naive / t_naive
+    print(f"\n({name})")
+    print(f"  patchscan: {n_fast:6d} patched runs in {t_fast:8.2f} s = {fast_rate:9.1f} runs/s, peak {mem_fast:8.0f} MiB")
+    print(f"  naive:     {n_naive:6d} patched runs in {t_naive:8.2f} s = {naive_rate:9.1f} runs/s, peak {mem_naive:8.0f} MiB")
+    print(f"  ratio: {fast_rate / naive_rate:.1f}x   results agree ({what}): {agree}")
+    return fast_rate / naive_rate
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2_135m", help="a config name under configs/model")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--examples", type=int, default=4, help="source prompts per workload")
+    parser.add_argument("--naive-cells", type=int, default=120, help="cells the naive method runs per workload")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--gen-layer-step", type=int, default=3, help="(c) uses every k-th block for ℓ and ℓ*")
+    parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--workloads", default="abc")
+    args = parser.parse_args(argv)
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "model" / f"{args.model}.yaml")
+    cfg.device = args.device
+    if args.dtype:
+        cfg.dtype = args.dtype
+    start = time.perf_counter()
+    view = load_model(cfg)
+    load_s = time.perf_counter() - start
+    device = view.device
+    print(f"model {view.name}: {view.n_blocks} blocks, width {view.width}, {view.dtype}, {device}; "
+          f"loaded in {load_s:.1f} s; torch threads {torch.get_num_threads()}")
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}")
+    rng = random.Random(0)
+    n, layers = view.n_blocks, list(range(view.n_blocks))
+    sources = [view.encode(t) for t in TEXTS[: args.examples]]
+    identity = tuple(view.encode(IDENTITY))
+    ratios = {}
+
+    def grid(pairs, target):
+        def run():
+            caps = capture(view, sources, layers, [[-1]] * len(sources), batch_size=args.batch_size)
+            patches = [Patch(target, -1, t, c.states[s, 0]) for c in caps for s, t in pairs]
+            return patches, patched_next_token(view, patches, top_k=1, batch_size=args.batch_size)
+        return run
+
+    for key, pairs in (("a", [(l, l) for l in layers]), ("b", [(s, t) for s in layers for t in layers])):
+        if key not in args.workloads:
+            continue
+        (patches, top), t_fast, m_fast = timed(grid(pairs, identity), device)
+        cells = rng.sample(range(len(patches)), min(args.naive_cells, len(patches)))
+        naive, t_naive, m_naive = timed(lambda: [naive_logits(view, patches[i]).argmax().item() for i in cells], device)
+        agree = all(top.ids[i, 0].item() == p for i, p in zip(cells, naive))
+        label = "next-token grid, target block = source block" if key == "a" else "full source x target block next-token grid"
+        ratios[key] = report(f"{key}) {label}", len(patches), t_fast, m_fast, len(cells), t_naive, m_naive,
+                             agree, f"same argmax on {len(cells)} cells")
+
+    if "c" in args.workloads:
+        from patchscan.prompts import placeholder_position
+
+        ids, pos = placeholder_position(view, ATTRIBUTE, "x")
+        subjects = [view.encode(s) for s in SUBJECTS[: args.examples]]
+        gen_layers = layers[:: args.gen_layer_step]
+
+        def run_gen():
+            caps = capture(view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=args.batch_size)
+            patches = [Patch(tuple(ids), pos, t, c.states[k, 0])
+                       for c in caps for k, _ in enumerate(gen_layers) for t in gen_layers]
+            return patches, generate(view, patches, max_new_tokens=args.new_tokens, batch_size=args.batch_size)
+
+        (patches, gens), t_fast, m_fast = timed(run_gen, device)
+        cells = rng.sample(range(len(patches)), min(max(args.naive_cells // 4, 1), len(patches)))
+        naive, t_naive, m_naive = timed(lambda: [naive_generate(view, patches[i], args.new_tokens) for i in cells], device)
+        agree = all(gens[i] == g for i, g in zip(cells, naive))
+        ratios["c"] = report(f"c) attribute-extraction generation grid, {args.new_tokens} tokens, every "
+                             f"{args.gen_layer_step}rd block", len(patches), t_fast, m_fast, len(cells), t_naive,
+                             m_naive, agree, f"same generations on {len(cells)} cells")
+    print("\nsummary: " + ", ".join(f"({k}) {v:.1f}x" for k, v in ratios.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
