@@ -24,10 +24,12 @@ from patchscan.models.view import ModelView
 
 @dataclass
 class Patch:
+    """One patched run. `vector=None` runs the target prompt unpatched (a baseline in the same batch)."""
+
     target_ids: tuple[int, ...]
     position: int
     layer: int
-    vector: torch.Tensor
+    vector: torch.Tensor | None
 
     def resolved(self, view: ModelView) -> "Patch":
         ids = tuple(int(t) for t in self.target_ids)
@@ -113,9 +115,12 @@ def _prefill(view: ModelView, cache: PrefixCache, patches: list[Patch], rows: li
     suffix = first.target_ids[first.position:]
     n = len(rows)
     input_ids = torch.tensor([suffix] * n, device=view.device)
-    vectors = torch.stack([patches[i].vector for i in rows]).to(view.device)
-    layers = [patches[i].layer for i in rows]
-    hooks = grouped_patch_hooks(layers, list(range(n)), [0] * n, vectors)
+    patched = [k for k, i in enumerate(rows) if patches[i].vector is not None]
+    layers = [patches[rows[k]].layer for k in patched]
+    hooks = {}
+    if patched:
+        vectors = torch.stack([patches[rows[k]].vector for k in patched]).to(view.device)
+        hooks = grouped_patch_hooks(layers, patched, [0] * len(patched), vectors)
     kv = cache.expanded(first.target_ids[: first.position], n)
     kwargs = dict(input_ids=input_ids, past_key_values=kv, use_cache=use_cache, logits_to_keep=1)
     with block_hooks(view.blocks, hooks):
@@ -139,7 +144,7 @@ def iter_patched_logits(view: ModelView, patches: list[Patch], batch_size: int |
     patches = [p.resolved(view) for p in patches]
     cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
     for (ids, position), indices in _groups(view, patches).items():
-        skip = skip_blocks_below and position == len(ids) - 1
+        skip = skip_blocks_below and position == len(ids) - 1 and all(patches[i].vector is not None for i in indices)
         size = _batch_size(view, batch_size, len(ids), memory_budget_gb)
         for chunk in _micro_batches(view, indices, patches, size, skip):
             for rows, (logits, _) in run_with_backoff(

@@ -8,6 +8,7 @@ from patchscan.errors import UserError
 
 SCOPES = {
     "next_token": "patchscan.scopes.next_token:NextTokenScope",
+    "attribute_extraction": "patchscan.scopes.attributes:AttributeScope",
 }
 
 
