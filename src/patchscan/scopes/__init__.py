@@ -9,6 +9,7 @@ from patchscan.errors import UserError
 SCOPES = {
     "next_token": "patchscan.scopes.next_token:NextTokenScope",
     "attribute_extraction": "patchscan.scopes.attributes:AttributeScope",
+    "entity_resolution": "patchscan.scopes.entities:EntityScope",
 }
 
 

@@ -1,0 +1,89 @@
+"""Attribute extraction and entity resolution end to end on tiny models, and their helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from patchscan.engine import Patch, capture
+from patchscan.engine.naive import naive_generate
+from patchscan.metrics.similarity import embedding_cosine, rouge_l
+from patchscan.metrics.text import contains_answer
+from patchscan.scopes.entities import first_description
+from tests.conftest import tiny
+from tests.test_cli import patchscan
+
+LRE = "../shared/data/lre"
+
+
+def test_contains_answer_ignores_spaces_and_respects_case():
+    assert contains_answer(" is Washington D. C.", "Washington D.C.")
+    assert not contains_answer("paris is nice", "Paris")
+    assert contains_answer("paris is nice", "Paris", case_sensitive=False)
+
+
+def test_first_description_and_similarity():
+    assert first_description(": German composer and pianist, Paris: Capital of France") == "German composer and pianist"
+    assert first_description(" Capital of France\nmore") == "Capital of France"
+    assert rouge_l(["capital city of France"], ["capital city of France"]) == [1.0]
+    close, far = embedding_cosine(["capital of France", "a red fruit"], ["the capital city of France"] * 2)
+    assert close > 0.7 and far < close
+
+
+def test_attribute_extraction_rows_rerun_alone(tmp_path, request):
+    root = request.config.rootpath
+    run = tmp_path / "run"
+    patchscan("run", "+experiment=attribute_extraction", "model=tiny_llama", f"dataset.path={root / LRE}",
+              "dataset.relations=[country_capital_city,fruit_inside_color]", "dataset.per_relation_limit=4",
+              "sweep.source_layers=[1,3]", "sweep.target_layers=[0,2]", "generation.max_new_tokens=6",
+              f"hydra.run.dir={run}", cwd=tmp_path)
+    df = pd.read_parquet(run / "results")
+    patch = df[df["method"] == "patchscope"]
+    assert len(patch) == 8 * 2 * 2 and set(df["method"]) == {"patchscope", "linear_probe"}
+    assert all(patch["correct"] == [contains_answer(g, o) for g, o in zip(patch["generation"], patch["object"])])
+    view = tiny("tiny_llama")
+    for _, row in patch.sample(4, random_state=0).iterrows():  # every row carries what it needs to re-run it
+        state = capture(view, [list(row.source_token_ids)], [int(row.source_layer)], [[int(row.source_position)]])
+        patch_ = Patch(tuple(row.target_token_ids), int(row.target_position), int(row.target_layer), state[0].states[0, 0])
+        assert view.decode(naive_generate(view, patch_, 6)) == row.generation
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {t["task"] for t in metrics["tasks"]} == {"country_capital_city", "fruit_inside_color"}
+    assert (run / "attribute_heatmap.png").exists()
+
+
+def test_unseen_relation_file_and_tsv_run_without_code_change(tmp_path):
+    relation = {"name": "animal sound", "prompt_templates": ["The sound a {} makes is"],
+                "prompt_templates_zs": ["{} makes the sound"], "properties": {},
+                "samples": [{"subject": s, "object": o} for s, o in
+                            [("dog", "bark"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack")]]}
+    (tmp_path / "animal_sound.json").write_text(json.dumps(relation))
+    run = tmp_path / "run"
+    patchscan("run", "+experiment=attribute_extraction", "model=tiny_gpt2", f"dataset.path={tmp_path / 'animal_sound.json'}",
+              "sweep.source_layers=[0]", "sweep.target_layers=[1]", "generation.max_new_tokens=4", "source.kind=template",
+              f"hydra.run.dir={run}", cwd=tmp_path)
+    df = pd.read_parquet(run / "results")
+    assert set(df["relation"]) == {"animal_sound"}
+    assert df["target_prompt"].iloc[0] == "The sound a x"  # derived from the template with text before {}
+    assert df["source_text"].iloc[0] == "The sound a dog makes is"
+    tsv = tmp_path / "capitals.tsv"
+    tsv.write_text("sample_id\tprompt_target\tposition_target\tobject\tsubject\tprompt_source\tposition_source\n"
+                   "0\tThe capital city of x\t-1\tParis\tFrance\tFrance is in Europe\t0\n"
+                   "1\tThe capital city of x\t-1\tRome\tItaly\tItaly is in Europe\t0\n")
+    run2 = tmp_path / "run2"
+    patchscan("run", "+experiment=attribute_extraction", "model=tiny_gpt2", f"dataset.tsv={tsv}", "probe.enabled=false",
+              "sweep.source_layers=[0]", "sweep.target_layers=[1]", "generation.max_new_tokens=4",
+              f"hydra.run.dir={run2}", cwd=tmp_path)
+    df2 = pd.read_parquet(run2 / "results")
+    assert sorted(df2["subject"]) == ["France", "Italy"] and (df2["source_text"].str.endswith("is in Europe")).all()
+
+
+def test_entity_resolution_scores_and_plot(tmp_path):
+    run = tmp_path / "run"
+    patchscan("run", "+experiment=entity_resolution", "model=tiny_neox", "dataset.limit=3", "sweep.source_layers=[0,3]",
+              "generation.max_new_tokens=8", f"hydra.run.dir={run}", cwd=tmp_path)
+    df = pd.read_parquet(run / "results")
+    assert len(df) == 6 and (df["source_layer"] == df["target_layer"]).all()
+    assert df["rouge_l"].between(0, 1).all() and df["embedding_cosine"].between(-1, 1).all()
+    assert {"subject", "object", "generation", "description", "popularity"} <= set(df.columns)
+    assert (run / "entity_similarity.png").exists()
