@@ -73,7 +73,7 @@ def _hydra_task(cfg):
         sys.exit(2)
 
 
-GROUPS = ("model", "dataset", "patchscope", "sweep", "experiment", "hydra/launcher")
+GROUPS = ("model", "target_model", "dataset", "patchscope", "sweep", "experiment", "hydra/launcher")
 PLUGIN_LAUNCHERS = ("basic", "submitit_local", "submitit_slurm")
 
 

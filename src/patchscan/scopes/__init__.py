@@ -10,6 +10,7 @@ SCOPES = {
     "next_token": "patchscan.scopes.next_token:NextTokenScope",
     "attribute_extraction": "patchscan.scopes.attributes:AttributeScope",
     "entity_resolution": "patchscan.scopes.entities:EntityScope",
+    "cross_model": "patchscan.scopes.cross_model:CrossModelScope",
 }
 
 
