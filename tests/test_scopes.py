@@ -87,3 +87,52 @@ def test_entity_resolution_scores_and_plot(tmp_path):
     assert df["rouge_l"].between(0, 1).all() and df["embedding_cosine"].between(-1, 1).all()
     assert {"subject", "object", "generation", "description", "popularity"} <= set(df.columns)
     assert (run / "entity_similarity.png").exists()
+
+
+def test_cross_model_between_models_of_different_widths(tmp_path):
+    run = tmp_path / "run"
+    patchscan("run", "+experiment=cross_model", "model=tiny_llama", "target_model=tiny_llama_wide", "dataset.limit=5",
+              "maps.train_texts=60", "sweep.source_layers=[0,3]", "sweep.target_layers=[1,5]", f"hydra.run.dir={run}",
+              cwd=tmp_path)
+    df = pd.read_parquet(run / "results")
+    assert set(df["model"]) == {"tiny_llama"} and set(df["target_model"]) == {"tiny_llama_wide"}
+    assert len(df) == 5 * 4 and set(df["target_layer"]) == {1, 5}
+    assert (run / "cross_model_heatmap.png").exists()
+    run2 = tmp_path / "run2"
+    patchscan("run", "+experiment=cross_model", "task=entity_description", "model=tiny_llama",
+              "target_model=tiny_llama_wide", "dataset.limit=2", "maps.train_texts=60", "sweep.source_layers=[3]",
+              "sweep.target_layers=[5]", "generation.max_new_tokens=5", "dataset=builtin_texts",
+              f"hydra.run.dir={run2}", cwd=tmp_path)
+    assert "rouge_l" in pd.read_parquet(run2 / "results")
+
+
+def test_cross_model_maps_recover_the_same_model(tmp_path, monkeypatch):
+    """Mapping a model onto itself, block to same block, must give back its own predictions."""
+    from patchscan.engine import patched_next_token
+    from patchscan.engine.alignment import fit_cross_model_maps
+    from patchscan.data.texts import load_texts
+
+    view = tiny("tiny_gpt2")
+    texts = load_texts({"kind": "builtin", "name": "texts"})
+    maps = fit_cross_model_maps(view, view, texts[:120], [(2, 2)], tmp_path, ridge=0.0)
+    ids = view.encode(texts[200])
+    cap = capture(view, [ids], [2], [[-1]], with_logprobs=True)[0]
+    top = patched_next_token(view, [Patch(tuple(ids), -1, 2, maps[(2, 2)](cap.states[0, 0]))], top_k=1)
+    assert int(top.ids[0, 0]) == int(cap.logprobs[0].argmax())
+
+
+def test_multihop_methods_and_directions(tmp_path, request):
+    root = request.config.rootpath
+    run = tmp_path / "run"
+    patchscan("run", "+experiment=multihop", "model=tiny_llama", f"dataset.path={root / LRE}",
+              "dataset.relations=[city_in_country,country_capital_city]", "multihop.require_single_hops=false",
+              "multihop.per_pair_limit=2", "sweep.source_layers=[1,3]", "sweep.target_layers=[0,2]",
+              "generation.max_new_tokens=4", f"hydra.run.dir={run}", cwd=tmp_path)
+    df = pd.read_parquet(run / "results")
+    assert set(df["method"]) == {"vanilla", "cot", "patchscope", "patchscope_code", "backpatch"}
+    back = df[df["method"] == "backpatch"]
+    assert (back["target_layer"] < back["source_layer"]).all()
+    ps = df[df["method"] == "patchscope"].iloc[0]
+    assert ps["target_prompt"] == "The capital city of x" and "the country where" in ps["source_text"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["overall"]["n"] == df["example_id"].nunique() > 0

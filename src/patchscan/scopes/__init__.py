@@ -11,6 +11,7 @@ SCOPES = {
     "attribute_extraction": "patchscan.scopes.attributes:AttributeScope",
     "entity_resolution": "patchscan.scopes.entities:EntityScope",
     "cross_model": "patchscan.scopes.cross_model:CrossModelScope",
+    "multihop": "patchscan.scopes.multihop:MultihopScope",
 }
 
 

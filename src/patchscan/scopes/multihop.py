@@ -1,0 +1,187 @@
+"""Multi-hop self-correction (paper §5) and back-patching (Biran et al. 2024).
+
+A two-hop query composes two LRE relations whose hop-1 object is the hop-2 subject
+("The capital city of the country where Lyon is located is"). Methods, all in one rows table:
+- vanilla / cot: greedy answers to the composed question (cot adds "Let's think step by step.");
+- patchscope (the paper's text): the hop-1 phrase's last-token state at block ℓ, patched at the
+  last position of the hop-2 prompt ("The capital city of x") at block ℓ*;
+- patchscope_code (the released code's direction): the last state of the hop-2 prompt, patched at
+  the end of the hop-1 phrase, generating from there;
+- backpatch: the question's last-position state at block ℓ patched back into block ℓ* < ℓ.
+A sample is corrected by a method when its answer appears for some (ℓ, ℓ*).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from patchscan.data.lre import load_relations
+from patchscan.engine import Patch, capture, generate
+from patchscan.errors import UserError
+from patchscan.metrics.text import contains_answer
+from patchscan.prompts import placeholder_position, span_last_token
+from patchscan.scopes.base import Scope
+from patchscan.sweep import layer_pairs
+
+log = logging.getLogger(__name__)
+GRID_METHODS = ("patchscope", "patchscope_code", "backpatch")
+
+
+class MultihopScope(Scope):
+    name = "multihop"
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg)
+        relations = {r.key: r for r in load_relations(cfg.dataset.path, cfg.dataset.get("relations"))}
+        overrides = dict(cfg.patchscope.get("target_prompts") or {})
+        explicit = {(p.hop1, p.hop2): p for p in cfg.multihop.pairs}
+        self.samples = []
+        for a in relations.values():
+            for b in relations.values():
+                if a.key == b.key:
+                    continue
+                subjects_b = {s["subject"]: s["object"] for s in b.samples}
+                joined = [(s, subjects_b[s["object"]]) for s in a.samples if s["object"] in subjects_b]
+                if not joined:
+                    continue
+                spec = explicit.get((a.key, b.key))
+                range_name = a.properties.get("range_name") or "answer"
+                phrase = spec.phrase if spec else f"the {range_name} of {{}}"
+                question = spec.question if spec else b.templates[0].replace("{}", phrase)
+                hop2_prompt = overrides.get(b.key) or b.target_prompt(cfg.patchscope.placeholder)
+                for i, (s, answer) in enumerate(joined[: cfg.multihop.per_pair_limit or None]):
+                    self.samples.append({
+                        "example_id": f"{a.key}+{b.key}/{i}", "relation": f"{a.key} -> {b.key}",
+                        "subject": s["subject"], "bridge": s["object"], "object": answer,
+                        "phrase": phrase.replace("{}", s["subject"]), "question": question.replace("{}", s["subject"]),
+                        "hop1_prompt": a.templates[0].replace("{}", s["subject"]),
+                        "hop2_prompt_filled": b.templates[0].replace("{}", s["object"]), "hop2_prompt": hop2_prompt})
+        if not self.samples:
+            raise UserError(f"no two relations in {cfg.dataset.path} chain (no hop-1 object is a hop-2 subject)")
+        directions = list(cfg.multihop.directions)
+        bad = [d for d in directions if d not in ("paper", "code")]
+        if bad:
+            raise UserError(f"unknown multihop.directions value {bad[0]!r}; choose from paper, code")
+
+    def bind(self, view) -> None:
+        super().bind(view)
+        self.pairs = layer_pairs(self.cfg.sweep.source_layers, self.cfg.sweep.target_layers,
+                                 view.n_blocks, view.n_blocks)
+        self.layers = sorted({s for s, _ in self.pairs} | {t for _, t in self.pairs})
+
+    def _answers(self, prompts: list[str]) -> list[str]:
+        ids = [self.view.encode(p) for p in prompts]
+        gens = generate(self.view, [Patch(tuple(i), len(i) - 1, 0, None) for i in ids],
+                        max_new_tokens=int(self.cfg.generation.max_new_tokens), **self.batching())
+        return [self.view.decode(g) for g in gens]
+
+    def examples(self) -> list[dict]:
+        samples = self.samples
+        if self.cfg.multihop.require_single_hops:
+            cs = self.cfg.generation.case_sensitive
+            hop1 = self._answers([s["hop1_prompt"] for s in samples])
+            hop2 = self._answers([s["hop2_prompt_filled"] for s in samples])
+            kept = [s for s, g1, g2 in zip(samples, hop1, hop2)
+                    if contains_answer(g1, s["bridge"], cs) and contains_answer(g2, s["object"], cs)]
+            log.info("single-hop filter: %d of %d two-hop samples answered hop by hop", len(kept), len(samples))
+            samples = kept
+        limit = self.cfg.dataset.get("limit")
+        samples = samples[: int(limit)] if limit else samples
+        if not samples:
+            raise UserError("no two-hop sample left after the single-hop filter")
+        return [dict(s) for s in samples]
+
+    def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
+        view, cfg = self.view, self.cfg
+        placeholder = cfg.patchscope.placeholder
+        patches, cells = [], []
+
+        def add(e, method, s, t, target_ids, position, vector, source_ids, source_position, source_text, prompt):
+            patches.append(Patch(tuple(target_ids), position, t if t is not None else 0, vector))
+            cells.append((e, method, s, t, target_ids, position, source_ids, source_position, source_text, prompt))
+
+        for e in examples:
+            q_ids = view.encode(e["question"])
+            add(e, "vanilla", None, None, q_ids, len(q_ids) - 1, None, q_ids, None, e["question"], e["question"])
+            cot = cfg.multihop.cot_prefix + e["question"]
+            c_ids = view.encode(cot)
+            add(e, "cot", None, None, c_ids, len(c_ids) - 1, None, c_ids, None, cot, cot)
+            hop2_ids, hop2_pos = placeholder_position(view, e["hop2_prompt"], placeholder)
+            src_ids, src_pos = span_last_token(view, e["question"], e["phrase"])
+            head = e["hop2_prompt"][: e["hop2_prompt"].rfind(placeholder)].rstrip()
+            head_ids = view.encode(head)
+            phrase_ids = view.encode(e["phrase"])
+            states = capture(view, [src_ids[: src_pos + 1], head_ids, q_ids], self.layers,
+                             [[src_pos], [-1], [-1]])
+            idx = {l: k for k, l in enumerate(self.layers)}
+            for s, t in self.pairs:
+                if "paper" in cfg.multihop.directions:
+                    add(e, "patchscope", s, t, hop2_ids, hop2_pos, states[0].states[idx[s], 0], src_ids[: src_pos + 1],
+                        src_pos, e["question"], e["hop2_prompt"])
+                if "code" in cfg.multihop.directions:
+                    add(e, "patchscope_code", s, t, phrase_ids, len(phrase_ids) - 1, states[1].states[idx[s], 0],
+                        head_ids, len(head_ids) - 1, head, e["phrase"])
+                if cfg.multihop.backpatch and t < s:
+                    add(e, "backpatch", s, t, q_ids, len(q_ids) - 1, states[2].states[idx[s], 0], q_ids,
+                        len(q_ids) - 1, e["question"], e["question"])
+        gens = generate(view, patches, max_new_tokens=int(cfg.generation.max_new_tokens), **self.batching())
+        rows = []
+        for (e, method, s, t, t_ids, t_pos, s_ids, s_pos, s_text, prompt), gen in zip(cells, gens):
+            text = view.decode(gen)
+            rows.append({"example_id": e["example_id"], "method": method, **self.common_columns(),
+                         "relation": e["relation"], "subject": e["subject"], "bridge": e["bridge"], "object": e["object"],
+                         "source_text": s_text, "source_token_ids": list(s_ids), "source_position": s_pos,
+                         "source_layer": s, "target_prompt": prompt, "target_token_ids": list(t_ids),
+                         "target_position": t_pos, "target_layer": t, "generation": text,
+                         "correct": contains_answer(text, e["object"], cfg.generation.case_sensitive)})
+        progress(len(examples))
+        return pd.DataFrame(rows)
+
+    @staticmethod
+    def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:
+        per_sample = df.groupby(["relation", "example_id", "method"])["correct"].any().unstack("method")
+        vanilla_fail = ~per_sample["vanilla"].astype(bool)
+        pairs = []
+        for rel, group in per_sample.groupby(level="relation"):
+            fails = ~group["vanilla"].astype(bool)
+            record = {"relation": rel, "n": int(len(group)), "vanilla_failures": int(fails.sum())}
+            for method in group.columns:
+                record[method] = float(group[method].astype(bool).mean())
+                if method in GRID_METHODS:
+                    fixed = group.loc[fails, method].astype(bool)
+                    record[f"{method}_fixes"] = float(fixed.mean()) if len(fixed) else float("nan")
+            pairs.append(record)
+        overall = {"n": int(len(per_sample)), "vanilla_failures": int(vanilla_fail.sum())}
+        for method in per_sample.columns:
+            overall[method] = float(per_sample[method].astype(bool).mean())
+            if method in GRID_METHODS:
+                fixed = per_sample.loc[vanilla_fail, method].astype(bool)
+                overall[f"{method}_fixes"] = float(fixed.mean()) if len(fixed) else float("nan")
+        failed_ids = set(per_sample.index[vanilla_fail.values].get_level_values("example_id"))
+        grid = df[df["method"].isin(GRID_METHODS) & df["example_id"].isin(failed_ids)]
+        cells = grid.groupby(["method", "source_layer", "target_layer"])["correct"].sum().reset_index()
+        return {"experiment": "multihop", "overall": overall, "pairs": pairs, "fixing_cells": cells.to_dict("records")}
+
+    @staticmethod
+    def report(metrics: dict) -> str:
+        table = pd.DataFrame(metrics["pairs"] + [{"relation": "all", **metrics["overall"]}]).set_index("relation")
+        return ("multi-hop accuracy (a grid method counts if any (ℓ, ℓ*) gives the answer); *_fixes = share of "
+                "vanilla failures fixed\n" + table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-"))
+
+    @staticmethod
+    def plot(df: pd.DataFrame, metrics: dict, run_dir: Path) -> list[Path]:
+        from patchscan.plots.curves import heatmap
+
+        cells = pd.DataFrame(metrics["fixing_cells"])
+        out = []
+        for method, group in cells.groupby("method") if len(cells) else []:
+            heat = group.pivot(index="source_layer", columns="target_layer", values="correct")
+            out.append(heatmap(heat, run_dir / f"multihop_{method}_fixes.png",
+                               f"{method}: vanilla failures fixed per (ℓ, ℓ*)", "target block ℓ*", "source block ℓ",
+                               fmt=".0f"))
+        return out
