@@ -14,7 +14,7 @@ from patchscan.scopes.entities import first_description
 from tests.conftest import tiny
 from tests.test_cli import patchscan
 
-LRE = "../shared/data/lre"
+LRE = "tests/fixtures/lre"  # small relation files the team wrote; ../shared/data/lre has the real ones
 
 
 def test_contains_answer_ignores_spaces_and_respects_case():
@@ -67,15 +67,18 @@ def test_unseen_relation_file_and_tsv_run_without_code_change(tmp_path):
     assert df["target_prompt"].iloc[0] == "The sound a x"  # derived from the template with text before {}
     assert df["source_text"].iloc[0] == "The sound a dog makes is"
     tsv = tmp_path / "capitals.tsv"
-    tsv.write_text("sample_id\tprompt_target\tposition_target\tobject\tsubject\tprompt_source\tposition_source\n"
-                   "0\tThe capital city of x\t-1\tParis\tFrance\tFrance is in Europe\t0\n"
-                   "1\tThe capital city of x\t-1\tRome\tItaly\tItaly is in Europe\t0\n")
+    tsv.write_text(  # the released files' layout: an unnamed index, sample_id repeated per source snippet
+        "\tsample_id\tprompt_target\tposition_target\tobject\tsubject\tprompt_source\tposition_source\n"
+        "0\t0\tThe capital city of x\t-1\tParis\tFrance\t trains from Spain to France\t4\n"
+        "1\t0\tThe capital city of x\t-1\tParis\tFrance\t\t0\n"
+        "2\t1\tThe capital city of x\t-1\tRome\tItaly\t\" wine from Italy\"\t2\n")
     run2 = tmp_path / "run2"
     patchscan("run", "+experiment=attribute_extraction", "model=tiny_gpt2", f"dataset.tsv={tsv}", "probe.enabled=false",
               "sweep.source_layers=[0]", "sweep.target_layers=[1]", "generation.max_new_tokens=4",
               f"hydra.run.dir={run2}", cwd=tmp_path)
     df2 = pd.read_parquet(run2 / "results")
-    assert sorted(df2["subject"]) == ["France", "Italy"] and (df2["source_text"].str.endswith("is in Europe")).all()
+    assert sorted(df2["subject"]) == ["France", "France", "Italy"] and df2["example_id"].nunique() == 3
+    assert sorted(df2["source_text"]) == [" trains from Spain to France", " wine from Italy", "France"]
 
 
 def test_entity_resolution_scores_and_plot(tmp_path):

@@ -68,11 +68,14 @@ class AttributeScope(Scope):
         return out
 
     def _tsv_samples(self, path) -> list[dict]:
+        """One example per TSV row: a sample_id repeats over the source snippets of one subject."""
+        relation = relation_key(Path(path).stem)
         out = []
-        for row in load_patchscopes_tsv(path):
-            out.append({"example_id": f"tsv/{row['sample_id']}", "relation": relation_key(Path(path).stem),
+        for n, row in enumerate(load_patchscopes_tsv(path)):
+            source = row["prompt_source"] if row["subject"] in (row["prompt_source"] or "") else row["subject"]
+            out.append({"example_id": f"{relation}/{n}", "relation": relation, "sample_id": row["sample_id"],
                         "subject": row["subject"], "object": row["object"], "target_prompt": row["prompt_target"],
-                        "source_prompt": row["prompt_source"]})
+                        "source_prompt": source})
         return out
 
     def bind(self, view) -> None:
