@@ -14,11 +14,14 @@ patchscan's time includes capturing the source states; model loading is reported
 
 from __future__ import annotations
 
+import time
+
+START = time.perf_counter()  # start-up (imports, model load) is counted in the end-to-end ratio
+
 import argparse
 import random
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,8 +32,9 @@ from patchscan.models import load_model
 
 TEXTS = ["The Eiffel Tower is located in the city of", "Water freezes at zero degrees",
          "The cat sat on the mat and looked at the", "She plays the piano every day after school",
-         "The largest planet in the solar system is", "In the morning he drinks a cup of"]
-SUBJECTS = ["France", "Japan", "Canada", "Egypt", "Brazil", "Italy"]
+         "The largest planet in the solar system is", "In the morning he drinks a cup of",
+         "The train to the capital leaves from platform", "Our neighbours planted tomatoes and"]
+SUBJECTS = ["France", "Japan", "Canada", "Egypt", "Brazil", "Italy", "Peru", "Norway"]
 IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 ATTRIBUTE = "The capital city of x"
 
@@ -71,12 +75,14 @@ def timed(fn, device):
     return out, time.perf_counter() - start, peak_memory_mb(device)
 
 
-def report(name, n_fast, t_fast, mem_fast, n_naive, t_naive, mem_naive, agree, what):
+def report(name, n_fast, t_fast, mem_fast, n_naive, t_naive, mem_naive, agree, what, startup):
     fast_rate, naive_rate = n_fast / t_fast, n_naive / t_naive
+    with_startup = (n_fast / naive_rate) / (t_fast + startup)  # naive time for the whole grid / ours + start-up
     print(f"\n({name})")
     print(f"  patchscan: {n_fast:6d} patched runs in {t_fast:8.2f} s = {fast_rate:9.1f} runs/s, peak {mem_fast:8.0f} MiB")
     print(f"  naive:     {n_naive:6d} patched runs in {t_naive:8.2f} s = {naive_rate:9.1f} runs/s, peak {mem_naive:8.0f} MiB")
-    print(f"  ratio: {fast_rate / naive_rate:.1f}x   results agree ({what}): {agree}")
+    print(f"  ratio: {fast_rate / naive_rate:.1f}x  ({with_startup:.1f}x counting patchscan's {startup:.1f} s start-up "
+          f"against the naive time for the whole grid)   results agree ({what}): {agree}")
     return fast_rate / naive_rate
 
 
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2_135m", help="a config name under configs/model")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--examples", type=int, default=4, help="source prompts per workload")
+    parser.add_argument("--examples", type=int, default=8, help="source prompts per workload")
     parser.add_argument("--naive-cells", type=int, default=120, help="cells the naive method runs per workload")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--gen-layer-step", type=int, default=3, help="(c) uses every k-th block for ℓ and ℓ*")
@@ -102,9 +108,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     view = load_model(cfg)
     load_s = time.perf_counter() - start
+    startup = time.perf_counter() - START
     device = view.device
     print(f"model {view.name}: {view.n_blocks} blocks, width {view.width}, {view.dtype}, {device}; "
-          f"loaded in {load_s:.1f} s; torch threads {torch.get_num_threads()}")
+          f"loaded in {load_s:.1f} s (start-up with imports {startup:.1f} s); torch threads {torch.get_num_threads()}")
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
     rng = random.Random(0)
@@ -129,7 +136,7 @@ def main(argv=None) -> int:
         agree = all(top.ids[i, 0].item() == p for i, p in zip(cells, naive))
         label = "next-token grid, target block = source block" if key == "a" else "full source x target block next-token grid"
         ratios[key] = report(f"{key}) {label}", len(patches), t_fast, m_fast, len(cells), t_naive, m_naive,
-                             agree, f"same argmax on {len(cells)} cells")
+                             agree, f"same argmax on {len(cells)} cells", startup)
 
     if "c" in args.workloads:
         from patchscan.prompts import placeholder_position
@@ -150,7 +157,7 @@ def main(argv=None) -> int:
         agree = all(gens[i] == g for i, g in zip(cells, naive))
         ratios["c"] = report(f"c) attribute-extraction generation grid, {args.new_tokens} tokens, every "
                              f"{args.gen_layer_step}rd block", len(patches), t_fast, m_fast, len(cells), t_naive,
-                             m_naive, agree, f"same generations on {len(cells)} cells")
+                             m_naive, agree, f"same generations on {len(cells)} cells", startup)
     print("\nsummary: " + ", ".join(f"({k}) {v:.1f}x" for k, v in ratios.items()))
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from patchscan.engine import Patch, capture, generate, patched_logits
+from patchscan.engine import Patch, capture, generate, patched_logits, patched_next_token
 from patchscan.engine.hooks import block_hooks, patch_hook, skip_blocks
 from patchscan.engine.naive import naive_generate, naive_logits
 
@@ -49,6 +49,22 @@ def test_generate_equals_naive(view):
     fast = generate(view, chosen, max_new_tokens=8, batch_size=5)
     ref = [naive_generate(view, p, max_new_tokens=8) for p in chosen]
     assert fast == ref
+
+
+def test_unpatched_rows_of_different_prompts_equal_one_at_a_time(view):
+    prompts = [view.encode(s) for s in SOURCES + ["One", "The capital city of France is"]]
+    patches = [Patch(tuple(p), len(p) - 1, 0, None) for p in prompts]
+    mixed = patches + _patches(view)[:3]  # unpatched and patched rows in one call
+    fast = generate(view, mixed, max_new_tokens=7, batch_size=3)
+    assert fast == [naive_generate(view, p, max_new_tokens=7) for p in mixed]
+
+
+def test_top_k_log_probabilities_are_normalised(view):
+    patches = _patches(view)[:20]
+    top = patched_next_token(view, patches, top_k=3)
+    full = torch.log_softmax(patched_logits(view, patches), dim=-1)
+    assert torch.equal(top.ids, full.topk(3).indices)
+    assert torch.allclose(top.logprobs, full.topk(3).values, atol=1e-4)
 
 
 def test_self_patch_changes_nothing(view):

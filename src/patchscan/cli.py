@@ -96,6 +96,9 @@ def run_main(argv: list[str]) -> None:
     import hydra
 
     check_group_choices(argv)
+    # Hydra reads flags only before the overrides; accept -m anywhere on the line.
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    argv = flags + [a for a in argv if a not in flags]
     sys.argv = [sys.argv[0]] + argv
     hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_hydra_task)()
 

@@ -40,7 +40,8 @@ def naive_generate(view: ModelView, patch: Patch, max_new_tokens: int = 20) -> l
     """Greedy HF generate on the full target prompt with the patch in the prefill pass only."""
     patch = patch.resolved(view)
     ids = torch.tensor([patch.target_ids], device=view.device)
-    with block_hooks(view.blocks, {patch.layer: _one_hook(patch, prefill_only=True)}):
+    hooks = {} if patch.vector is None else {patch.layer: _one_hook(patch, prefill_only=True)}
+    with block_hooks(view.blocks, hooks):
         out = view.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=view.tokenizer.pad_token_id, eos_token_id=sorted(view.eos_token_ids) or None,

@@ -64,17 +64,28 @@ class PrefixCache:
         """A fresh cache object holding the prefix for `batch` rows (the model extends it in place)."""
         from transformers import DynamicCache
 
+        from transformers.cache_utils import DynamicLayer
+
         kv = self.get(prefix)
         if kv is None:
             return None
-        data = [(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in kv]
-        return DynamicCache(data, config=self.view.model.config)
+        cache = DynamicCache(config=self.view.model.config)
+        for layer, (k, v) in zip(cache.layers, kv):
+            k, v = k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])
+            if type(layer) is DynamicLayer:  # keep the broadcast view: the model's own update copies it once
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+            else:
+                layer.update(k, v)
+        return cache
 
 
-def _groups(view: ModelView, patches: list[Patch]) -> dict[tuple, list[int]]:
+def _groups(view: ModelView, patches: list[Patch], patched_only: bool = False) -> dict[tuple, list[int]]:
+    """Patch indices by (target ids, position): the rows that can share one prefix cache."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(patches):
-        groups.setdefault((p.target_ids, p.position), []).append(i)
+        if not (patched_only and p.vector is None):
+            groups.setdefault((p.target_ids, p.position), []).append(i)
     return groups
 
 
@@ -173,8 +184,8 @@ def patched_next_token(view: ModelView, patches: list[Patch], top_k: int = 5, **
     ids = torch.empty((len(patches), top_k), dtype=torch.long)
     lps = torch.empty((len(patches), top_k))
     for rows, logits in iter_patched_logits(view, patches, **kwargs):
-        top = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
-        ids[rows], lps[rows] = top.indices.cpu(), top.values.cpu()
+        top = logits.topk(top_k, dim=-1)  # log-probabilities of the top k only: no full log-softmax
+        ids[rows], lps[rows] = top.indices.cpu(), (top.values - logits.logsumexp(-1, keepdim=True)).cpu()
     return TopK(ids, lps)
 
 
@@ -185,7 +196,8 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
     """Greedy continuations of the patched target prompts (the patch acts in the prefill only).
 
     Each continuation stops after an end-of-sequence token (kept) or `max_new_tokens`; finished
-    rows leave the batch so they cost nothing more.
+    rows leave the batch so they cost nothing more. Unpatched rows (`vector=None`), whose prompts
+    usually all differ, run as left-padded HF generate batches with an attention mask instead.
     """
     patches = [p.resolved(view) for p in patches]
     cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
@@ -210,7 +222,14 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
                                 logits_to_keep=1).logits[:, -1].float()
         return tokens
 
-    for (ids, _), indices in _groups(view, patches).items():
+    plain = [i for i, p in enumerate(patches) if p.vector is None]
+    for rows, tokens in _plain_generate(view, [patches[i].target_ids for i in plain], max_new_tokens,
+                                        _batch_size(view, batch_size, 64 + max_new_tokens, memory_budget_gb)):
+        for r, t in zip(rows, tokens):
+            out[plain[r]] = t
+        if progress:
+            progress(len(rows))
+    for (ids, _), indices in _groups(view, patches, patched_only=True).items():
         size = _batch_size(view, batch_size, len(ids) + max_new_tokens, memory_budget_gb)
         for chunk in _micro_batches(view, indices, patches, size, skip=False):
             for rows, tokens in run_with_backoff(chunk, run):
@@ -219,3 +238,29 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
                 if progress:
                     progress(len(rows))
     return out
+
+
+@torch.no_grad()
+def _plain_generate(view: ModelView, prompts: list[tuple[int, ...]], max_new_tokens: int, batch_size: int
+                    ) -> Iterator[tuple[list[int], list[list[int]]]]:
+    """Unpatched greedy continuations of many different prompts: HF generate, left-padded, with
+    an attention mask so padding is never attended. Prompts are sorted by length to pad little."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    eos = view.eos_token_ids
+    pad = view.tokenizer.pad_token_id if view.tokenizer.pad_token_id is not None else 0
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, i in enumerate(rows):
+            ids[k, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[k, width - len(prompts[i]):] = 1
+        out = view.model.generate(input_ids=ids.to(view.device), attention_mask=mask.to(view.device),
+                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                  eos_token_id=sorted(eos) or None)
+        tokens = []
+        for row in out[:, width:].tolist():
+            cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+            tokens.append(row[:cut])
+        yield rows, tokens

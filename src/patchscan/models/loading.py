@@ -105,9 +105,10 @@ def builtin_folder() -> Path:
 
 
 def builtin_tokenizer():
-    from transformers import AutoTokenizer
+    # The fast class directly: AutoTokenizer's first call spends about a second on its registry.
+    from transformers import PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(builtin_folder())
+    return PreTrainedTokenizerFast.from_pretrained(builtin_folder())
 
 
 def build_tiny(arch: str, seed: int = 0, overrides: Mapping[str, Any] | None = None):
@@ -150,6 +151,7 @@ def load_model(cfg: Mapping[str, Any]) -> ModelView:
         else:
             if source == "builtin":
                 path, gguf = builtin_folder(), None
+                tokenizer = builtin_tokenizer()
             elif source == "gguf":
                 path, gguf = Path(cfg["path"]).parent, Path(cfg["path"]).name
                 if not Path(cfg["path"]).is_file():
@@ -159,7 +161,8 @@ def load_model(cfg: Mapping[str, Any]) -> ModelView:
                 if source == "folder" and not Path(str(path)).is_dir():
                     raise UserError(f"model folder not found: {path}")
             extra = {"gguf_file": gguf} if gguf else {}
-            tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+            if source != "builtin":
+                tokenizer = AutoTokenizer.from_pretrained(path, **extra)
             model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, **common, **extra)
     except UserError:
         raise

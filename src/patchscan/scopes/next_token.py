@@ -82,7 +82,7 @@ class NextTokenScope(Scope):
         out = []
         for i, text in enumerate(self.eval_texts):
             ids = self.view.encode(text)[: int(src.max_tokens)]
-            if len(ids) < int(src.min_tokens):
+            if len(ids) < max(int(src.min_tokens), int(src.min_position) + 1):
                 continue
             spec = self.cfg.sweep.source_positions
             if spec == "random":
@@ -97,7 +97,8 @@ class NextTokenScope(Scope):
             if limit and len(out) >= int(limit):
                 break
         if not out:
-            raise UserError(f"no text of the dataset has at least source.min_tokens={src.min_tokens} tokens")
+            raise UserError(f"no text of the dataset has at least source.min_tokens={src.min_tokens} tokens "
+                            f"and more than source.min_position={src.min_position}")
         return out
 
     def _affine_maps(self) -> dict[int, Affine]:
