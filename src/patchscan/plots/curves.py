@@ -36,12 +36,17 @@ def method_curves(by: pd.DataFrame, columns: list[str], labels: list[str], path:
     return path
 
 
+def _label(value) -> str:
+    """Block numbers stored as floats (a column with nulls) print as integers."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def heatmap(matrix: pd.DataFrame, path: Path, title: str, xlabel: str, ylabel: str, fmt: str = ".2f") -> Path:
     """A heatmap of a (rows × columns) table, values annotated when small enough to read."""
     fig, ax = plt.subplots(figsize=(1 + 0.35 * matrix.shape[1] + 2, 1 + 0.3 * matrix.shape[0] + 1))
     im = ax.imshow(matrix.values, origin="lower", aspect="auto", cmap="viridis")
-    ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], fontsize=7)
-    ax.set_yticks(range(matrix.shape[0]), [str(r) for r in matrix.index], fontsize=7)
+    ax.set_xticks(range(matrix.shape[1]), [_label(c) for c in matrix.columns], fontsize=7)
+    ax.set_yticks(range(matrix.shape[0]), [_label(r) for r in matrix.index], fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 SOURCE_KINDS = ("subject", "template", "texts")
 # Paper Table 2 (Vicuna 13B): (linear probe, Patchscope) accuracy by task. Only tasks present here
 # can be compared; fill in from the paper where a task is missing (None shows as blank).
-PAPER_TABLE2: dict[str, tuple[float | None, float | None]] = {}
+PAPER_TABLE2: dict[str, tuple[float, float]] = {}
 
 
 def fill_placeholder(prompt: str, placeholder: str, subject: str) -> str:
@@ -207,7 +207,7 @@ class AttributeScope(Scope):
             per_layer = group.groupby("source_layer")["correct"].mean()
             kept = group[group["filled_correct"]].groupby("source_layer")["correct"].mean()
             rel_probe = probe[probe["relation"] == rel].groupby("source_layer")["correct"].mean()
-            paper = PAPER_TABLE2.get(rel, (None, None))
+            paper = PAPER_TABLE2.get(rel, (math.nan, math.nan))
             tasks.append({
                 "task": rel, "n": int(group["example_id"].nunique()),
                 "n_filtered": int(group[group["filled_correct"]]["example_id"].nunique()),
