@@ -19,6 +19,7 @@ import torch
 from patchscan.engine.batching import FORWARD_OVERHEAD, plan_layer_chunks, rows_for_budget, run_with_backoff
 from patchscan.engine.capture import resolve_position
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
+from patchscan.engine.kv import PreallocatedLayer
 from patchscan.models.view import ModelView
 
 
@@ -60,19 +61,26 @@ class PrefixCache:
                 self._store.popitem(last=False)
         return kv
 
-    def expanded(self, prefix: tuple[int, ...], batch: int):
-        """A fresh cache object holding the prefix for `batch` rows (the model extends it in place)."""
-        from transformers import DynamicCache
+    def expanded(self, prefix: tuple[int, ...], batch: int, room: int | None = None):
+        """A fresh cache holding the prefix for `batch` rows (the model extends it in place).
 
+        With `room` (tokens still to come, for generation) each plain layer gets a preallocated
+        buffer; without it the prefix stays a broadcast view that the model's update copies once.
+        """
+        from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
         kv = self.get(prefix)
-        if kv is None:
+        if kv is None and room is None:
             return None
         cache = DynamicCache(config=self.view.model.config)
-        for layer, (k, v) in zip(cache.layers, kv):
-            k, v = k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])
-            if type(layer) is DynamicLayer:  # keep the broadcast view: the model's own update copies it once
+        for i, layer in enumerate(cache.layers):
+            k, v = (None, None) if kv is None else (t.expand(batch, *t.shape[1:]) for t in kv[i])
+            if type(layer) is DynamicLayer and room is not None:
+                cache.layers[i] = PreallocatedLayer(len(prefix) + room, k, v)
+            elif k is None:
+                continue
+            elif type(layer) is DynamicLayer:  # keep the broadcast view: the model's own update copies it once
                 layer.lazy_initialization(k, v)
                 layer.keys, layer.values = k, v
             else:
@@ -120,7 +128,8 @@ def _micro_batches(view: ModelView, indices: list[int], patches: list[Patch], ba
 
 
 @torch.no_grad()
-def _prefill(view: ModelView, cache: PrefixCache, patches: list[Patch], rows: list[int], skip: bool, use_cache: bool):
+def _prefill(view: ModelView, cache: PrefixCache, patches: list[Patch], rows: list[int], skip: bool, use_cache: bool,
+             room: int | None = None):
     """Run the suffix of one group for `rows`, patched; return (last-position logits, kv cache)."""
     first = patches[rows[0]]
     suffix = first.target_ids[first.position:]
@@ -132,7 +141,7 @@ def _prefill(view: ModelView, cache: PrefixCache, patches: list[Patch], rows: li
     if patched:
         vectors = torch.stack([patches[rows[k]].vector for k in patched]).to(view.device)
         hooks = grouped_patch_hooks(layers, patched, [0] * len(patched), vectors)
-    kv = cache.expanded(first.target_ids[: first.position], n)
+    kv = cache.expanded(first.target_ids[: first.position], n, room=None if room is None else len(suffix) + room)
     kwargs = dict(input_ids=input_ids, past_key_values=kv, use_cache=use_cache, logits_to_keep=1)
     with block_hooks(view.blocks, hooks):
         if skip:  # rows are patched at their last position: blocks below the lowest patch do nothing
@@ -205,7 +214,7 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
     out: list[list[int]] = [[] for _ in patches]
 
     def run(rows: list[int]) -> list[list[int]]:
-        logits, kv = _prefill(view, cache, patches, rows, skip=False, use_cache=True)
+        logits, kv = _prefill(view, cache, patches, rows, skip=False, use_cache=True, room=max_new_tokens)
         tokens: list[list[int]] = [[] for _ in rows]
         alive = torch.arange(len(rows), device=view.device)
         for step in range(max_new_tokens):
