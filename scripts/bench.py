@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
     rng = random.Random(0)
-    n, layers = view.n_blocks, list(range(view.n_blocks))
+    layers = list(range(view.n_blocks))
     sources = [view.encode(t) for t in TEXTS[: args.examples]]
     identity = tuple(view.encode(IDENTITY))
     ratios = {}

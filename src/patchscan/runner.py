@@ -157,9 +157,15 @@ def execute(plan: RunPlan, run_chunk: Callable[[list[dict], Callable[[int], None
         log.info("resume: %d examples already done in %s, %d to run", plan.skipped, plan.results_dir, len(plan.todo))
     bar = tqdm(total=len(plan.todo), desc=desc, unit="example", dynamic_ncols=True,
                disable=None if sys.stderr.isatty() else False, mininterval=1.0)
+    runs = [0]
+
+    def progress(n: int) -> None:  # patched runs inside a chunk, so long chunks show life
+        runs[0] += n
+        bar.set_postfix(runs=runs[0])
+
     with bar:
         for start in range(0, len(plan.todo), examples_per_part):
             chunk = plan.todo[start:start + examples_per_part]
-            df = run_chunk(chunk, lambda n: None)
+            df = run_chunk(chunk, progress)
             write_part(df, plan.results_dir, f"part-{plan.shard:03d}-{chunk[0]['_index']:07d}.parquet")
             bar.update(len(chunk))

@@ -88,7 +88,7 @@ class PrefixCache:
         return cache
 
 
-def _groups(view: ModelView, patches: list[Patch], patched_only: bool = False) -> dict[tuple, list[int]]:
+def _groups(patches: list[Patch], patched_only: bool = False) -> dict[tuple, list[int]]:
     """Patch indices by (target ids, position): the rows that can share one prefix cache."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(patches):
@@ -163,7 +163,7 @@ def iter_patched_logits(view: ModelView, patches: list[Patch], batch_size: int |
     """
     patches = [p.resolved(view) for p in patches]
     cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
-    for (ids, position), indices in _groups(view, patches).items():
+    for (ids, position), indices in _groups(patches).items():
         skip = skip_blocks_below and position == len(ids) - 1 and all(patches[i].vector is not None for i in indices)
         size = _batch_size(view, batch_size, len(ids), memory_budget_gb)
         for chunk in _micro_batches(view, indices, patches, size, skip):
@@ -238,7 +238,7 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
             out[plain[r]] = t
         if progress:
             progress(len(rows))
-    for (ids, _), indices in _groups(view, patches, patched_only=True).items():
+    for (ids, _), indices in _groups(patches, patched_only=True).items():
         size = _batch_size(view, batch_size, len(ids) + max_new_tokens, memory_budget_gb)
         for chunk in _micro_batches(view, indices, patches, size, skip=False):
             for rows, tokens in run_with_backoff(chunk, run):

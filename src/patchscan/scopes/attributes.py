@@ -174,7 +174,8 @@ class AttributeScope(Scope):
             for s, t in self.pairs:
                 patches.append(Patch(tuple(ids), pos, t, cap.states[index[s], 0]))
                 cells.append((e, s, t, ids, pos))
-        gens = generate(view, patches, max_new_tokens=int(cfg.generation.max_new_tokens), **self.batching())
+        gens = generate(view, patches, max_new_tokens=int(cfg.generation.max_new_tokens), progress=progress,
+                        **self.batching())
         rows = []
         for (e, s, t, ids, pos), gen in zip(cells, gens):
             text = view.decode(gen)
@@ -183,7 +184,6 @@ class AttributeScope(Scope):
         for e in examples:
             for layer, pred in e.get("probe", {}).items():
                 rows.append(self._row(e, "linear_probe", layer, None, [], None, pred, pred == e["object"]))
-        progress(len(examples))
         return pd.DataFrame(rows)
 
     def _row(self, e, method, s, t, ids, pos, generation, correct) -> dict:

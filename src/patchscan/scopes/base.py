@@ -31,6 +31,7 @@ class Scope:
         raise NotImplementedError
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
+        """Rows of a chunk of examples; `progress(n)` counts patched runs as the engine finishes them."""
         raise NotImplementedError
 
     @staticmethod

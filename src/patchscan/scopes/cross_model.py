@@ -84,7 +84,7 @@ class CrossModelScope(Scope):
         index = {l: k for k, l in enumerate(self.source_layers)}
         patches = [Patch(tuple(e["target_ids"]), e["target_position"], t, self.maps[(s, t)](cap.states[index[s], 0]))
                    for e, cap in zip(examples, caps) for s, t in self.pairs]
-        top = patched_next_token(self.target_view, patches, top_k=1, **self.batching())
+        top = patched_next_token(self.target_view, patches, top_k=1, progress=progress, **self.batching())
         rows, k = [], 0
         decode_s, decode_t = self.view.tokenizer.decode, self.target_view.tokenizer.decode
         for e, cap in zip(examples, caps):
@@ -98,7 +98,6 @@ class CrossModelScope(Scope):
                              "target_position": e["target_position"], "target_layer": t, "pred_token_id": pred,
                              "ref_token_id": ref, "pred_token": decode_t([pred]), "ref_token": decode_s([ref]),
                              "precision_at_1": decode_t([pred]).strip() == decode_s([ref]).strip()})
-        progress(len(examples))
         return pd.DataFrame(rows)
 
     @staticmethod

@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 
 from patchscan.data.entities import load_entities
 from patchscan.engine import Patch, capture, generate
-from patchscan.errors import UserError
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.prompts import placeholder_position, span_last_token
 from patchscan.scopes.base import Scope
@@ -80,7 +79,7 @@ class EntityScope(Scope):
                          self.map_state(cap.states[index[s], 0], s, t))
                    for cap in caps for s, t in self.pairs]
         gens = generate(self.target_view, patches, max_new_tokens=int(self.cfg.generation.max_new_tokens),
-                        **self.batching())
+                        progress=progress, **self.batching())
         rows, k = [], 0
         for e in examples:
             for s, t in self.pairs:
@@ -93,7 +92,6 @@ class EntityScope(Scope):
                              "target_token_ids": list(self.target_ids), "target_position": self.target_position,
                              "target_layer": t, "generation": text, "description": first_description(text)})
         df = score_descriptions(pd.DataFrame(rows), bool(self.cfg.similarity.embedding))
-        progress(len(examples))
         return df
 
     @staticmethod

@@ -129,7 +129,8 @@ class MultihopScope(Scope):
                 if cfg.multihop.backpatch and t < s:
                     add(e, "backpatch", s, t, q_ids, len(q_ids) - 1, states[2].states[idx[s], 0], q_ids,
                         len(q_ids) - 1, e["question"], e["question"])
-        gens = generate(view, patches, max_new_tokens=int(cfg.generation.max_new_tokens), **self.batching())
+        gens = generate(view, patches, max_new_tokens=int(cfg.generation.max_new_tokens), progress=progress,
+                        **self.batching())
         rows = []
         for (e, method, s, t, t_ids, t_pos, s_ids, s_pos, s_text, prompt), gen in zip(cells, gens):
             text = view.decode(gen)
@@ -139,7 +140,6 @@ class MultihopScope(Scope):
                          "source_layer": s, "target_prompt": prompt, "target_token_ids": list(t_ids),
                          "target_position": t_pos, "target_layer": t, "generation": text,
                          "correct": contains_answer(text, e["object"], cfg.generation.case_sensitive)})
-        progress(len(examples))
         return pd.DataFrame(rows)
 
     @staticmethod

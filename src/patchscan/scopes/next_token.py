@@ -28,7 +28,7 @@ from patchscan.metrics.stats import grouped_mean_se
 from patchscan.models.loading import cache_root
 from patchscan.prompts import placeholder_position
 from patchscan.scopes.base import Scope
-from patchscan.sweep import layer_pairs, parse_layers
+from patchscan.sweep import layer_pairs, parse_positions
 
 log = logging.getLogger(__name__)
 METHODS = ("token_identity", "logit_lens", "affine_lens")
@@ -87,12 +87,11 @@ class NextTokenScope(Scope):
             spec = self.cfg.sweep.source_positions
             if spec == "random":
                 position = random.Random(f"{seed}-{i}").randint(int(src.min_position), len(ids) - 1)
-            elif spec == "last":
-                position = len(ids) - 1
-            elif isinstance(spec, int) or (hasattr(spec, "__len__") and len(spec) == 1 and not isinstance(spec, str)):
-                position = int(spec if isinstance(spec, int) else spec[0]) % len(ids)
             else:
-                raise UserError(f"sweep.source_positions={spec!r}: next_token takes random, last or one position")
+                positions = parse_positions(spec if isinstance(spec, (str, int)) else list(spec), len(ids))
+                if len(positions) != 1:
+                    raise UserError(f"sweep.source_positions={spec!r}: next_token takes random, last or one position")
+                position = positions[0]
             out.append({"example_id": str(i), "text": text, "ids": ids[: position + 1], "position": position})
             if limit and len(out) >= int(limit):
                 break
@@ -155,13 +154,12 @@ class NextTokenScope(Scope):
             else:
                 patches = [Patch(tuple(self.target_ids), self.target_position, t, cap.states[layer_index[s], 0])
                            for cap in caps for s, t in self.pairs]
-                top = patched_next_token(view, patches, top_k=1, **self.batching())
+                top = patched_next_token(view, patches, top_k=1, progress=progress, **self.batching())
                 k = 0
                 for e, cap in zip(examples, caps):
                     for s, t in self.pairs:
                         add(e, cap, method, s, self.target_ids, self.target_position, t, self.prompt, top.ids[k, 0])
                         k += 1
-            progress(len(examples))
         return pd.DataFrame(rows)
 
     @staticmethod
