@@ -19,6 +19,18 @@ def resolve_position(position: int, length: int, what: str = "position") -> int:
     return position % length
 
 
+def pad_batch(prompts: list[list[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) for prompts of different lengths, padded on the right or left."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, ids in enumerate(prompts):
+        cols = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[b, cols] = torch.tensor(ids, dtype=torch.long)
+        mask[b, cols] = 1
+    return input_ids, mask
+
+
 @dataclass
 class Captured:
     """States of one prompt: states[k, j] is block layers[k]'s output at positions[j]."""
@@ -27,6 +39,10 @@ class Captured:
     positions: list[int]
     states: torch.Tensor  # (n_layers, n_positions, width)
     logprobs: torch.Tensor | None  # (n_positions, vocab): the model's own next-token log-probs
+
+    def at(self, layer: int, j: int = 0) -> torch.Tensor:
+        """The output of block `layer` at the j-th captured position."""
+        return self.states[self.layers.index(layer), j]
 
 
 @torch.no_grad()
@@ -45,13 +61,7 @@ def capture(view: ModelView, prompts: list[list[int]], layers: list[int], positi
         batch = prompts[start:start + batch_size]
         pos = [[resolve_position(p, len(ids), "source position") for p in positions[start + b]]
                for b, ids in enumerate(batch)]
-        width = max(len(ids) for ids in batch)
-        pad = view.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, ids in enumerate(batch):
-            input_ids[b, : len(ids)] = torch.tensor(ids)
-            mask[b, : len(ids)] = 1
+        input_ids, mask = pad_batch(batch, view.tokenizer.pad_token_id or 0)
         rows = torch.tensor([b for b, ps in enumerate(pos) for _ in ps], device=view.device)
         cols = torch.tensor([p for ps in pos for p in ps], device=view.device)
         store: dict[int, torch.Tensor] = {}

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 
 from patchscan.engine.batching import FORWARD_OVERHEAD, plan_layer_chunks, rows_for_budget, run_with_backoff
-from patchscan.engine.capture import resolve_position
+from patchscan.engine.capture import pad_batch, resolve_position
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
 from patchscan.engine.kv import PreallocatedLayer
 from patchscan.models.view import ModelView
@@ -231,13 +231,18 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
                                 logits_to_keep=1).logits[:, -1].float()
         return tokens
 
-    plain = [i for i, p in enumerate(patches) if p.vector is None]
-    for rows, tokens in _plain_generate(view, [patches[i].target_ids for i in plain], max_new_tokens,
-                                        _batch_size(view, batch_size, 64 + max_new_tokens, memory_budget_gb)):
-        for r, t in zip(rows, tokens):
-            out[plain[r]] = t
-        if progress:
-            progress(len(rows))
+    plain = sorted((i for i, p in enumerate(patches) if p.vector is None), key=lambda i: len(patches[i].target_ids))
+    if plain:  # sorted by length so each batch pads little
+        longest = len(patches[plain[-1]].target_ids)
+        size = _batch_size(view, batch_size, longest + max_new_tokens, memory_budget_gb)
+        for s in range(0, len(plain), size):
+            for rows, tokens in run_with_backoff(
+                    plain[s:s + size], lambda rows: _plain_generate(view, [patches[i].target_ids for i in rows],
+                                                                    max_new_tokens)):
+                for r, t in zip(rows, tokens):
+                    out[r] = t
+                if progress:
+                    progress(len(rows))
     for (ids, _), indices in _groups(patches, patched_only=True).items():
         size = _batch_size(view, batch_size, len(ids) + max_new_tokens, memory_budget_gb)
         for chunk in _micro_batches(view, indices, patches, size, skip=False):
@@ -250,26 +255,17 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
 
 
 @torch.no_grad()
-def _plain_generate(view: ModelView, prompts: list[tuple[int, ...]], max_new_tokens: int, batch_size: int
-                    ) -> Iterator[tuple[list[int], list[list[int]]]]:
-    """Unpatched greedy continuations of many different prompts: HF generate, left-padded, with
-    an attention mask so padding is never attended. Prompts are sorted by length to pad little."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+def _plain_generate(view: ModelView, prompts: list[tuple[int, ...]], max_new_tokens: int) -> list[list[int]]:
+    """Unpatched greedy continuations of different prompts in one HF generate call, left-padded
+    with an attention mask so padding is never attended; each cut after its first EOS."""
     eos = view.eos_token_ids
     pad = view.tokenizer.pad_token_id if view.tokenizer.pad_token_id is not None else 0
-    for s in range(0, len(order), batch_size):
-        rows = order[s:s + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, i in enumerate(rows):
-            ids[k, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[k, width - len(prompts[i]):] = 1
-        out = view.model.generate(input_ids=ids.to(view.device), attention_mask=mask.to(view.device),
-                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                  eos_token_id=sorted(eos) or None)
-        tokens = []
-        for row in out[:, width:].tolist():
-            cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-            tokens.append(row[:cut])
-        yield rows, tokens
+    ids, mask = pad_batch([list(p) for p in prompts], pad, left=True)
+    out = view.model.generate(input_ids=ids.to(view.device), attention_mask=mask.to(view.device),
+                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                              eos_token_id=sorted(eos) or None)
+    tokens = []
+    for row in out[:, ids.shape[1]:].tolist():
+        cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+        tokens.append(row[:cut])
+    return tokens

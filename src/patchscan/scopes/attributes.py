@@ -167,12 +167,11 @@ class AttributeScope(Scope):
         view, cfg = self.view, self.cfg
         caps = capture(view, [e["ids"] for e in examples], self.source_layers, [[e["position"]] for e in examples],
                        batch_size=self.capture_batch_size())
-        index = {l: k for k, l in enumerate(self.source_layers)}
         patches, cells = [], []
         for e, cap in zip(examples, caps):
             ids, pos = self.targets[e["target_prompt"]]
             for s, t in self.pairs:
-                patches.append(Patch(tuple(ids), pos, t, cap.states[index[s], 0]))
+                patches.append(Patch(tuple(ids), pos, t, cap.at(s)))
                 cells.append((e, s, t, ids, pos))
         gens = generate(view, patches, max_new_tokens=int(cfg.generation.max_new_tokens), progress=progress,
                         **self.batching())

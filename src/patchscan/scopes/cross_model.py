@@ -81,8 +81,7 @@ class CrossModelScope(Scope):
             return self.entity_scope.run_chunk(examples, progress)
         caps = capture(self.view, [e["ids"] for e in examples], self.source_layers,
                        [[e["position"]] for e in examples], batch_size=self.capture_batch_size(), with_logprobs=True)
-        index = {l: k for k, l in enumerate(self.source_layers)}
-        patches = [Patch(tuple(e["target_ids"]), e["target_position"], t, self.maps[(s, t)](cap.states[index[s], 0]))
+        patches = [Patch(tuple(e["target_ids"]), e["target_position"], t, self.maps[(s, t)](cap.at(s)))
                    for e, cap in zip(examples, caps) for s, t in self.pairs]
         top = patched_next_token(self.target_view, patches, top_k=1, progress=progress, **self.batching())
         rows, k = [], 0

@@ -74,9 +74,8 @@ class EntityScope(Scope):
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
         caps = capture(self.view, [e["ids"] for e in examples], self.source_layers,
                        [[e["position"]] for e in examples], batch_size=self.capture_batch_size())
-        index = {l: k for k, l in enumerate(self.source_layers)}
         patches = [Patch(tuple(self.target_ids), self.target_position, t,
-                         self.map_state(cap.states[index[s], 0], s, t))
+                         self.map_state(cap.at(s), s, t))
                    for cap in caps for s, t in self.pairs]
         gens = generate(self.target_view, patches, max_new_tokens=int(self.cfg.generation.max_new_tokens),
                         progress=progress, **self.batching())

@@ -118,16 +118,15 @@ class MultihopScope(Scope):
             phrase_ids = view.encode(e["phrase"])
             states = capture(view, [src_ids[: src_pos + 1], head_ids, q_ids], self.layers,
                              [[src_pos], [-1], [-1]])
-            idx = {l: k for k, l in enumerate(self.layers)}
             for s, t in self.pairs:
                 if "paper" in cfg.multihop.directions:
-                    add(e, "patchscope", s, t, hop2_ids, hop2_pos, states[0].states[idx[s], 0], src_ids[: src_pos + 1],
+                    add(e, "patchscope", s, t, hop2_ids, hop2_pos, states[0].at(s), src_ids[: src_pos + 1],
                         src_pos, e["question"], e["hop2_prompt"])
                 if "code" in cfg.multihop.directions:
-                    add(e, "patchscope_code", s, t, phrase_ids, len(phrase_ids) - 1, states[1].states[idx[s], 0],
+                    add(e, "patchscope_code", s, t, phrase_ids, len(phrase_ids) - 1, states[1].at(s),
                         head_ids, len(head_ids) - 1, head, e["phrase"])
                 if cfg.multihop.backpatch and t < s:
-                    add(e, "backpatch", s, t, q_ids, len(q_ids) - 1, states[2].states[idx[s], 0], q_ids,
+                    add(e, "backpatch", s, t, q_ids, len(q_ids) - 1, states[2].at(s), q_ids,
                         len(q_ids) - 1, e["question"], e["question"])
         gens = generate(view, patches, max_new_tokens=int(cfg.generation.max_new_tokens), progress=progress,
                         **self.batching())

@@ -127,7 +127,6 @@ class NextTokenScope(Scope):
         view, last = self.view, self.view.n_blocks - 1
         caps = capture(view, [e["ids"] for e in examples], self.source_layers, [[e["position"]] for e in examples],
                        batch_size=self.capture_batch_size(), with_logprobs=True)
-        layer_index = {l: k for k, l in enumerate(self.source_layers)}
         rows: list[dict] = []
 
         def add(e, cap, method, source_layer, target_ids, target_position, target_layer, prompt, pred):
@@ -145,14 +144,14 @@ class NextTokenScope(Scope):
         for method in self.methods:
             if method in ("logit_lens", "affine_lens"):
                 for layer in self.source_layers:
-                    h = torch.stack([c.states[layer_index[layer], 0] for c in caps])
+                    h = torch.stack([c.at(layer) for c in caps])
                     if method == "affine_lens":
                         h = self.maps[layer](h)
                     preds = view.readout(h).argmax(-1).tolist()
                     for e, cap, pred in zip(examples, caps, preds):
                         add(e, cap, method, layer, e["ids"], e["position"], last, None, pred)
             else:
-                patches = [Patch(tuple(self.target_ids), self.target_position, t, cap.states[layer_index[s], 0])
+                patches = [Patch(tuple(self.target_ids), self.target_position, t, cap.at(s))
                            for cap in caps for s, t in self.pairs]
                 top = patched_next_token(view, patches, top_k=1, progress=progress, **self.batching())
                 k = 0
