@@ -10,7 +10,7 @@ DATA ?=
 N ?= 300
 ARGS ?=
 
-.PHONY: setup demo test bench fig-next-token table-attributes fig-entity table-multihop clean
+.PHONY: setup demo test bench crosscheck-next-token fig-next-token table-attributes fig-entity table-multihop clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ fig-next-token: setup
 	$(VENV)/bin/patchscan run +experiment=next_token model=$(MODEL) \
 	  $(if $(DATA),dataset=text dataset.path=$(DATA),) dataset.limit=$(N) \
 	  hydra.run.dir=outputs/fig-next-token/$(MODEL) $(ARGS)
+
+# Recompute a next_token run's rows with plain HF calls (no engine code): make crosscheck-next-token RUN=DIR
+RUN ?= outputs/fig-next-token/$(MODEL)
+crosscheck-next-token: setup
+	$(PY) scripts/crosscheck_next_token.py $(RUN) $(ARGS)
 
 table-attributes: setup
 	$(VENV)/bin/patchscan run +experiment=attribute_extraction model=$(MODEL) \

@@ -132,3 +132,16 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
     assert "Traceback" not in proc.stderr
     assert lines and lines[-1].startswith("patchscan: error:") and needle in lines[-1], proc.stderr
     assert not (run / "metrics.json").exists() and not list(run.glob("results/part-*"))
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_neox"])
+def test_next_token_rows_match_a_plain_hf_recomputation(tmp_path, model):
+    """scripts/crosscheck_next_token.py shares no engine code: it must reproduce every stored prediction."""
+    run = tmp_path / "run"
+    patchscan("run", "+experiment=next_token", f"model={model}", "dataset.limit=8",
+              "methods=[token_identity,logit_lens]", f"hydra.run.dir={run}", cwd=tmp_path)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "crosscheck_next_token.py"
+    proc = subprocess.run([sys.executable, str(script), str(run)], check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "reference       8/8 stored predictions reproduced" in proc.stdout
+    assert "token_identity  24/24" in proc.stdout and "logit_lens      24/24" in proc.stdout
