@@ -17,15 +17,15 @@ Exit status 1 when any stored prediction differs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from patchscan.errors import UserError
 from patchscan.models import load_model
-from patchscan.runner import META_NAME, read_results
+from patchscan.runner import read_results, run_config
 
 
 def overwrite_last_position(vector: torch.Tensor):
@@ -40,36 +40,32 @@ def overwrite_last_position(vector: torch.Tensor):
 
 
 @torch.no_grad()
-def recompute(view, source_ids: list[int], position: int, target_ids: list[int], layers: list[int]) -> dict:
-    """Plain-HF reference, logit lens, and token identity (ℓ* = ℓ) predictions for one example."""
+def recompute(view, source_ids: list[int], position: int, target_ids: list[int] | None, layers: list[int]) -> dict:
+    """Plain-HF reference, logit lens, and (given target ids) token identity (ℓ* = ℓ) predictions for one example."""
     model, device = view.model, view.device
     out = model(torch.tensor([source_ids], device=device), output_hidden_states=True)
     preds = {"ref": int(out.logits[0, position].argmax())}
-    target = torch.tensor([target_ids], device=device)
     norm = view.final_norm if view.final_norm is not None else torch.nn.Identity()
     for layer in layers:
         h = out.hidden_states[layer + 1][0, position]
         preds[("logit_lens", layer)] = int(model.get_output_embeddings()(norm(h)).argmax())
+        if target_ids is None:
+            continue
         handle = view.blocks[layer].register_forward_hook(overwrite_last_position(h))
         try:
+            target = torch.tensor([target_ids], device=device)
             preds[("token_identity", layer)] = int(model(target).logits[0, -1].argmax())
         finally:
             handle.remove()
     return preds
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--examples", type=int, default=50, help="how many examples to recompute (default 50)")
-    args = parser.parse_args()
-    df = read_results(args.run_dir)
-    results = args.run_dir / "results" if (args.run_dir / "results").is_dir() else args.run_dir
-    config = json.loads((results / META_NAME).read_text())["config"]
+def crosscheck(args: argparse.Namespace) -> int:
+    """Recompute the run's rows; 0 when every stored prediction is reproduced, 1 otherwise."""
+    _, config = run_config(args.run_dir)
     if config["experiment"]["name"] != "next_token":
-        print(f"crosscheck: error: {args.run_dir} is a {config['experiment']['name']} run, not next_token",
-              file=sys.stderr)
-        return 2
+        raise UserError(f"{args.run_dir} is a {config['experiment']['name']} run, not next_token")
+    df = read_results(args.run_dir)
     view = load_model(config["model"])
     last = view.n_blocks - 1
     df = df[df["method"].isin(["token_identity", "logit_lens"]) & (df["source_layer"] < last)]
@@ -83,8 +79,7 @@ def main() -> int:
         layers = sorted(set(rows["source_layer"]))
         target = rows[rows["method"] == "token_identity"]
         target_ids = list(target.iloc[0]["target_token_ids"]) if len(target) else None
-        preds = recompute(view, list(first["source_token_ids"]), int(first["source_position"]),
-                          target_ids or [0], layers)
+        preds = recompute(view, list(first["source_token_ids"]), int(first["source_position"]), target_ids, layers)
         agree["reference"].append(preds["ref"] == int(first["ref_token_id"]))
         for _, row in rows.iterrows():
             mine = preds[(row["method"], int(row["source_layer"]))]
@@ -99,6 +94,17 @@ def main() -> int:
     print("precision@1 recomputed on these examples:")
     print(table.to_string(float_format=lambda x: f"{x:.3f}"))
     return 0 if all(all(flags) for flags in agree.values()) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--examples", type=int, default=50, help="how many examples to recompute (default 50)")
+    try:
+        return crosscheck(parser.parse_args())
+    except UserError as exc:
+        print(f"crosscheck: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

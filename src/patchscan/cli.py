@@ -106,20 +106,16 @@ def run_main(argv: list[str]) -> None:
 def eval_main(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
-    from patchscan.runner import META_NAME
+    from patchscan.runner import run_config
     from patchscan.scopes import get_scope
 
     parser = argparse.ArgumentParser(prog="patchscan eval", description="Recompute metrics.json and plots "
                                      "of a run from its Parquet results alone.")
     parser.add_argument("run_dir", type=Path, help="a run dir, or a results dir shared by shards")
     args = parser.parse_args(argv)
-    run_dir = args.run_dir
-    results_dir = run_dir if (run_dir / META_NAME).is_file() else run_dir / "results"
-    meta = results_dir / META_NAME
-    if not meta.is_file():
-        raise UserError(f"{run_dir} is not a patchscan run dir or results dir (no {META_NAME})")
-    cfg = OmegaConf.create(json.loads(meta.read_text())["config"])
-    finalize(get_scope(cfg.experiment.name), cfg, run_dir, results_dir)
+    results_dir, config = run_config(args.run_dir)
+    cfg = OmegaConf.create(config)
+    finalize(get_scope(cfg.experiment.name), cfg, args.run_dir, results_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,6 +56,16 @@ def write_part(df: pd.DataFrame, results_dir: Path, name: str) -> Path:
     return path
 
 
+def run_config(run_dir: str | Path) -> tuple[Path, dict]:
+    """The results dir of a run dir (or of a results dir itself) and the config the run was composed with."""
+    run_dir = Path(run_dir)
+    results_dir = run_dir if (run_dir / META_NAME).is_file() else run_dir / "results"
+    meta = results_dir / META_NAME
+    if not meta.is_file():
+        raise UserError(f"{run_dir} is not a patchscan run dir or results dir (no {META_NAME})")
+    return results_dir, json.loads(meta.read_text())["config"]
+
+
 def read_results(run_dir: str | Path) -> pd.DataFrame:
     """All rows of a run dir (or of a results dir itself)."""
     run_dir = Path(run_dir)
