@@ -17,6 +17,15 @@ from tests.test_cli import patchscan
 LRE = "tests/fixtures/lre"  # small relation files the team wrote; ../shared/data/lre has the real ones
 
 
+def run_on_fixture_relations(tmp_path, root, experiment: str, relations: str, *overrides: str):
+    """tiny_llama runs `experiment` on the fixture relations, source blocks 1 and 3, target blocks 0 and 2."""
+    run = tmp_path / "run"
+    patchscan("run", f"+experiment={experiment}", "model=tiny_llama", f"dataset.path={root / LRE}",
+              f"dataset.relations=[{relations}]", "sweep.source_layers=[1,3]", "sweep.target_layers=[0,2]",
+              *overrides, f"hydra.run.dir={run}", cwd=tmp_path)
+    return run, pd.read_parquet(run / "results")
+
+
 def test_contains_answer_ignores_spaces_and_respects_case():
     assert contains_answer(" is Washington D. C.", "Washington D.C.")
     assert not contains_answer("paris is nice", "Paris")
@@ -32,13 +41,9 @@ def test_first_description_and_similarity():
 
 
 def test_attribute_extraction_rows_rerun_alone(tmp_path, request):
-    root = request.config.rootpath
-    run = tmp_path / "run"
-    patchscan("run", "+experiment=attribute_extraction", "model=tiny_llama", f"dataset.path={root / LRE}",
-              "dataset.relations=[country_capital_city,fruit_inside_color]", "dataset.per_relation_limit=4",
-              "sweep.source_layers=[1,3]", "sweep.target_layers=[0,2]", "generation.max_new_tokens=6",
-              f"hydra.run.dir={run}", cwd=tmp_path)
-    df = pd.read_parquet(run / "results")
+    run, df = run_on_fixture_relations(tmp_path, request.config.rootpath, "attribute_extraction",
+                                       "country_capital_city,fruit_inside_color", "dataset.per_relation_limit=4",
+                                       "generation.max_new_tokens=6")
     patch = df[df["method"] == "patchscope"]
     assert len(patch) == 8 * 2 * 2 and set(df["method"]) == {"patchscope", "linear_probe"}
     assert all(patch["correct"] == [contains_answer(g, o) for g, o in zip(patch["generation"], patch["object"])])
@@ -125,13 +130,9 @@ def test_cross_model_maps_recover_the_same_model(tmp_path, monkeypatch):
 
 
 def test_multihop_methods_and_directions(tmp_path, request):
-    root = request.config.rootpath
-    run = tmp_path / "run"
-    patchscan("run", "+experiment=multihop", "model=tiny_llama", f"dataset.path={root / LRE}",
-              "dataset.relations=[city_in_country,country_capital_city]", "multihop.require_single_hops=false",
-              "multihop.per_pair_limit=2", "sweep.source_layers=[1,3]", "sweep.target_layers=[0,2]",
-              "generation.max_new_tokens=4", f"hydra.run.dir={run}", cwd=tmp_path)
-    df = pd.read_parquet(run / "results")
+    run, df = run_on_fixture_relations(tmp_path, request.config.rootpath, "multihop",
+                                       "city_in_country,country_capital_city", "multihop.require_single_hops=false",
+                                       "multihop.per_pair_limit=2", "generation.max_new_tokens=4")
     assert set(df["method"]) == {"vanilla", "cot", "patchscope", "patchscope_code", "backpatch"}
     back = df[df["method"] == "backpatch"]
     assert (back["target_layer"] < back["source_layer"]).all()
