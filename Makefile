@@ -10,7 +10,7 @@ DATA ?=
 N ?= 300
 ARGS ?=
 
-.PHONY: setup demo test bench crosscheck-next-token fig-next-token table-attributes fig-entity table-multihop clean
+.PHONY: setup demo test test-slurm bench crosscheck-next-token fig-next-token table-attributes fig-entity table-multihop clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The README's SLURM sweep on a single-node Slurm that scripts/slurm_local.sh starts and stops (root: it
+# apt-get installs slurm-wlm, slurmdbd, munge, mariadb-server if missing); also part of `make test`.
+test-slurm: setup
+	$(PY) -m pytest -q tests/test_slurm.py
 
 bench: setup
 	$(PY) scripts/bench.py $(ARGS)
