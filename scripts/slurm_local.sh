@@ -32,11 +32,20 @@ DAEMONS=(slurmd slurmctld slurmdbd mariadb)   # stop order; munged is shared, se
 log() { printf 'slurm_local: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+alive() {  # a running process (a zombie waiting for this container's init to reap it is not)
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != Z ]]
+}
+
+gone() { ! alive "$1"; }
+
 pid_of() {  # pid of a daemon from its pid file, if that process still runs
     local f=$DIR/run/$1.pid pid
     [[ -s $f ]] || return 1
     pid=$(tr -dc 0-9 <"$f")
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+    [[ -n $pid ]] && alive "$pid" && echo "$pid"
 }
 
 install_packages() {
@@ -241,7 +250,7 @@ cmd_stop() {
     for name in "${DAEMONS[@]}"; do
         pid=$(pid_of "$name") || continue
         kill -TERM "$pid" 2>/dev/null || true
-        wait_for 20 "$name-exit" bash -c "! kill -0 $pid" || kill -KILL "$pid" 2>/dev/null || true
+        wait_for 20 "$name-exit" gone "$pid" || kill -KILL "$pid" 2>/dev/null || true
         rm -f "$DIR/run/$name.pid"
     done
     local left
@@ -261,7 +270,7 @@ cmd_stop() {
 stop_munge_if_last() {  # the munged that some instance started, once no instance has daemons left
     local pid others
     pid=$(tr -dc 0-9 2>/dev/null </run/munge/munged.pid) || return 0
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+    [[ -n $pid ]] && alive "$pid" || return 0
     tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF "$MUNGE_MARK" || return 0  # not ours
     others=$(each_env of_any_instance | tr '\n' ' ')
     if [[ -n ${others// } ]]; then
@@ -269,7 +278,7 @@ stop_munge_if_last() {  # the munged that some instance started, once no instanc
         return 0
     fi
     kill -TERM "$pid" 2>/dev/null || true
-    wait_for 10 munged-exit bash -c "! kill -0 $pid" || kill -KILL "$pid" 2>/dev/null || true
+    wait_for 10 munged-exit gone "$pid" || kill -KILL "$pid" 2>/dev/null || true
 }
 
 cmd_status() {
