@@ -58,11 +58,16 @@ install_packages() {
     [[ $(id -u) == 0 ]] || die "${missing[*]} not installed and not root: run as root, or apt-get install -y ${missing[*]}"
     command -v apt-get >/dev/null || die "${missing[*]} not installed and no apt-get on this machine"
     log "installing ${missing[*]} (apt-get)"
-    local t0=$SECONDS
+    local t0=$SECONDS policy=/usr/sbin/policy-rc.d made_policy=0
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >"$DIR/log/apt.log" 2>&1 || { tail -n 20 "$DIR/log/apt.log" >&2; die "apt-get update failed"; }
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$DIR/log/apt.log" 2>&1 \
-        || { tail -n 20 "$DIR/log/apt.log" >&2; die "apt-get install ${missing[*]} failed (log: $DIR/log/apt.log)"; }
+    if [[ ! -e $policy ]]; then  # the packages' own services (munge, mariadb, slurm*) must not start
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+    fi
+    local rc=0
+    { apt-get update -qq >"$DIR/log/apt.log" 2>&1 \
+        && apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$DIR/log/apt.log" 2>&1; } || rc=$?
+    if ((made_policy)); then rm -f "$policy"; fi
+    ((rc == 0)) || { tail -n 20 "$DIR/log/apt.log" >&2; die "apt-get install ${missing[*]} failed (log: $DIR/log/apt.log)"; }
     log "installed in $((SECONDS - t0)) s"
 }
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
 KEY = ["example_id", "method", "source_layer", "target_layer"]
 SHARDS = 4
-LIMIT = 96  # 24 examples a shard, one part file each: slow enough to cancel a shard midway
+LIMIT = 160  # 40 examples a shard, one part each: more than a cancelled job does in its KillWait (2 s) after the cancel
 
 def config(limit: int = LIMIT) -> list[str]:
     return ["+experiment=next_token", "model=tiny_llama", f"dataset.limit={limit}",
