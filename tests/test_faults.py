@@ -319,7 +319,8 @@ def test_bad_inputs_give_one_line_each(tmp_path):
     def attempt(name):
         run = tmp_path / name.replace(" ", "_")
         where = [] if "unwritable" in name else [f"hydra.run.dir={run}"]
-        return cli("run", *cases[name][0], *where, cwd=tmp_path, check=False)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # three at a time: one thread each, no oversubscription
+        return cli("run", *cases[name][0], *where, cwd=tmp_path, check=False, env=env)
 
     with ThreadPoolExecutor(3) as pool:
         results = dict(zip(cases, pool.map(attempt, cases)))
