@@ -73,13 +73,13 @@ def run_job(cfg) -> dict:
         _accept(plan.run_dir, cfg, hydra_cfg)
         try:
             execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name)
+            return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
         except KeyboardInterrupt:
             where = plan.run_dir if plan.results_dir == plan.run_dir / "results" else plan.results_dir
             how = (f"hydra.run.dir={where}" if where == plan.run_dir else
                    f"runner.results_dir={where} runner.shard={plan.shard}")
             raise Interrupted(f"interrupted: {plan.saved()} of {len(plan.mine)} examples saved in {plan.results_dir}; "
                               f"rerun the same command with {how} to resume") from None
-        return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
     finally:
         plan.release()
 
@@ -173,6 +173,7 @@ def _check_output_dirs(argv: list[str]) -> None:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     wanted = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     value = next((a.partition("=")[2] for a in argv if a.lstrip("+").partition("=")[0] == wanted), None)
+    value = value.strip().strip("'\"") if value else value
     target = Path(value) if value and "$" not in value else Path("outputs")
     try:
         target.mkdir(parents=True, exist_ok=True)

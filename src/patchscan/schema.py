@@ -35,7 +35,7 @@ def boolean() -> tuple[Callable[[Any], bool], str]:
 
 
 def one_of(*choices: Any) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v in choices), "one of " + ", ".join(str(c) for c in choices)
+    return (lambda v: v in choices), "one of " + ", ".join("null" if c is None else str(c) for c in choices)
 
 
 def batch_size() -> tuple[Callable[[Any], bool], str]:
@@ -87,6 +87,8 @@ RULES: tuple[Rule, ...] = (
     Rule("multihop.require_single_hops", boolean()),
     Rule("multihop.backpatch", boolean()),
     Rule("similarity.embedding", boolean()),
+    Rule("model.dtype", one_of(None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")),
+    Rule("target_model.dtype", one_of(None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")),
     Rule("model.device", device()),
     Rule("target_model.device", device()),
     Rule("model.seed", whole(optional=True)),
@@ -95,6 +97,8 @@ RULES: tuple[Rule, ...] = (
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value)
     return repr(value) if isinstance(value, str) else str(value).replace("None", "null")
