@@ -14,7 +14,7 @@ from patchscan.errors import UserError
 log = logging.getLogger("patchscan")
 CONFIG_DIR = os.environ.get("PATCHSCAN_CONFIG_DIR") or str(Path(__file__).resolve().parents[2] / "configs")
 USAGE = """usage: patchscan run +experiment=NAME [group=option ...] [key=value ...]   (Hydra; -m for multirun)
-       patchscan eval RUN_DIR                                          (recompute metrics.json and plots)
+       patchscan eval RUN_DIR [--out DIR]                              (recompute metrics.json and plots)
 experiments: next_token, attribute_extraction, entity_resolution, cross_model, multihop"""
 
 
