@@ -1,10 +1,26 @@
-"""Shared fixtures: tiny random-weight models of several real HF architectures (built once)."""
+"""Shared fixtures: tiny random-weight models of several real HF architectures (built once).
+
+Tests never write into the user's cache: fitted maps go to a temporary dir for the session
+(PATCHSCAN_CACHE), the converted built-in model to the project's git-ignored .cache/models
+(PATCHSCAN_MODEL_CACHE, converted once, shared by later sessions). Subprocesses inherit both.
+"""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
-from patchscan.models import load_model
+_SESSION_CACHE = tempfile.mkdtemp(prefix="patchscan-test-cache-")
+atexit.register(shutil.rmtree, _SESSION_CACHE, True)
+os.environ["PATCHSCAN_CACHE"] = _SESSION_CACHE
+os.environ.setdefault("PATCHSCAN_MODEL_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "models"))
+
+from patchscan.models import load_model  # noqa: E402
 
 ARCHS = ["tiny_gpt2", "tiny_llama", "tiny_neox", "tiny_qwen2"]
 _ARCH_OF = {"tiny_gpt2": "gpt2", "tiny_llama": "llama", "tiny_neox": "gpt_neox", "tiny_qwen2": "qwen2"}

@@ -46,6 +46,7 @@ def test_attribute_extraction_rows_rerun_alone(tmp_path, request):
                                        "generation.max_new_tokens=6")
     patch = df[df["method"] == "patchscope"]
     assert len(patch) == 8 * 2 * 2 and set(df["method"]) == {"patchscope", "linear_probe"}
+    assert all(str(df[c].dtype) == "Int64" for c in ("source_layer", "target_layer", "target_position"))
     assert all(patch["correct"] == [contains_answer(g, o) for g, o in zip(patch["generation"], patch["object"])])
     view = tiny("tiny_llama")
     for _, row in patch.sample(4, random_state=0).iterrows():  # every row carries what it needs to re-run it
@@ -134,6 +135,7 @@ def test_multihop_methods_and_directions(tmp_path, request):
                                        "city_in_country,country_capital_city", "multihop.require_single_hops=false",
                                        "multihop.per_pair_limit=2", "generation.max_new_tokens=4")
     assert set(df["method"]) == {"vanilla", "cot", "patchscope", "patchscope_code", "backpatch"}
+    assert str(df["source_layer"].dtype) == "Int64" and str(df["target_layer"].dtype) == "Int64"
     back = df[df["method"] == "backpatch"]
     assert (back["target_layer"] < back["source_layer"]).all()
     ps = df[df["method"] == "patchscope"].iloc[0]

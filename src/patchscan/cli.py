@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import logging
 import os
 import sys
@@ -14,63 +14,123 @@ from patchscan.errors import UserError
 log = logging.getLogger("patchscan")
 CONFIG_DIR = os.environ.get("PATCHSCAN_CONFIG_DIR") or str(Path(__file__).resolve().parents[2] / "configs")
 USAGE = """usage: patchscan run +experiment=NAME [group=option ...] [key=value ...]   (Hydra; -m for multirun)
-       patchscan eval RUN_DIR                                          (recompute metrics.json and plots)
+       patchscan eval RUN_DIR [--out DIR]                              (recompute metrics.json and plots)
 experiments: next_token, attribute_extraction, entity_resolution, cross_model, multihop"""
 
 
-def finalize(scope_cls, cfg, run_dir: Path, results_dir: Path) -> dict:
-    """metrics.json, plots and the printed table, from the Parquet results alone."""
-    from patchscan.runner import read_results
+def _name_local_model(cfg, overrides: list[str]) -> None:
+    """A model read from a folder, a GGUF file or another hub id gets its own name in rows and caches,
+    not the name of the config group it was set over (unless model.name is given)."""
+    from omegaconf import open_dict
 
-    df = read_results(results_dir)
-    metrics = scope_cls.metrics(df, cfg)
-    for png in scope_cls.plot(df, metrics, run_dir):
-        metrics.setdefault("figures", []).append(str(png))
-    tmp = run_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1, default=str))
-    os.replace(tmp, run_dir / "metrics.json")
-    report = scope_cls.report(metrics)
-    if report:
-        print(report)
-    print(f"results: {results_dir}\nmetrics: {run_dir / 'metrics.json'}")
-    for png in metrics.get("figures", []):
-        print(f"figure:  {png}")
-    return metrics
+    for group in ("model", "target_model"):
+        node = cfg.get(group)
+        if node is None or any(o.lstrip("+~").startswith(f"{group}.name=") for o in overrides):
+            continue
+        given = {o.lstrip("+~").partition("=")[0] for o in overrides}
+        source = node.get("source")
+        name = None
+        if source in ("folder", "gguf") and node.get("path") and f"{group}.path" in given:
+            path = Path(str(node.path))
+            name = path.stem if source == "gguf" else path.name
+        elif source == "hub" and node.get("id") and f"{group}.id" in given:
+            name = str(node.id)
+        if name:
+            with open_dict(cfg):
+                node.name = name
+
+
+class Interrupted(BaseException):
+    """Ctrl-C during a run, with the line to print."""
 
 
 def run_job(cfg) -> dict:
-    """One Hydra job: scope -> model -> plan -> chunks -> Parquet -> metrics."""
+    """One Hydra job: check -> lock -> scope -> model -> plan -> chunks -> Parquet -> metrics."""
     from hydra.core.hydra_config import HydraConfig
 
     from patchscan.models import load_model
-    from patchscan.runner import execute, plan_run, run_metadata
+    from patchscan.runner import execute, finalize, open_run, plan_run, run_metadata
+    from patchscan.schema import validate
     from patchscan.scopes import get_scope
 
     name = cfg.get("experiment", {}).get("name")
     if not name or name == "???":
         raise UserError("no experiment chosen; add +experiment=NAME (next_token, attribute_extraction, "
                         "entity_resolution, cross_model, multihop)")
+    hydra_cfg = HydraConfig.get()
+    _name_local_model(cfg, list(hydra_cfg.overrides.task))
+    validate(cfg)
     scope_cls = get_scope(name)
     scope = scope_cls(cfg)  # reads and checks the data before any model is loaded
-    view = load_model(cfg.model)
-    scope.bind(view)
-    examples = scope.examples()
-    if not examples:
-        raise UserError("the dataset gave no examples")
-    for i, example in enumerate(examples):
-        example["_index"] = i
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    plan = plan_run(cfg, run_dir, examples, run_metadata(cfg, view))
-    execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name)
-    return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
+    plan = open_run(cfg, Path(hydra_cfg.runtime.output_dir))  # refuses a different config or a second writer
+    try:
+        view = load_model(cfg.model)
+        scope.bind(view)
+        examples = scope.examples()
+        if not examples:
+            raise UserError("the dataset gave no examples")
+        plan = plan_run(plan, examples, run_metadata(cfg, view), repair=bool(cfg.runner.get("repair")))
+        _accept(plan.run_dir, cfg, hydra_cfg)
+        try:
+            execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name)
+            return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
+        except KeyboardInterrupt:
+            where = plan.run_dir if plan.results_dir == plan.run_dir / "results" else plan.results_dir
+            how = (f"hydra.run.dir={where}" if where == plan.run_dir else
+                   f"runner.results_dir={where} runner.shard={plan.shard}")
+            raise Interrupted(f"interrupted: {plan.saved()} of {len(plan.mine)} examples saved in {plan.results_dir}; "
+                              f"rerun the same command with {how} to resume") from None
+    finally:
+        plan.release()
+
+
+def _accept(run_dir: Path, cfg, hydra_cfg) -> None:
+    """Once a run is accepted: its composed config in .hydra/ and its log file (Hydra writes neither, so a
+    refused run touches nothing)."""
+    from omegaconf import OmegaConf
+
+    from patchscan.runner import write_atomic
+
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_atomic(hydra_dir / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    write_atomic(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task)))
+    handler = logging.FileHandler(run_dir / f"{hydra_cfg.job.name}.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    _LOG_HANDLERS.append(handler)
+
+
+_LOG_HANDLERS: list[logging.Handler] = []
+WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr, then exit: 2 for a user's mistake, 130 for Ctrl-C."""
+    print(f"patchscan: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def _hydra_task(cfg):
     try:
         return run_job(cfg)
     except UserError as exc:
-        print(f"patchscan: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {exc}")
+    except Interrupted as exc:
+        fail(str(exc), 130)
+    except KeyboardInterrupt:
+        fail("interrupted before any example ran; nothing was saved", 130)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        fail(f"error: cannot write {exc.filename or 'a file'}: {exc.strerror}; the examples saved so far are kept: "
+             "fix this and rerun the same command to resume")
+    finally:
+        for handler in _LOG_HANDLERS:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        _LOG_HANDLERS.clear()
 
 
 GROUPS = ("model", "target_model", "dataset", "patchscope", "sweep", "experiment", "hydra/launcher")
@@ -92,13 +152,44 @@ def check_group_choices(argv: list[str]) -> None:
                 raise UserError(f"unknown {key} {option!r}; choose from {', '.join(choices)}")
 
 
+# model keys the README documents that a model config may lack: given as model.KEY=..., Hydra would want a +
+OPTIONAL_MODEL_KEYS = ("path", "id", "revision", "trust_remote_code")
+
+
+def _open_model_keys(argv: list[str]) -> list[str]:
+    """`model.path=DIR` works as written: such keys are added when the chosen model config lacks them."""
+    out = []
+    for arg in argv:
+        key = arg.partition("=")[0]
+        group, _, leaf = key.partition(".")
+        if group in ("model", "target_model") and leaf in OPTIONAL_MODEL_KEYS and "=" in arg:
+            arg = "++" + arg
+        out.append(arg)
+    return out
+
+
+def _check_output_dirs(argv: list[str]) -> None:
+    """The run dir must be creatable: one line, not Hydra's traceback, when it is not."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    wanted = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    value = next((a.partition("=")[2] for a in argv if a.lstrip("+").partition("=")[0] == wanted), None)
+    value = value.strip().strip("'\"") if value else value
+    target = Path(value) if value and "$" not in value else Path("outputs")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the output dir {target}: {exc.strerror}; choose a writable "
+                        f"{wanted}=...") from exc
+
+
 def run_main(argv: list[str]) -> None:
     import hydra
 
     check_group_choices(argv)
+    _check_output_dirs(argv)
     # Hydra reads flags only before the overrides; accept -m anywhere on the line.
     flags = [a for a in argv if a in ("-m", "--multirun")]
-    argv = flags + [a for a in argv if a not in flags]
+    argv = flags + _open_model_keys([a for a in argv if a not in flags])
     sys.argv = [sys.argv[0]] + argv
     hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_hydra_task)()
 
@@ -106,16 +197,19 @@ def run_main(argv: list[str]) -> None:
 def eval_main(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
-    from patchscan.runner import run_config
+    from patchscan.runner import finalize, run_config
     from patchscan.scopes import get_scope
 
     parser = argparse.ArgumentParser(prog="patchscan eval", description="Recompute metrics.json and plots "
                                      "of a run from its Parquet results alone.")
     parser.add_argument("run_dir", type=Path, help="a run dir, or a results dir shared by shards")
+    parser.add_argument("--out", type=Path, default=None, help="where metrics.json and the figures go (default: "
+                        "the run dir, or beside a results dir given directly; never into the results dir)")
     args = parser.parse_args(argv)
     results_dir, config = run_config(args.run_dir)
+    out = args.out or (results_dir.parent if results_dir.resolve() == args.run_dir.resolve() else args.run_dir)
     cfg = OmegaConf.create(config)
-    finalize(get_scope(cfg.experiment.name), cfg, args.run_dir, results_dir)
+    finalize(get_scope(cfg.experiment.name), cfg, out, results_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,8 +227,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             raise UserError(f"unknown command {command!r}; use run or eval")
     except UserError as exc:
-        print(f"patchscan: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {exc}")
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
 
 
 if __name__ == "__main__":

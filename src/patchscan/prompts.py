@@ -21,7 +21,13 @@ def placeholder_position(view: ModelView, prompt: str, placeholder: str) -> tupl
     at = prompt.rfind(placeholder) if placeholder else -1
     if at < 0:
         raise UserError(f"target prompt {prompt!r} does not contain the placeholder {placeholder!r}")
-    return token_index_of_char(view, prompt, at + len(placeholder) - 1)
+    ids, first = token_index_of_char(view, prompt, at)
+    _, last = token_index_of_char(view, prompt, at + len(placeholder) - 1)
+    if first != last:
+        raise UserError(f"the placeholder {placeholder!r} is {last - first + 1} tokens in the target prompt "
+                        f"{prompt!r}; one state is patched at one position, so use a placeholder that is one token "
+                        "(e.g. x or ?)")
+    return ids, last
 
 
 def span_last_token(view: ModelView, text: str, span: str) -> tuple[list[int], int]:

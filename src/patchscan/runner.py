@@ -1,82 +1,218 @@
-"""Examples -> chunks -> scope -> rows -> Parquet parts, with resume, shards and progress.
+"""Examples -> chunks -> scope -> rows -> Parquet parts, with resume, shards, locks and progress.
 
 Each part file holds all rows of a chunk of examples and is written to a hidden temporary
-name, then renamed, so a killed run leaves only complete parts. A rerun into the same
-results directory reads which examples are done and skips them.
+name, then renamed, so a killed run leaves only complete parts. Every row carries the
+example's `example_key`, a hash of its content (source and target texts and token ids, subject,
+object, position), so a rerun into the same results dir skips exactly the examples whose stored
+key matches, and refuses to mix results of changed data.
+
+One writer per (results dir, shard): `results/.lock-shard-SSS` is locked (flock) for the whole
+run and names the holder; shards take the examples whose stable index i has i % num_shards ==
+shard, so shards sharing a results dir write disjoint examples.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from patchscan.errors import UserError
 
 log = logging.getLogger(__name__)
 META_NAME = "_run.json"  # starts with "_" so Parquet readers ignore it
+LOCK_PREFIX = ".lock-shard-"  # starts with "." so Parquet readers ignore it
+QUARANTINE = ".quarantine"  # where runner.repair=true moves bad parts
+INT_COLUMNS = ("source_layer", "target_layer", "source_position", "target_position")
+# example fields that are results of the model, not its definition (left out of example_key)
+DERIVED_FIELDS = ("probe", "filled_generation", "filled_correct")
+PROGRESS_INTERVAL_S = 5.0
 
 
-def config_fingerprint(cfg: DictConfig) -> str:
-    """A hash of everything that decides the results (not how they are batched or sharded)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("runner", None)
+# ---------------------------------------------------------------- config identity
+
+def _identity_config(cfg: DictConfig | dict) -> dict:
+    """The part of a config that decides the results: all but how they are batched, sharded, resumed."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    runner = data.pop("runner", None) or {}
     data.pop("hydra", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    data["seed"] = runner.get("seed", 0)  # runner.seed picks positions and probe folds
+    return data
+
+
+def config_fingerprint(cfg: DictConfig | dict) -> str:
+    """A hash of everything that decides the results (not how they are batched or sharded)."""
+    blob = json.dumps(_identity_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_difference(old: dict, new: dict) -> str | None:
+    """The first key (dotted) whose value differs between two configs' identities, as 'key: a there, b here'."""
+    def walk(a: Any, b: Any, prefix: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                found = walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+                if found:
+                    return found
+            return None
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            name = "runner.seed" if prefix == "seed" else prefix
+            return f"{name}={json.dumps(a, default=str)} there, {json.dumps(b, default=str)} here"
+        return None
+
+    return walk(_identity_config(old), _identity_config(new), "")
+
+
+def example_key(example: dict) -> str:
+    """A short hash of what defines an example (all its fields but private and model-derived ones)."""
+    content = {k: v for k, v in example.items() if not k.startswith("_") and k not in DERIVED_FIELDS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- files
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file through a temporary name unique to this process, then rename."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def strict_json(value: Any) -> Any:
+    """NaN and infinities become null, numpy scalars plain numbers: json.dumps(allow_nan=False) then passes."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, TypeError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def part_files(results_dir: Path) -> list[Path]:
+    return sorted(results_dir.glob("part-*.parquet"))
+
+
+def check_parts(results_dir: Path, repair: bool = False) -> list[Path]:
+    """The readable part files; an empty, truncated or unreadable one is one error line (or, with
+    repair, moved to results/.quarantine/ so its examples are computed again)."""
+    good = []
+    for part in part_files(results_dir):
+        problem = None
+        try:
+            meta = pq.ParquetFile(part).metadata
+            if meta.num_rows == 0:
+                problem = "is empty"
+            elif "example_id" not in meta.schema.names:
+                problem = "has no example_id column"
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            problem = f"is truncated or unreadable ({str(exc).splitlines()[0][:120]})"
+        if problem is None:
+            good.append(part)
+        elif repair:
+            aside = results_dir / QUARANTINE
+            aside.mkdir(exist_ok=True)
+            os.replace(part, aside / part.name)
+            log.warning("runner.repair: moved %s (it %s) to %s; its examples run again", part.name, problem, aside)
+        else:
+            raise UserError(f"part file {part} {problem}; rerun with runner.repair=true to move it aside and "
+                            "recompute its examples")
+    return good
+
+
+def stored_examples(results_dir: Path, repair: bool = False) -> dict[str, str | None]:
+    """example_id -> example_key of the examples written in a results dir (key None for old parts)."""
+    parts = check_parts(results_dir, repair)
+    done: dict[str, str | None] = {}
+    for part in parts:
+        names = pq.ParquetFile(part).schema_arrow.names
+        columns = ["example_id"] + (["example_key"] if "example_key" in names else [])
+        table = pq.read_table(part, columns=columns)
+        ids = table.column("example_id").to_pylist()
+        keys = table.column("example_key").to_pylist() if "example_key" in names else [None] * len(ids)
+        done.update(zip(ids, keys))
+    return done
 
 
 def done_examples(results_dir: Path) -> set[str]:
-    parts = sorted(results_dir.glob("part-*.parquet"))
-    if not parts:
-        return set()
-    table = pads.dataset([str(p) for p in parts], format="parquet").to_table(columns=["example_id"])
-    return set(table.column("example_id").to_pylist())
+    return set(stored_examples(results_dir))
 
 
 def write_part(df: pd.DataFrame, results_dir: Path, name: str) -> Path:
-    """Write atomically: a hidden temporary file, fsync, then rename."""
+    """Write atomically: a hidden temporary file, fsync, then rename. Never an empty part."""
+    if df.empty:
+        raise RuntimeError(f"refusing to write an empty part {name}: the scope returned no rows")
     path = results_dir / name
     tmp = results_dir / f".{name}.tmp"
-    df.to_parquet(tmp, index=False)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
+    try:
+        df.to_parquet(tmp, index=False)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 
 
 def run_config(run_dir: str | Path) -> tuple[Path, dict]:
     """The results dir of a run dir (or of a results dir itself) and the config the run was composed with."""
+    results_dir, meta = run_meta(run_dir)
+    return results_dir, meta["config"]
+
+
+def run_meta(run_dir: str | Path) -> tuple[Path, dict]:
     run_dir = Path(run_dir)
     results_dir = run_dir if (run_dir / META_NAME).is_file() else run_dir / "results"
     meta = results_dir / META_NAME
     if not meta.is_file():
         raise UserError(f"{run_dir} is not a patchscan run dir or results dir (no {META_NAME})")
-    return results_dir, json.loads(meta.read_text())["config"]
+    try:
+        return results_dir, json.loads(meta.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {meta}: {exc}") from exc
 
 
 def read_results(run_dir: str | Path) -> pd.DataFrame:
-    """All rows of a run dir (or of a results dir itself)."""
+    """All rows of a run dir (or of a results dir itself): its part files only, whatever else lies there."""
     run_dir = Path(run_dir)
     results = run_dir / "results" if (run_dir / "results").is_dir() else run_dir
-    parts = sorted(results.glob("part-*.parquet"))
+    parts = check_parts(results)
     if not parts:
         raise UserError(f"no results found in {results}")
-    return pd.read_parquet(results)
+    return pads.dataset([str(p) for p in parts], format="parquet").to_table().to_pandas()
 
 
-def run_metadata(cfg: DictConfig, view=None) -> dict[str, Any]:
+def run_metadata(cfg: DictConfig, view=None, n_examples: int | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -84,6 +220,8 @@ def run_metadata(cfg: DictConfig, view=None) -> dict[str, Any]:
         "experiment": cfg.experiment.name,
         "fingerprint": config_fingerprint(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "n_examples": n_examples,
+        "num_shards": int(cfg.runner.num_shards),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -99,11 +237,57 @@ def run_metadata(cfg: DictConfig, view=None) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         meta["git_commit"] = None
     if view is not None:
+        from patchscan.caches import model_fingerprint
+
         meta["model"] = {"name": view.name, "class": type(view.model).__name__, "dtype": str(view.dtype),
                          "device": str(view.device), "n_blocks": view.n_blocks, "width": view.width,
+                         "fingerprint": model_fingerprint(view),
                          "revision": cfg.model.get("revision"), "id": cfg.model.get("id") or cfg.model.get("path")}
     return meta
 
+
+# ---------------------------------------------------------------- locks
+
+class ShardLock:
+    """flock on results/.lock-shard-SSS, held for the whole run; the file names the holder.
+
+    The kernel drops the lock when its process dies (SIGKILL included), so a rerun after a crash
+    takes it at once. A refused run writes nothing into the file.
+    """
+
+    def __init__(self, results_dir: Path, shard: int):
+        self.path = results_dir / f"{LOCK_PREFIX}{shard:03d}"
+        self.shard = shard
+        self.fh = None
+
+    def acquire(self) -> "ShardLock":
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                fh.close()
+                raise
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise UserError(f"{self.path.parent} (shard {self.shard}) is being written by {holder}; wait for it "
+                            "to finish, or write elsewhere (hydra.run.dir=... or runner.results_dir=...)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def release(self) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
+
+
+# ---------------------------------------------------------------- plan
 
 @dataclass
 class RunPlan:
@@ -111,18 +295,40 @@ class RunPlan:
 
     run_dir: Path
     results_dir: Path
-    todo: list[dict]
-    skipped: int
+    todo: list[dict] = field(default_factory=list)
+    skipped: int = 0
     shard: int = 0
+    num_shards: int = 1
+    lock: ShardLock | None = None
+    mine: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def saved(self) -> int:
+        """How many of this shard's examples are in the results dir now."""
+        try:
+            stored = stored_examples(self.results_dir)
+        except UserError:
+            return 0
+        return sum(1 for e in self.mine if stored.get(e["example_id"], "") in (e["_key"], None))
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "metrics.json").read_text()).get("complete", True))
+    except (OSError, ValueError):
+        return False
 
 
 def find_resumable(run_dir: Path, fingerprint: str) -> Path | None:
-    """The newest sibling run dir with the same config and no metrics.json (an unfinished run)."""
+    """The newest sibling run dir with the same config and no complete metrics.json (an unfinished run)."""
     candidates = []
     for meta_path in run_dir.parent.glob(f"*/results/{META_NAME}"):
         other = meta_path.parent.parent
-        if other == run_dir or (other / "metrics.json").exists():
+        if other == run_dir or _finished(other):
             continue
         try:
             if json.loads(meta_path.read_text())["fingerprint"] == fingerprint:
@@ -132,50 +338,175 @@ def find_resumable(run_dir: Path, fingerprint: str) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
-def plan_run(cfg: DictConfig, run_dir: Path, examples: list[dict], meta: dict) -> RunPlan:
+def open_run(cfg: DictConfig, run_dir: Path) -> RunPlan:
+    """Choose the results dir, refuse a different config, take the shard's lock. Touches nothing when
+    it refuses (before the lock: reads only). Call before the model is loaded."""
     runner = cfg.runner
     num_shards, shard = int(runner.num_shards), int(runner.shard)
-    if num_shards < 1 or not 0 <= shard < num_shards:
-        raise UserError(f"runner.shard={shard} is out of range for runner.num_shards={num_shards}")
+    fingerprint = config_fingerprint(cfg)
     if runner.get("results_dir"):
-        results_dir = Path(runner.results_dir)
+        results_dir = Path(str(runner.results_dir))
     else:
         results_dir = run_dir / "results"
         if runner.get("resume") and not (results_dir / META_NAME).exists():
-            previous = find_resumable(run_dir, meta["fingerprint"])
+            previous = find_resumable(run_dir, fingerprint)
             if previous is not None:
                 log.info("resuming the unfinished run in %s", previous)
                 run_dir, results_dir = previous, previous / "results"
     meta_path = results_dir / META_NAME
     if meta_path.exists():
-        old = json.loads(meta_path.read_text()).get("fingerprint")
-        if old != meta["fingerprint"]:
-            raise UserError(f"{results_dir} holds results of a different config (fingerprint {old}); "
+        try:
+            old = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {meta_path} ({exc}); choose another run dir (hydra.run.dir=...)") from exc
+        if old.get("fingerprint") != fingerprint:
+            diff = config_difference(old.get("config") or {}, OmegaConf.to_container(cfg, resolve=True))
+            raise UserError(f"{results_dir} holds results of a different config ({diff or 'fingerprint ' + str(old.get('fingerprint'))}); "
                             "choose another run dir (hydra.run.dir=...) or delete it")
+        if int(old.get("num_shards") or num_shards) != num_shards:
+            raise UserError(f"{results_dir} was written with runner.num_shards={old.get('num_shards')}, not "
+                            f"{num_shards}; use the same number of shards or another results dir")
     results_dir.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps(meta, indent=1, default=str))
-    mine = [e for i, e in enumerate(examples) if i % num_shards == shard]
-    done = done_examples(results_dir)
-    todo = [e for e in mine if e["example_id"] not in done]
-    return RunPlan(run_dir, results_dir, todo, len(mine) - len(todo), shard)
+    lock = ShardLock(results_dir, shard).acquire()
+    for stale in results_dir.glob(f".part-{shard:03d}-*.tmp"):  # a kill between write and rename
+        stale.unlink(missing_ok=True)
+    return RunPlan(run_dir, results_dir, shard=shard, num_shards=num_shards, lock=lock)
+
+
+def plan_run(plan: RunPlan, examples: list[dict], meta: dict, repair: bool = False) -> RunPlan:
+    """Key every example by content, keep this shard's, compare with what is stored, write _run.json."""
+    meta_path = plan.results_dir / META_NAME
+    if meta_path.exists():
+        old_model = (json.loads(meta_path.read_text()).get("model") or {}).get("fingerprint")
+        new_model = (meta.get("model") or {}).get("fingerprint")
+        if old_model and new_model and old_model != new_model:
+            raise UserError(f"{plan.results_dir} holds results of other model weights (model fingerprint "
+                            f"{old_model}, now {new_model}) under the same config; choose another run dir "
+                            "(hydra.run.dir=...)")
+    keys = {}
+    for i, example in enumerate(examples):
+        example.setdefault("_index", i)
+        example["_key"] = example_key(example)
+        keys[example["example_id"]] = example["_key"]
+    stored = stored_examples(plan.results_dir, repair)
+    for example_id, key in stored.items():
+        if example_id not in keys:
+            raise UserError(f"{plan.results_dir} holds example {example_id!r}, which the dataset no longer gives "
+                            "(the data changed since those results were written); choose another run dir "
+                            "(hydra.run.dir=...)")
+        if key is not None and key != keys[example_id]:
+            raise UserError(f"{plan.results_dir} holds example {example_id!r} computed from other data (its text, "
+                            "token ids or answer changed since); choose another run dir (hydra.run.dir=...)")
+    meta = {**meta, "n_examples": len(examples)}
+    write_atomic(meta_path, json.dumps(strict_json(meta), indent=1))
+    plan.mine = [e for e in examples if e["_index"] % plan.num_shards == plan.shard]
+    plan.todo = [e for e in plan.mine if e["example_id"] not in stored]
+    plan.skipped = len(plan.mine) - len(plan.todo)
+    return plan
+
+
+# ---------------------------------------------------------------- execute
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (a log file) one plain line at most every few seconds."""
+
+    def __init__(self, total: int, desc: str, stream=None, interval: float = PROGRESS_INTERVAL_S):
+        self.stream = stream or sys.stderr
+        self.total, self.desc, self.interval = total, desc, interval
+        self.done = self.runs = 0
+        self.start = self.last = time.monotonic()
+        isatty = getattr(self.stream, "isatty", lambda: False)()
+        self.bar = None
+        if isatty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="example", dynamic_ncols=True, file=self.stream,
+                            mininterval=1.0)
+
+    def _line(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        rate = self.done / (now - self.start) if now > self.start else 0.0
+        print(f"{self.desc}: {self.done}/{self.total} examples, {self.runs} patched runs, "
+              f"{now - self.start:.0f} s ({rate:.2f} examples/s)", file=self.stream, flush=True)
+
+    def add_runs(self, n: int) -> None:
+        self.runs += n
+        if self.bar is not None:
+            self.bar.set_postfix(runs=self.runs)
+        else:
+            self._line()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        else:
+            self._line()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.total:
+            self._line(final=True)
+
+
+def with_keys(df: pd.DataFrame, chunk: list[dict]) -> pd.DataFrame:
+    """Add example_key and make layer and position columns integers (nullable where some rows have none)."""
+    df = df.copy()
+    keys = {e["example_id"]: e["_key"] for e in chunk}
+    df["example_key"] = df["example_id"].map(keys)
+    for column in INT_COLUMNS:
+        if column in df:
+            df[column] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+                                   for v in df[column]], dtype="Int64")
+    return df
 
 
 def execute(plan: RunPlan, run_chunk: Callable[[list[dict], Callable[[int], None]], pd.DataFrame],
             examples_per_part: int, desc: str) -> None:
-    """Run the examples chunk by chunk, writing one Parquet part per chunk, with a progress bar."""
+    """Run the examples chunk by chunk, writing one Parquet part per chunk, with progress."""
     if plan.skipped:
         log.info("resume: %d examples already done in %s, %d to run", plan.skipped, plan.results_dir, len(plan.todo))
-    bar = tqdm(total=len(plan.todo), desc=desc, unit="example", dynamic_ncols=True,
-               disable=None if sys.stderr.isatty() else False, mininterval=1.0)
-    runs = [0]
-
-    def progress(n: int) -> None:  # patched runs inside a chunk, so long chunks show life
-        runs[0] += n
-        bar.set_postfix(runs=runs[0])
-
-    with bar:
+    progress = Progress(len(plan.todo), desc)
+    try:
         for start in range(0, len(plan.todo), examples_per_part):
             chunk = plan.todo[start:start + examples_per_part]
-            df = run_chunk(chunk, progress)
+            df = with_keys(run_chunk(chunk, progress.add_runs), chunk)
             write_part(df, plan.results_dir, f"part-{plan.shard:03d}-{chunk[0]['_index']:07d}.parquet")
-            bar.update(len(chunk))
+            progress.update(len(chunk))
+    finally:
+        progress.close()
+
+
+def completeness(results_dir: Path, meta: dict) -> tuple[int, int | None]:
+    """(examples stored, examples the run has in all shards)."""
+    return len(stored_examples(results_dir)), meta.get("n_examples")
+
+
+def finalize(scope_cls, cfg, out_dir: Path, results_dir: Path, quiet: bool = False) -> dict:
+    """metrics.json, plots and the printed table, from the Parquet results alone, into out_dir."""
+    if out_dir.resolve() == results_dir.resolve():
+        raise UserError(f"metrics and figures go beside the results dir, never into it: {results_dir}")
+    df = read_results(results_dir)
+    _, meta = run_meta(results_dir)
+    stored, expected = df["example_id"].nunique(), meta.get("n_examples")
+    metrics = scope_cls.metrics(df, cfg)
+    metrics["complete"] = expected is None or stored >= expected
+    metrics["examples_stored"], metrics["examples_expected"] = int(stored), expected
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for png in scope_cls.plot(df, metrics, out_dir):
+        metrics.setdefault("figures", []).append(str(png))
+    write_atomic(out_dir / "metrics.json", json.dumps(strict_json(metrics), indent=1, allow_nan=False))
+    report = scope_cls.report(metrics)
+    if report and not quiet:
+        print(report)
+    print(f"results: {results_dir}\nmetrics: {out_dir / 'metrics.json'}")
+    for png in metrics.get("figures", []):
+        print(f"figure:  {png}")
+    if not metrics["complete"]:
+        print(f"patchscan: warning: partial metrics: {stored} of {expected} examples are in {results_dir} "
+              "(the run or another shard is unfinished); metrics.json says \"complete\": false", file=sys.stderr)
+    return metrics

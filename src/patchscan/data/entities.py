@@ -21,7 +21,7 @@ def load_entities(path: str | None) -> list[dict]:
         records = read_jsonl(file)
     else:
         try:
-            with file.open(encoding="utf-8", newline="") as fh:
+            with file.open(encoding="utf-8-sig", newline="") as fh:
                 records = list(csv.DictReader(fh, delimiter="\t" if file.suffix == ".tsv" else ","))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise UserError(f"cannot read entity file {file}: {exc}") from exc
@@ -29,6 +29,10 @@ def load_entities(path: str | None) -> list[dict]:
     for n, r in enumerate(records, 1):
         if not r.get("name") or not r.get("description"):
             raise UserError(f"{file}: record {n} needs 'name' and 'description'")
+        bad = next((k for k in ("name", "description", "popularity") if r.get(k) is not None
+                    and not isinstance(r[k], str)), None)
+        if bad:
+            raise UserError(f"{file}: record {n} has {bad}={r[bad]!r}; it must be text (in quotes in JSON)")
         out.append({"name": r["name"].strip(), "description": r["description"].strip(),
                     "popularity": (r.get("popularity") or "unknown").strip()})
     if not out:

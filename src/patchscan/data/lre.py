@@ -88,7 +88,7 @@ def load_patchscopes_tsv(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"TSV file not found: {path}")
     try:
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"cannot read TSV file {path}: {exc}") from exc
@@ -97,6 +97,12 @@ def load_patchscopes_tsv(path: str | Path) -> list[dict]:
     missing = [c for c in TSV_COLUMNS if c not in rows[0]]
     if missing:
         raise UserError(f"{path} lacks the column {missing[0]!r} (needs {', '.join(TSV_COLUMNS)})")
+    for n, row in enumerate(rows, 2):
+        short = next((c for c in TSV_COLUMNS if row.get(c) is None), None)
+        if short or None in row:
+            what = f"has no field {short!r}" if short else "has more fields than the header"
+            raise UserError(f"{path}: line {n} {what} (every row needs the {len(rows[0])} tab-separated fields "
+                            "of the header)")
     return rows
 
 

@@ -18,7 +18,7 @@ def read_lines(path: str | Path, what: str = "data file") -> list[str]:
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {what} {path}: {exc}") from exc
     return [line.strip() for line in text.splitlines() if line.strip()]

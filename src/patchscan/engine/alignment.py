@@ -7,13 +7,12 @@ prefix. With one shared tokenizer every position pairs with itself.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 
+from patchscan.caches import map_cache_key, model_fingerprint
 from patchscan.engine.capture import capture
 from patchscan.engine.mappings import Affine, load_mapping
 from patchscan.models.view import ModelView
@@ -36,8 +35,9 @@ def fit_cross_model_maps(source: ModelView, target: ModelView, texts: list[str],
     """One least-squares affine map per (source block, target block), cached on disk."""
     aligned = [aligned_positions(source, target, t) for t in texts]
     aligned = [a for a in aligned if a[2]]
-    key = hashlib.sha256(json.dumps([source.name, target.name, str(source.dtype), [a[2] for a in aligned],
-                                     [a[0] for a in aligned], ridge, max_positions]).encode()).hexdigest()[:16]
+    key = map_cache_key("cross_model", model_fingerprint(source), model_fingerprint(target), str(source.dtype),
+                        str(target.dtype), [a[0] for a in aligned], [a[1] for a in aligned], [a[2] for a in aligned],
+                        ridge, max_positions)
     folder = cache_dir / f"{source.name}--{target.name}-{key}"
     paths = {p: folder / f"s{p[0]}-t{p[1]}.pt" for p in pairs}
     if all(path.exists() for path in paths.values()):

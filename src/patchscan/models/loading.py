@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,6 +47,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patchscan"
 
 
+def model_cache_root() -> Path:
+    """Where converted models are kept: PATCHSCAN_MODEL_CACHE, else <cache root>/models (tests share one)."""
+    env = os.environ.get("PATCHSCAN_MODEL_CACHE")
+    return Path(env) if env else cache_root() / "models"
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,7 +86,7 @@ def builtin_folder() -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     version = importlib.metadata.version(BUILTIN_DIST)
-    target = cache_root() / "models" / f"smollm2_135m-{version}-tf{transformers.__version__}"
+    target = model_cache_root() / f"smollm2_135m-{version}-tf{transformers.__version__}"
     if (target / "config.json").exists():
         return target
     gguf_folder = builtin_gguf_folder()
@@ -166,7 +173,7 @@ def load_model(cfg: Mapping[str, Any]) -> ModelView:
             model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, **common, **extra)
     except UserError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, struct.error, EOFError) as exc:  # struct.error: a GGUF cut short
         raise UserError(f"cannot load model {name!r} ({source}: {cfg.get('id') or cfg.get('path')}): "
                         f"{str(exc).splitlines()[0]}") from exc
     if device_map is None:

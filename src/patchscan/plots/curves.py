@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+
+def wrapped(title: str, width_inches: float, fontsize: float = 12) -> str:
+    """A title broken into lines that fit the figure's width (about 0.55 em per character)."""
+    chars = max(20, int(width_inches * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.wrap(title, chars))
 
 
 def method_curves(by: pd.DataFrame, columns: list[str], labels: list[str], path: Path, title: str = "",
@@ -28,7 +35,7 @@ def method_curves(by: pd.DataFrame, columns: list[str], labels: list[str], path:
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(wrapped(title, fig.get_figwidth()))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -49,7 +56,7 @@ def heatmap(matrix: pd.DataFrame, path: Path, title: str, xlabel: str, ylabel: s
     ax.set_yticks(range(matrix.shape[0]), [_label(r) for r in matrix.index], fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(wrapped(title, fig.get_figwidth() * 0.75, 10), fontsize=10)
     fig.colorbar(im, ax=ax)
     if matrix.size <= 400:
         for i in range(matrix.shape[0]):

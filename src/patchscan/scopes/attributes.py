@@ -70,12 +70,16 @@ class AttributeScope(Scope):
     def _tsv_samples(self, path) -> list[dict]:
         """One example per TSV row: a sample_id repeats over the source snippets of one subject."""
         relation = relation_key(Path(path).stem)
-        out = []
+        out, bare = [], 0
         for n, row in enumerate(load_patchscopes_tsv(path)):
             source = row["prompt_source"] if row["subject"] in (row["prompt_source"] or "") else row["subject"]
+            bare += source is not row["prompt_source"]
             out.append({"example_id": f"{relation}/{n}", "relation": relation, "sample_id": row["sample_id"],
                         "subject": row["subject"], "object": row["object"], "target_prompt": row["prompt_target"],
                         "source_prompt": source})
+        if bare:
+            log.warning("%s: %d of %d rows have no source text containing their subject; their source is the "
+                        "subject alone", path, bare, len(out))
         return out
 
     def bind(self, view) -> None:

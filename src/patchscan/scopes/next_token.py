@@ -10,8 +10,6 @@ next-token distribution there; each method predicts that token from block ℓ's 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 from pathlib import Path
@@ -21,6 +19,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from patchscan.caches import map_cache_key, model_fingerprint
 from patchscan.data.texts import load_texts
 from patchscan.engine import Affine, Patch, capture, load_mapping, patched_next_token
 from patchscan.errors import UserError
@@ -42,10 +41,17 @@ def identity_prompt(view, cfg) -> str:
     rng = random.Random(int(cfg.get("prompt_seed", 0)))
     vocab = sorted(view.tokenizer.get_vocab().values())
     words: list[str] = []
+    tries = 0
     while len(words) < k:
         word = view.tokenizer.decode([rng.choice(vocab)]).strip()
         if len(word) >= 2 and word.isalnum() and word not in words:
             words.append(word)
+        tries += 1
+        if tries == 10_000 + 2 * k:  # slow going: are there k usable words at all?
+            usable = {w for w in (view.tokenizer.decode([t]).strip() for t in vocab) if len(w) >= 2 and w.isalnum()}
+            if len(usable) < k:
+                raise UserError(f"patchscope.random_pairs={k} is more than the {len(usable)} usable words "
+                                f"(alphanumeric, 2+ characters) of {view.name}'s vocabulary; use at most {len(usable)}")
     return "".join(f"{w} -> {w}\n" for w in words) + cfg.placeholder
 
 
@@ -104,8 +110,8 @@ class NextTokenScope(Scope):
         """Least-squares maps from each block's output to the last block's output, cached on disk."""
         view, acfg = self.view, self.cfg.affine_lens
         ids = [view.encode(t)[: int(acfg.positions_per_text)] for t in self.train_texts]
-        key = hashlib.sha256(json.dumps([ids, str(view.dtype), float(acfg.ridge), int(acfg.max_positions)])
-                             .encode()).hexdigest()[:16]
+        key = map_cache_key("affine_lens", model_fingerprint(view), str(view.dtype), ids, int(acfg.max_positions),
+                            float(acfg.ridge))
         folder = cache_root() / "maps" / view.name / f"affine-lens-{key}"
         last = view.n_blocks - 1
         if all((folder / f"block{l}.pt").exists() for l in self.source_layers):
@@ -169,10 +175,16 @@ class NextTokenScope(Scope):
                 "by_layer": table, "overall": overall}
 
     @staticmethod
-    def report(metrics: dict) -> str:
+    def best_target(metrics: dict) -> pd.DataFrame:
+        """Per (method, source block), the row of the target block with the best precision@1 (the only
+        one where ℓ* is fixed by the method): what the table prints and the figure draws."""
         by = pd.DataFrame(metrics["by_layer"])
         by = by[by.groupby(["method", "source_layer"])["precision_at_1"].transform("max") == by["precision_at_1"]]
-        by = by.drop_duplicates(["method", "source_layer"])
+        return by.drop_duplicates(["method", "source_layer"])
+
+    @staticmethod
+    def report(metrics: dict) -> str:
+        by = NextTokenScope.best_target(metrics)
         prec = by.pivot(index="source_layer", columns="method", values="precision_at_1")
         surp = by.pivot(index="source_layer", columns="method", values="surprisal")
         table = prec.add_suffix(" p@1").join(surp.add_suffix(" surprisal"))
@@ -184,7 +196,8 @@ class NextTokenScope(Scope):
     def plot(df: pd.DataFrame, metrics: dict, run_dir: Path) -> list[Path]:
         from patchscan.plots.curves import method_curves
 
-        by = pd.DataFrame(metrics["by_layer"])
-        by = by[(by["method"] != "token_identity") | (by["source_layer"] == by["target_layer"])]
+        by = NextTokenScope.best_target(metrics)
+        several = pd.DataFrame(metrics["by_layer"]).groupby(["method", "source_layer"]).size().max() > 1
+        title = f"Next-token estimation ({metrics['n_examples']} texts" + (", best target block ℓ*)" if several else ")")
         return [method_curves(by, ["precision_at_1", "surprisal"], ["precision@1", "surprisal (nats)"],
-                              run_dir / "next_token.png", title=f"Next-token estimation ({metrics['n_examples']} texts)")]
+                              run_dir / "next_token.png", title=title)]

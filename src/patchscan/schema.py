@@ -1,0 +1,140 @@
+"""Check the composed config once, at job start, before any file is read or model loaded.
+
+Each rule names a key, what it allows, and a check; a failed check is one `UserError` line naming
+the key, the bad value and what is allowed (the CLI prints it and exits 2). Keys absent from an
+experiment's config are skipped, so one table serves every experiment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from patchscan.errors import UserError
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def whole(minimum: int | None = None, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
+    what = "a whole number" + (f" >= {minimum}" if minimum is not None else "") + (" or null" if optional else "")
+    return (lambda v: (optional and v is None) or (_is_int(v) and (minimum is None or v >= minimum))), what
+
+
+def number(minimum: float = 0.0, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
+    what = f"a number >= {minimum:g}" + (" or null" if optional else "")
+    return (lambda v: (optional and v is None)
+            or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= minimum)), what
+
+
+def boolean() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, bool)), "true or false"
+
+
+def one_of(*choices: Any) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), "one of " + ", ".join("null" if c is None else str(c) for c in choices)
+
+
+def batch_size() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v == "auto" or (_is_int(v) and v >= 1)), "auto or a whole number >= 1"
+
+
+def device() -> tuple[Callable[[Any], bool], str]:
+    import re
+
+    pattern = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    return (lambda v: v is None or (isinstance(v, str) and bool(pattern.match(v)))), "auto, cpu, cuda, cuda:N or mps"
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    check: tuple[Callable[[Any], bool], str]
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("runner.batch_size", batch_size()),
+    Rule("runner.memory_budget_gb", number(0.01, optional=True)),
+    Rule("runner.examples_per_part", whole(1)),
+    Rule("runner.resume", boolean()),
+    Rule("runner.repair", boolean()),
+    Rule("runner.shard", whole(0)),
+    Rule("runner.num_shards", whole(1)),
+    Rule("runner.seed", whole()),
+    Rule("dataset.limit", whole(1, optional=True)),
+    Rule("dataset.per_relation_limit", whole(1, optional=True)),
+    Rule("generation.max_new_tokens", whole(1)),
+    Rule("generation.case_sensitive", boolean()),
+    Rule("patchscope.random_pairs", whole(0, optional=True)),
+    Rule("patchscope.prompt_seed", whole(optional=True)),
+    Rule("source.min_tokens", whole(1)),
+    Rule("source.max_tokens", whole(1)),
+    Rule("source.min_position", whole(0)),
+    Rule("affine_lens.train_texts", whole(0)),
+    Rule("affine_lens.positions_per_text", whole(1)),
+    Rule("affine_lens.max_positions", whole(1)),
+    Rule("affine_lens.ridge", number(0.0)),
+    Rule("maps.train_texts", whole(1)),
+    Rule("maps.max_positions", whole(1)),
+    Rule("maps.ridge", number(0.0)),
+    Rule("probe.enabled", boolean()),
+    Rule("probe.folds", whole(2)),
+    Rule("filter", boolean()),
+    Rule("multihop.per_pair_limit", whole(1, optional=True)),
+    Rule("multihop.require_single_hops", boolean()),
+    Rule("multihop.backpatch", boolean()),
+    Rule("similarity.embedding", boolean()),
+    Rule("model.dtype", one_of(None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")),
+    Rule("target_model.dtype", one_of(None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")),
+    Rule("model.device", device()),
+    Rule("target_model.device", device()),
+    Rule("model.seed", whole(optional=True)),
+    Rule("target_model.seed", whole(optional=True)),
+)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    return repr(value) if isinstance(value, str) else str(value).replace("None", "null")
+
+
+def _select(cfg: DictConfig, key: str) -> tuple[bool, Any]:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one UserError for the first value of the wrong type or out of range."""
+    for rule in RULES:
+        present, value = _select(cfg, rule.key)
+        if not present:
+            continue
+        ok, allowed = rule.check
+        if not ok(value):
+            raise UserError(f"{rule.key}={_show(value)} is not valid; use {allowed}")
+    runner = cfg.get("runner") or {}
+    if "shard" in runner and "num_shards" in runner and not runner.shard < runner.num_shards:
+        raise UserError(f"runner.shard={runner.shard} is out of range for runner.num_shards={runner.num_shards}; "
+                        f"use 0..{runner.num_shards - 1}")
+    source = cfg.get("source")
+    if isinstance(source, DictConfig) and "min_tokens" in source and "max_tokens" in source \
+            and source.max_tokens < source.min_tokens:
+        raise UserError(f"source.max_tokens={source.max_tokens} is below source.min_tokens={source.min_tokens}")
+    for group in ("model", "target_model"):
+        present, dev = _select(cfg, f"{group}.device")
+        if present and isinstance(dev, str) and dev.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError(f"{group}.device={dev!r} but no CUDA GPU is available here; use {group}.device=cpu "
+                                "or auto")
