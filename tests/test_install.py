@@ -52,6 +52,7 @@ def test_installed_package_runs_an_experiment_from_an_empty_directory(installed)
     probe = _call([sys.executable, "-c", "import patchscan, patchscan.cli as c; print(patchscan.__file__); "
                    "print(c.CONFIG_DIR)"], cwd=work, env=env).stdout.split()
     assert all(Path(p).is_relative_to(installed) for p in probe), probe
+    assert (installed / "patchscan" / "configs" / "target_model" / "tiny_llama.yaml").is_file()  # a symlinked group
     _call([str(installed / "bin" / "patchscan"), "run", "+experiment=next_token", "model=tiny_llama",
            "dataset.limit=5", "affine_lens.train_texts=40"], cwd=work, env=env)
     runs = list((work / "outputs" / "next_token").iterdir())

@@ -62,6 +62,10 @@ def grouped_patch_hooks(layers, rows, positions, vectors) -> dict[int, Callable]
     return hooks
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
 class _Passthrough(nn.Module):
     """Stands in for a skipped block: returns its input hidden state untouched.
 
@@ -84,10 +88,6 @@ class _Passthrough(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "_block"), name)
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
 
 
 @contextmanager
