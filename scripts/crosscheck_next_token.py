@@ -42,7 +42,7 @@ def overwrite_last_position(vector: torch.Tensor):
 @torch.no_grad()
 def recompute(view, source_ids: list[int], position: int, target_ids: list[int] | None, layers: list[int]) -> dict:
     """Plain-HF reference, logit lens, and (given target ids) token identity (ℓ* = ℓ) predictions for one example."""
-    model, device = view.model, view.device
+    model, device = view.model, view.input_device
     out = model(torch.tensor([source_ids], device=device), output_hidden_states=True)
     preds = {"ref": int(out.logits[0, position].argmax())}
     norm = view.final_norm if view.final_norm is not None else torch.nn.Identity()

@@ -12,7 +12,22 @@ from pathlib import Path
 from patchscan.errors import UserError
 
 log = logging.getLogger("patchscan")
-CONFIG_DIR = os.environ.get("PATCHSCAN_CONFIG_DIR") or str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def config_dir() -> str:
+    """The Hydra configs: $PATCHSCAN_CONFIG_DIR, else those shipped in the installed package
+    (patchscan/configs), else the checkout's top-level configs/ (a source tree on PYTHONPATH)."""
+    from importlib.resources import files
+
+    if os.environ.get("PATCHSCAN_CONFIG_DIR"):
+        return os.environ["PATCHSCAN_CONFIG_DIR"]
+    packaged = Path(str(files("patchscan") / "configs"))
+    if (packaged / "config.yaml").is_file():
+        return str(packaged)
+    return str(Path(__file__).resolve().parents[2] / "configs")
+
+
+CONFIG_DIR = config_dir()
 USAGE = """usage: patchscan run +experiment=NAME [group=option ...] [key=value ...]   (Hydra; -m for multirun)
        patchscan eval RUN_DIR [--out DIR]                              (recompute metrics.json and plots)
 experiments: next_token, attribute_extraction, entity_resolution, cross_model, multihop"""

@@ -212,6 +212,23 @@ def read_results(run_dir: str | Path) -> pd.DataFrame:
     return pads.dataset([str(p) for p in parts], format="parquet").to_table().to_pandas()
 
 
+def git_commit() -> str | None:
+    """The commit of the patchscan checkout this code runs from; None for an installed package or
+    without git. Only a repository whose top level is the checkout counts, never one that merely
+    contains the installed package (a venv inside some project) or the working directory."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file() or not (root / "src" / "patchscan").is_dir():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if len(out) != 2 or Path(out[0]).resolve() != root:
+        return None
+    return out[1]
+
+
 def run_metadata(cfg: DictConfig, view=None, n_examples: int | None = None) -> dict[str, Any]:
     import torch
     import transformers
@@ -227,15 +244,10 @@ def run_metadata(cfg: DictConfig, view=None, n_examples: int | None = None) -> d
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "pandas": pd.__version__},
     }
-    try:
-        from patchscan import __version__
+    from patchscan import __version__
 
-        meta["versions"]["patchscan"] = __version__
-        root = Path(__file__).resolve().parents[2]
-        meta["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        meta["git_commit"] = None
+    meta["versions"]["patchscan"] = __version__
+    meta["git_commit"] = git_commit()
     if view is not None:
         from patchscan.caches import model_fingerprint
 

@@ -62,19 +62,20 @@ def capture(view: ModelView, prompts: list[list[int]], layers: list[int], positi
         pos = [[resolve_position(p, len(ids), "source position") for p in positions[start + b]]
                for b, ids in enumerate(batch)]
         input_ids, mask = pad_batch(batch, view.tokenizer.pad_token_id or 0)
-        rows = torch.tensor([b for b, ps in enumerate(pos) for _ in ps], device=view.device)
-        cols = torch.tensor([p for ps in pos for p in ps], device=view.device)
+        rows = torch.tensor([b for b, ps in enumerate(pos) for _ in ps], device=view.input_device)
+        cols = torch.tensor([p for ps in pos for p in ps], device=view.input_device)
         store: dict[int, torch.Tensor] = {}
 
         def make_hook(layer):
-            def hook(module, inputs, output):
-                store[layer] = hidden_of(output)[rows, cols]
+            def hook(module, inputs, output):  # indices to the block's device, states to the output device
+                hidden = hidden_of(output)
+                store[layer] = hidden[rows.to(hidden.device), cols.to(hidden.device)].to(view.device)
             return hook
 
         with block_hooks(view.blocks, {layer: make_hook(layer) for layer in want}):
             # The base model (no LM head) avoids full-vocabulary logits at every position.
             base = getattr(view.model, "base_model", view.model)
-            base(input_ids=input_ids.to(view.device), attention_mask=mask.to(view.device), use_cache=False)
+            base(input_ids=input_ids.to(view.input_device), attention_mask=mask.to(view.input_device), use_cache=False)
         stacked = torch.stack([store[layer] for layer in layers])  # (n_layers, n_rows, width)
         logprobs = None
         if with_logprobs:

@@ -34,11 +34,16 @@ def block_hooks(blocks: nn.ModuleList, hooks: dict[int, Callable]) -> Iterator[N
 
 
 def patch_hook(rows: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> Callable:
-    """A hook that overwrites the block output at (rows[k], positions[k]) with vectors[k]."""
+    """A hook that overwrites the block output at (rows[k], positions[k]) with vectors[k].
+
+    Indices and vectors go to the device of the hidden state they index, which for a model split
+    over devices (`device_map`) is the device of this block, not of the model's input or output.
+    """
 
     def hook(module, inputs, output):
         hidden = hidden_of(output).clone()
-        hidden[rows, positions] = vectors.to(hidden.dtype)
+        dev = hidden.device
+        hidden[rows.to(dev), positions.to(dev)] = vectors.to(dev, hidden.dtype)
         return with_hidden(output, hidden)
 
     return hook
@@ -57,21 +62,49 @@ def grouped_patch_hooks(layers, rows, positions, vectors) -> dict[int, Callable]
     return hooks
 
 
-@contextmanager
-def skip_blocks(blocks: nn.ModuleList, upto: int, returns_tuple: bool) -> Iterator[None]:
-    """Make blocks 0..upto pass their input through untouched (their hooks still fire).
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
 
-    Used when a row is patched at block `upto` at its last position and nothing follows it:
-    the work of those blocks at that position would be overwritten, so it is skipped.
+
+class _Passthrough(nn.Module):
+    """Stands in for a skipped block: returns its input hidden state untouched.
+
+    It shares the real block's hook dictionaries, so forward hooks registered on the block (before
+    or during the skip) still fire, and reads any other attribute (`attention_type`, ...) from it.
     """
 
-    def passthrough(hidden_states, *args, **kwargs):
-        return (hidden_states,) if returns_tuple else hidden_states
+    def __init__(self, block: nn.Module, returns_tuple: bool):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: parameters stay the block's
+        self.returns_tuple = returns_tuple
+        for name in _HOOK_DICTS:
+            object.__setattr__(self, name, getattr(block, name))
 
-    for block in blocks[: upto + 1]:
-        block.forward = passthrough
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return (hidden_states,) if self.returns_tuple else hidden_states
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
+@contextmanager
+def skip_blocks(blocks: nn.ModuleList, upto: int, returns_tuple: bool) -> Iterator[None]:
+    """Make blocks 0..upto pass their input through untouched (their forward hooks still fire).
+
+    Used when a row is patched at block `upto` at its last position and nothing follows it:
+    the work of those blocks at that position would be overwritten, so it is skipped. The blocks
+    themselves are never modified: stand-ins take their places in `blocks` for the duration and
+    the very same block objects are put back afterwards, so wrappers that accelerate installs on
+    a dispatched or offloaded block (its instance `forward`, `_hf_hook`) stay as they were.
+    """
+    originals = [blocks[i] for i in range(upto + 1)]
     try:
+        for i, block in enumerate(originals):
+            blocks[i] = _Passthrough(block, returns_tuple)
         yield
     finally:
-        for block in blocks[: upto + 1]:
-            del block.forward
+        for i, block in enumerate(originals):
+            blocks[i] = block

@@ -55,6 +55,7 @@ class PreallocatedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
+            indices = indices.to(self._keys.device)  # a model split over devices keeps each layer on its own
             self._keys, self._values = self._keys[indices], self._values[indices]
             self.keys, self.values = self._keys[:, :, : self._length], self._values[:, :, : self._length]
 

@@ -30,7 +30,7 @@ def _one_hook(patch: Patch, prefill_only: bool):
 def naive_logits(view: ModelView, patch: Patch) -> torch.Tensor:
     """Next-token logits at the last position of the full target prompt, patched."""
     patch = patch.resolved(view)
-    ids = torch.tensor([patch.target_ids], device=view.device)
+    ids = torch.tensor([patch.target_ids], device=view.input_device)
     with block_hooks(view.blocks, {patch.layer: _one_hook(patch, prefill_only=False)}):
         return view.model(input_ids=ids).logits[0, -1].float().cpu()
 
@@ -39,7 +39,7 @@ def naive_logits(view: ModelView, patch: Patch) -> torch.Tensor:
 def naive_generate(view: ModelView, patch: Patch, max_new_tokens: int = 20) -> list[int]:
     """Greedy HF generate on the full target prompt with the patch in the prefill pass only."""
     patch = patch.resolved(view)
-    ids = torch.tensor([patch.target_ids], device=view.device)
+    ids = torch.tensor([patch.target_ids], device=view.input_device)
     hooks = {} if patch.vector is None else {patch.layer: _one_hook(patch, prefill_only=True)}
     with block_hooks(view.blocks, hooks):
         out = view.model.generate(

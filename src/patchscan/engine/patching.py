@@ -52,7 +52,7 @@ class PrefixCache:
         if prefix in self._store:
             self._store.move_to_end(prefix)
             return self._store[prefix]
-        ids = torch.tensor([prefix], device=self.view.device)
+        ids = torch.tensor([prefix], device=self.view.input_device)
         base = getattr(self.view.model, "base_model", self.view.model)
         kv = [(layer.keys, layer.values) for layer in base(input_ids=ids, use_cache=True).past_key_values.layers]
         if self.capacity > 0:
@@ -134,12 +134,12 @@ def _prefill(view: ModelView, cache: PrefixCache, patches: list[Patch], rows: li
     first = patches[rows[0]]
     suffix = first.target_ids[first.position:]
     n = len(rows)
-    input_ids = torch.tensor([suffix] * n, device=view.device)
+    input_ids = torch.tensor([suffix] * n, device=view.input_device)
     patched = [k for k, i in enumerate(rows) if patches[i].vector is not None]
     layers = [patches[rows[k]].layer for k in patched]
     hooks = {}
     if patched:
-        vectors = torch.stack([patches[rows[k]].vector for k in patched]).to(view.device)
+        vectors = torch.stack([patches[rows[k]].vector.to(view.device) for k in patched])  # hooks move them on
         hooks = grouped_patch_hooks(layers, patched, [0] * len(patched), vectors)
     kv = cache.expanded(first.target_ids[: first.position], n, room=None if room is None else len(suffix) + room)
     kwargs = dict(input_ids=input_ids, past_key_values=kv, use_cache=use_cache, logits_to_keep=1)
@@ -216,18 +216,18 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
     def run(rows: list[int]) -> list[list[int]]:
         logits, kv = _prefill(view, cache, patches, rows, skip=False, use_cache=True, room=max_new_tokens)
         tokens: list[list[int]] = [[] for _ in rows]
-        alive = torch.arange(len(rows), device=view.device)
+        alive = torch.arange(len(rows), device=logits.device)
         for step in range(max_new_tokens):
             token = logits.argmax(-1)
             for r, t in zip(alive.tolist(), token.tolist()):
                 tokens[r].append(t)
-            keep = ~torch.isin(token, eos)
+            keep = ~torch.isin(token, eos.to(token.device))
             if step == max_new_tokens - 1 or not keep.any():
                 break
             if not keep.all():  # finished rows leave the batch
                 alive, token = alive[keep], token[keep]
-                kv.batch_select_indices(keep.nonzero().flatten())
-            logits = view.model(input_ids=token[:, None], past_key_values=kv, use_cache=True,
+                kv.batch_select_indices(keep.nonzero().flatten().cpu())  # each layer moves them to its device
+            logits = view.model(input_ids=token[:, None].to(view.input_device), past_key_values=kv, use_cache=True,
                                 logits_to_keep=1).logits[:, -1].float()
         return tokens
 
@@ -261,7 +261,7 @@ def _plain_generate(view: ModelView, prompts: list[tuple[int, ...]], max_new_tok
     eos = view.eos_token_ids
     pad = view.tokenizer.pad_token_id if view.tokenizer.pad_token_id is not None else 0
     ids, mask = pad_batch([list(p) for p in prompts], pad, left=True)
-    out = view.model.generate(input_ids=ids.to(view.device), attention_mask=mask.to(view.device),
+    out = view.model.generate(input_ids=ids.to(view.input_device), attention_mask=mask.to(view.input_device),
                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                               eos_token_id=sorted(eos) or None)
     tokens = []

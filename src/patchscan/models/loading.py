@@ -138,6 +138,39 @@ def build_tiny(arch: str, seed: int = 0, overrides: Mapping[str, Any] | None = N
     return model, tokenizer
 
 
+def placement(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """from_pretrained's placement arguments: `device_map` (auto, a device, or {module: device}),
+    `max_memory` ({device: size}, e.g. {0: 20GiB, cpu: 60GiB}) and `offload_folder` (for modules
+    that fit nowhere: they stay on disk and accelerate loads them block by block)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    def plain(value):
+        return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+    device_map, max_memory, folder = (plain(cfg.get(k)) for k in ("device_map", "max_memory", "offload_folder"))
+    if device_map is None and (max_memory or folder):
+        raise UserError("model.max_memory and model.offload_folder need model.device_map (e.g. model.device_map=auto)")
+    if max_memory:  # YAML keys of GPU indices may arrive as strings
+        max_memory = {int(k) if str(k).isdigit() else k: v for k, v in max_memory.items()}
+    kwargs = dict(device_map=device_map, max_memory=max_memory or None, offload_folder=folder)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def dispatch_tiny(model, place: dict[str, Any]):
+    """A tiny model placed like a loaded one: saved to a temporary folder and loaded back with the
+    placement arguments, so accelerate dispatches (and offloads) it exactly as it would a hub model.
+    The folder lives as long as the model: disk-offloaded weights are read from it."""
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    folder = tempfile.mkdtemp(prefix="patchscan-tiny-")
+    model.save_pretrained(folder)
+    dispatched = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, **place)
+    weakref.finalize(dispatched, shutil.rmtree, folder, True)
+    return dispatched
+
+
 def load_model(cfg: Mapping[str, Any]) -> ModelView:
     """Build a ModelView from a model config (configs/model/*.yaml)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,7 +178,7 @@ def load_model(cfg: Mapping[str, Any]) -> ModelView:
     source = cfg.get("source", "hub")
     name = cfg.get("name") or cfg.get("id") or source
     dtype = resolve_dtype(cfg.get("dtype"))
-    device_map = cfg.get("device_map")
+    place = placement(cfg)
     device = resolve_device(cfg.get("device"))
     common = dict(dtype=dtype, revision=cfg.get("revision"), trust_remote_code=bool(cfg.get("trust_remote_code")))
     common = {k: v for k, v in common.items() if v not in (None, False)}
@@ -155,6 +188,8 @@ def load_model(cfg: Mapping[str, Any]) -> ModelView:
         if source == "tiny":
             model, tokenizer = build_tiny(cfg.get("arch", ""), int(cfg.get("seed", 0)), cfg.get("config"))
             model = model.to(dtype)
+            if place:
+                model = dispatch_tiny(model, place)
         else:
             if source == "builtin":
                 path, gguf = builtin_folder(), None
@@ -170,13 +205,13 @@ def load_model(cfg: Mapping[str, Any]) -> ModelView:
             extra = {"gguf_file": gguf} if gguf else {}
             if source != "builtin":
                 tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-            model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, **common, **extra)
+            model = AutoModelForCausalLM.from_pretrained(path, **place, **common, **extra)
     except UserError:
         raise
     except (OSError, ValueError, struct.error, EOFError) as exc:  # struct.error: a GGUF cut short
         raise UserError(f"cannot load model {name!r} ({source}: {cfg.get('id') or cfg.get('path')}): "
                         f"{str(exc).splitlines()[0]}") from exc
-    if device_map is None:
+    if "device_map" not in place:
         model = model.to(device)
     model.eval()
     model.requires_grad_(False)

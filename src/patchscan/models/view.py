@@ -7,6 +7,7 @@ covers families whose layout the search would get wrong.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,19 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         root = getattr(root, part)
     return root
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """Where a module computes: accelerate's execution device for a dispatched (maybe offloaded)
+    module, whose weights may sit on the meta device, else the device of its first weight (None
+    for a module without weights)."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+        if getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return None
 
 
 def _find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
@@ -89,7 +103,16 @@ class ModelView:
 
     @property
     def device(self) -> torch.device:
-        return self.unembed.weight.device
+        """The output device: where the unembedding computes, so where logits come from."""
+        return execution_device(self.unembed)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids and prefix KV caches go: the device of the input embedding.
+
+        It differs from `device` only for models split over devices (`model.device_map`).
+        """
+        return execution_device(self.model.get_input_embeddings())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -115,10 +138,10 @@ class ModelView:
     @torch.no_grad()
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of block outputs read through the final norm and unembedding (the logit lens)."""
-        hidden = hidden.to(device=self.device, dtype=self.dtype)
+        hidden = hidden.to(dtype=self.dtype)
         if self.final_norm is not None:
-            hidden = self.final_norm(hidden)
-        logits = self.unembed(hidden).float()
+            hidden = self.final_norm(hidden.to(execution_device(self.final_norm) or hidden.device))
+        logits = self.unembed(hidden.to(self.device)).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -129,7 +152,7 @@ class ModelView:
         seen: list[bool] = []
         handle = self.blocks[0].register_forward_hook(lambda m, i, o: seen.append(isinstance(o, tuple)))
         try:
-            self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
+            self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.input_device), use_cache=False)
         finally:
             handle.remove()
         return seen[0]
