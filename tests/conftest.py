@@ -22,8 +22,9 @@ os.environ.setdefault("PATCHSCAN_MODEL_CACHE", str(Path(__file__).resolve().pare
 
 from patchscan.models import load_model  # noqa: E402
 
-ARCHS = ["tiny_gpt2", "tiny_llama", "tiny_neox", "tiny_qwen2"]
-_ARCH_OF = {"tiny_gpt2": "gpt2", "tiny_llama": "llama", "tiny_neox": "gpt_neox", "tiny_qwen2": "qwen2"}
+ARCHS = ["tiny_gpt2", "tiny_llama", "tiny_neox", "tiny_qwen2", "tiny_gemma3"]
+_ARCH_OF = {"tiny_gpt2": "gpt2", "tiny_llama": "llama", "tiny_neox": "gpt_neox", "tiny_qwen2": "qwen2",
+            "tiny_gemma3": "gemma3_text"}
 _CACHE: dict = {}
 
 
@@ -41,3 +42,8 @@ def view(request):
 @pytest.fixture(scope="session")
 def builtin_view():
     return load_model({"source": "builtin", "name": "smollm2_135m", "device": "cpu"})
+
+
+@pytest.fixture(scope="session")
+def gemma_view():
+    return load_model({"source": "builtin", "builtin": "gemma3_270m", "name": "gemma3_270m", "device": "cpu"})

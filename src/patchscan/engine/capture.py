@@ -46,6 +46,20 @@ class Captured:
 
 
 @torch.no_grad()
+def next_token_logprobs(view: ModelView, hidden: torch.Tensor, chunk_mb: int = 256) -> torch.Tensor:
+    """Log-softmax of the read-out of last-block states (rows, width) -> (rows, vocab), float32.
+
+    Filled in row chunks of about `chunk_mb` of logits, so a large vocabulary (Gemma 3's 262,144
+    tokens: 1 MB a row) costs the result plus one chunk, not three full-size temporaries.
+    """
+    out = torch.empty((hidden.shape[0], view.vocab_size), device=view.device)
+    step = max(1, chunk_mb * 2**20 // (4 * view.vocab_size))
+    for s in range(0, hidden.shape[0], step):
+        out[s:s + step] = torch.log_softmax(view.readout(hidden[s:s + step]), dim=-1)
+    return out
+
+
+@torch.no_grad()
 def capture(view: ModelView, prompts: list[list[int]], layers: list[int], positions: list[list[int]],
             batch_size: int = 32, with_logprobs: bool = False) -> list[Captured]:
     """Run each prompt once and gather block outputs at the given positions.
@@ -77,9 +91,7 @@ def capture(view: ModelView, prompts: list[list[int]], layers: list[int], positi
             base = getattr(view.model, "base_model", view.model)
             base(input_ids=input_ids.to(view.input_device), attention_mask=mask.to(view.input_device), use_cache=False)
         stacked = torch.stack([store[layer] for layer in layers])  # (n_layers, n_rows, width)
-        logprobs = None
-        if with_logprobs:
-            logprobs = torch.log_softmax(view.readout(store[view.n_blocks - 1]), dim=-1)
+        logprobs = next_token_logprobs(view, store[view.n_blocks - 1]) if with_logprobs else None
         offset = 0
         for ps in pos:
             sl = slice(offset, offset + len(ps))

