@@ -20,7 +20,6 @@ START = time.perf_counter()  # start-up (imports, model load) is counted in the 
 
 import argparse
 import random
-import resource
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from patchscan.engine import Patch, capture, generate, patched_next_token
 from patchscan.engine.naive import naive_generate, naive_logits
 from patchscan.models import load_model
+from patchscan.worklog import peak_memory_mb
 
 TEXTS = ["The Eiffel Tower is located in the city of", "Water freezes at zero degrees",
          "The cat sat on the mat and looked at the", "She plays the piano every day after school",
@@ -47,18 +47,6 @@ def peak_memory_reset(device: torch.device) -> None:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def sync(device: torch.device) -> None:

@@ -15,6 +15,7 @@ log = logging.getLogger("patchscan")
 CONFIG_DIR = os.environ.get("PATCHSCAN_CONFIG_DIR") or str(Path(__file__).resolve().parents[2] / "configs")
 USAGE = """usage: patchscan run +experiment=NAME [group=option ...] [key=value ...]   (Hydra; -m for multirun)
        patchscan eval RUN_DIR                                          (recompute metrics.json and plots)
+       patchscan plan +experiment=NAME [...]                           (dry run: the work and memory, no weights)
 experiments: next_token, attribute_extraction, entity_resolution, cross_model, multihop"""
 
 
@@ -42,6 +43,7 @@ def run_job(cfg) -> dict:
     """One Hydra job: scope -> model -> plan -> chunks -> Parquet -> metrics."""
     from hydra.core.hydra_config import HydraConfig
 
+    from patchscan.engine.counting import count_work
     from patchscan.models import load_model
     from patchscan.runner import execute, plan_run, run_metadata
     from patchscan.scopes import get_scope
@@ -52,17 +54,31 @@ def run_job(cfg) -> dict:
                         "entity_resolution, cross_model, multihop)")
     scope_cls = get_scope(name)
     scope = scope_cls(cfg)  # reads and checks the data before any model is loaded
+    if cfg.runner.get("dry_run"):
+        return dry_run(cfg, scope)
     view = load_model(cfg.model)
-    scope.bind(view)
-    examples = scope.examples()
+    with count_work(view.model) as setup:  # model work outside the chunks (fitted maps, ...)
+        scope.bind(view)
+        examples = scope.examples()
     if not examples:
         raise UserError("the dataset gave no examples")
     for i, example in enumerate(examples):
         example["_index"] = i
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     plan = plan_run(cfg, run_dir, examples, run_metadata(cfg, view))
-    execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name)
+    execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name, view=view, setup=setup)
     return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
+
+
+def dry_run(cfg, scope) -> dict:
+    """Print what the run would do, loading no weights (patchscan.planning)."""
+    from patchscan.planning import make_plan
+
+    if cfg.experiment.name == "cross_model":
+        raise UserError("runner.dry_run is not supported for cross_model yet (it fits maps between two models)")
+    plan = make_plan(cfg, scope)
+    print(plan.report())
+    return plan.as_dict()
 
 
 def _hydra_task(cfg):
@@ -103,6 +119,21 @@ def run_main(argv: list[str]) -> None:
     hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_hydra_task)()
 
 
+def plan_main(argv: list[str]) -> None:
+    """`patchscan plan OVERRIDES`: `patchscan run OVERRIDES runner.dry_run=true`, writing no run dir."""
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="patchscan-plan-")
+    extra = ["runner.dry_run=true", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in argv):
+        extra += [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}"]
+    try:
+        run_main(argv + extra)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def eval_main(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
@@ -127,11 +158,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command == "run":
             run_main(rest)
+        elif command == "plan":
+            plan_main(rest)
         elif command == "eval":
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             eval_main(rest)
         else:
-            raise UserError(f"unknown command {command!r}; use run or eval")
+            raise UserError(f"unknown command {command!r}; use run, eval or plan")
     except UserError as exc:
         print(f"patchscan: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pandas as pd
 import pyarrow.dataset as pads
@@ -24,6 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from patchscan.errors import UserError
+
+if TYPE_CHECKING:
+    from patchscan.engine.counting import Counts
 
 log = logging.getLogger(__name__)
 META_NAME = "_run.json"  # starts with "_" so Parquet readers ignore it
@@ -114,6 +117,7 @@ class RunPlan:
     todo: list[dict]
     skipped: int
     shard: int = 0
+    num_shards: int = 1
     extra: dict = field(default_factory=dict)
 
 
@@ -130,6 +134,11 @@ def find_resumable(run_dir: Path, fingerprint: str) -> Path | None:
         except (OSError, ValueError, KeyError):
             continue
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def shard_examples(examples: list[dict], num_shards: int, shard: int) -> list[dict]:
+    """The examples of one shard: every num_shards-th, from the shard's index on."""
+    return [e for i, e in enumerate(examples) if i % num_shards == shard]
 
 
 def plan_run(cfg: DictConfig, run_dir: Path, examples: list[dict], meta: dict) -> RunPlan:
@@ -154,15 +163,21 @@ def plan_run(cfg: DictConfig, run_dir: Path, examples: list[dict], meta: dict) -
                             "choose another run dir (hydra.run.dir=...) or delete it")
     results_dir.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(meta, indent=1, default=str))
-    mine = [e for i, e in enumerate(examples) if i % num_shards == shard]
+    mine = shard_examples(examples, num_shards, shard)
     done = done_examples(results_dir)
     todo = [e for e in mine if e["example_id"] not in done]
-    return RunPlan(run_dir, results_dir, todo, len(mine) - len(todo), shard)
+    return RunPlan(run_dir, results_dir, todo, len(mine) - len(todo), shard, num_shards)
 
 
 def execute(plan: RunPlan, run_chunk: Callable[[list[dict], Callable[[int], None]], pd.DataFrame],
-            examples_per_part: int, desc: str) -> None:
-    """Run the examples chunk by chunk, writing one Parquet part per chunk, with a progress bar."""
+            examples_per_part: int, desc: str, view=None, setup: Counts | None = None) -> None:
+    """Run the examples chunk by chunk, writing one Parquet part per chunk, with a progress bar.
+
+    With the model's `view`, each chunk's model work is counted into `results/_shard-SSS.json`.
+    """
+    from patchscan.engine.counting import count_work
+    from patchscan.worklog import ShardLog
+
     if plan.skipped:
         log.info("resume: %d examples already done in %s, %d to run", plan.skipped, plan.results_dir, len(plan.todo))
     bar = tqdm(total=len(plan.todo), desc=desc, unit="example", dynamic_ncols=True,
@@ -173,9 +188,14 @@ def execute(plan: RunPlan, run_chunk: Callable[[list[dict], Callable[[int], None
         runs[0] += n
         bar.set_postfix(runs=runs[0])
 
+    work = ShardLog(plan.results_dir, plan.shard, plan.num_shards, plan.skipped, setup)
     with bar:
         for start in range(0, len(plan.todo), examples_per_part):
             chunk = plan.todo[start:start + examples_per_part]
-            df = run_chunk(chunk, progress)
-            write_part(df, plan.results_dir, f"part-{plan.shard:03d}-{chunk[0]['_index']:07d}.parquet")
+            with count_work(None if view is None else view.model) as counts:
+                df = run_chunk(chunk, progress)
+            name = f"part-{plan.shard:03d}-{chunk[0]['_index']:07d}.parquet"
+            write_part(df, plan.results_dir, name)
+            work.add_chunk(name, len(chunk), counts)
             bar.update(len(chunk))
+    work.finish("cpu" if view is None else view.device)

@@ -70,16 +70,22 @@ def builtin_gguf_folder() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def builtin_cache_folder() -> Path:
+    """Where the converted built-in model is (or will be) cached."""
+    import transformers
+
+    version = importlib.metadata.version(BUILTIN_DIST)
+    return cache_root() / "models" / f"smollm2_135m-{version}-tf{transformers.__version__}"
+
+
 def builtin_folder() -> Path:
     """A safetensors copy of the built-in GGUF model, converted once (about 20 s) and cached.
 
     The cache key holds the package and transformers versions, since the conversion depends on both.
     """
-    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    version = importlib.metadata.version(BUILTIN_DIST)
-    target = cache_root() / "models" / f"smollm2_135m-{version}-tf{transformers.__version__}"
+    target = builtin_cache_folder()
     if (target / "config.json").exists():
         return target
     gguf_folder = builtin_gguf_folder()
@@ -111,20 +117,25 @@ def builtin_tokenizer():
     return PreTrainedTokenizerFast.from_pretrained(builtin_folder())
 
 
-def build_tiny(arch: str, seed: int = 0, overrides: Mapping[str, Any] | None = None):
-    """A small random-weight model of a real HF architecture, the same for a given seed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def tiny_config(arch: str, tokenizer, overrides: Mapping[str, Any] | None = None):
+    """The HF config of a tiny test model (no weights): small width, few blocks, the tokenizer's vocab."""
+    from transformers import AutoConfig
 
     if arch not in TINY_CONFIGS:
         raise UserError(f"unknown tiny architecture {arch!r}; choose from {', '.join(TINY_CONFIGS)}")
-    tokenizer = builtin_tokenizer()
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(dict(overrides or {}))
     kwargs.setdefault("initializer_range", 0.2)
-    config = AutoConfig.for_model(
-        arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs,
-    )
+    return AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
+
+
+def build_tiny(arch: str, seed: int = 0, overrides: Mapping[str, Any] | None = None):
+    """A small random-weight model of a real HF architecture, the same for a given seed."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = builtin_tokenizer()
+    config = tiny_config(arch, tokenizer, overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
