@@ -1,13 +1,19 @@
 """Benchmark patchscan against the naive per-patch method, in one run, on one machine.
 
-Three workloads on the same examples (DESIGN §4, issue 8):
+Workloads (DESIGN §4, issues 8 and 12):
   (a) next-token grid with ℓ* = ℓ (token identity over every block),
   (b) the full ℓ×ℓ* next-token grid,
-  (c) the attribute-extraction generation grid (greedy continuations over (ℓ, ℓ*) cells).
-The naive method runs one HF forward (or generate call) per patch with its own hook, as the
-paper's code does. It is timed on a random subset of cells (--naive-cells) and its rate is
-compared with patchscan's rate on the whole grid; agreement is checked on that subset.
-patchscan's time includes capturing the source states; model loading is reported apart.
+  (c) the attribute-extraction generation grid (greedy continuations over (ℓ, ℓ*) cells),
+  (d) multihop end to end: the scope's own chunk code on LRE two-hop candidates, the single-hop
+      filter, vanilla and CoT answers and the patchscope / patchscope_code / backpatch grid,
+  (e) attribute extraction end to end: the subject-in-prompt baseline, the source states and the
+      (ℓ, ℓ*) grid, through the scope's own chunk code.
+The naive method runs one HF forward (or generate call) per patch or prompt with its own hook,
+as the paper's code does. It is timed on a random subset of cells (--naive-cells) and its rate is
+compared with patchscan's rate on the whole grid; agreement is checked on that subset. In (d)
+and (e) the naive method reruns a random sample of every generation the scope asked for
+(filter, baselines and grid alike). patchscan's time includes capturing the source states;
+model loading is reported apart.
 
     python scripts/bench.py [--model smollm2_135m] [--dtype float32] [--device auto]
 """
@@ -19,16 +25,19 @@ import time
 START = time.perf_counter()  # start-up (imports, model load) is counted in the end-to-end ratio
 
 import argparse
+import os
 import random
-import resource
 import sys
 from pathlib import Path
 
 import torch
 
+from patchscan import engine
 from patchscan.engine import Patch, capture, generate, patched_next_token
+from patchscan.engine.counting import count_work
 from patchscan.engine.naive import naive_generate, naive_logits
 from patchscan.models import load_model
+from patchscan.worklog import peak_memory_mb
 
 TEXTS = ["The Eiffel Tower is located in the city of", "Water freezes at zero degrees",
          "The cat sat on the mat and looked at the", "She plays the piano every day after school",
@@ -47,18 +56,6 @@ def peak_memory_reset(device: torch.device) -> None:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def sync(device: torch.device) -> None:
@@ -86,6 +83,35 @@ def report(name, n_fast, t_fast, mem_fast, n_naive, t_naive, mem_naive, agree, w
     return fast_rate / naive_rate
 
 
+class Recorder:
+    """The batched engine, keeping every generation it is asked for: (patch, max_new_tokens, tokens)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(engine, name)
+
+    def generate(self, view, patches, max_new_tokens=20, **kwargs):
+        out = engine.generate(view, patches, max_new_tokens=max_new_tokens, **kwargs)
+        self.calls += [(p, max_new_tokens, o) for p, o in zip(patches, out)]
+        return out
+
+
+def scope_for(view, overrides: list[str]):
+    """A scope composed from the project's configs, bound to the loaded model, recording its generations."""
+    from hydra import compose, initialize_config_dir
+
+    from patchscan.scopes import get_scope
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    scope = get_scope(cfg.experiment.name)(cfg)
+    scope.engine = Recorder()
+    scope.bind(view)
+    return scope, scope.engine
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2_135m", help="a config name under configs/model")
@@ -96,7 +122,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--gen-layer-step", type=int, default=3, help="(c) uses every k-th block for ℓ and ℓ*")
     parser.add_argument("--new-tokens", type=int, default=20)
-    parser.add_argument("--workloads", default="abc")
+    parser.add_argument("--workloads", default="abcde")
+    parser.add_argument("--lre", default=os.environ.get("PATCHSCAN_LRE", "../shared/data/lre"),
+                        help="LRE relation files for (d) and (e)")
+    parser.add_argument("--multihop-candidates", type=int, default=24, help="(d) two-hop candidates before the filter")
     args = parser.parse_args(argv)
 
     from omegaconf import OmegaConf
@@ -158,6 +187,29 @@ def main(argv=None) -> int:
         ratios["c"] = report(f"c) attribute-extraction generation grid, {args.new_tokens} tokens, every "
                              f"{args.gen_layer_step}rd block", len(patches), t_fast, m_fast, len(cells), t_naive,
                              m_naive, agree, f"same generations on {len(cells)} cells", startup)
+    for key, experiment, overrides in (
+            ("d", "multihop", [f"dataset.limit={args.multihop_candidates}"]),
+            ("e", "attribute_extraction", [f"dataset.limit={args.examples}"])):
+        if key not in args.workloads:
+            continue
+        step = f"::{args.gen_layer_step}"
+        scope, recorder = scope_for(view, [f"+experiment={experiment}", f"dataset.path={args.lre}",
+                                           f"sweep.source_layers={step}", f"sweep.target_layers={step}",
+                                           f"generation.max_new_tokens={args.new_tokens}",
+                                           f"runner.batch_size={args.batch_size}", *overrides])
+        examples = scope.examples()
+        with count_work(view.model) as counts:
+            df, t_fast, m_fast = timed(lambda: scope.run_chunk(examples, lambda n: None), device)
+        calls = recorder.calls
+        cells = rng.sample(range(len(calls)), min(max(args.naive_cells // 4, 1), len(calls)))
+        naive, t_naive, m_naive = timed(lambda: [naive_generate(view, calls[i][0], calls[i][1]) for i in cells], device)
+        agree = all(calls[i][2] == g for i, g in zip(cells, naive))
+        methods = df["method"].value_counts().to_dict()
+        print(f"\n({key}) {experiment} end to end: {len(examples)} examples, rows {methods}; "
+              f"{counts.forward_passes} forward passes, {counts.tokens_generated} tokens generated")
+        ratios[key] = report(f"{key}) {experiment} end to end, every {args.gen_layer_step}rd block, {args.new_tokens} "
+                             f"tokens", len(calls), t_fast, m_fast, len(cells), t_naive, m_naive, agree,
+                             f"same generations on {len(cells)} sampled runs", startup)
     print("\nsummary: " + ", ".join(f"({k}) {v:.1f}x" for k, v in ratios.items()))
     return 0
 

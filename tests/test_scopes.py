@@ -45,7 +45,8 @@ def test_attribute_extraction_rows_rerun_alone(tmp_path, request):
                                        "country_capital_city,fruit_inside_color", "dataset.per_relation_limit=4",
                                        "generation.max_new_tokens=6")
     patch = df[df["method"] == "patchscope"]
-    assert len(patch) == 8 * 2 * 2 and set(df["method"]) == {"patchscope", "linear_probe"}
+    assert len(patch) == 8 * 2 * 2 and set(df["method"]) == {"patchscope", "subject_in_prompt", "source_state"}
+    assert len(df[df["method"] == "source_state"]) == 8 * 2 and len(df[df["method"] == "subject_in_prompt"]) == 8
     assert all(str(df[c].dtype) == "Int64" for c in ("source_layer", "target_layer", "target_position"))
     assert all(patch["correct"] == [contains_answer(g, o) for g, o in zip(patch["generation"], patch["object"])])
     view = tiny("tiny_llama")
@@ -55,6 +56,7 @@ def test_attribute_extraction_rows_rerun_alone(tmp_path, request):
         assert view.decode(naive_generate(view, patch_, 6)) == row.generation
     metrics = json.loads((run / "metrics.json").read_text())
     assert {t["task"] for t in metrics["tasks"]} == {"country_capital_city", "fruit_inside_color"}
+    assert all(t["probe_layer"] in (1, 3) for t in metrics["tasks"])  # fitted from the stored states
     assert (run / "attribute_heatmap.png").exists()
 
 
@@ -68,7 +70,7 @@ def test_unseen_relation_file_and_tsv_run_without_code_change(tmp_path):
     patchscan("run", "+experiment=attribute_extraction", "model=tiny_gpt2", f"dataset.path={tmp_path / 'animal_sound.json'}",
               "sweep.source_layers=[0]", "sweep.target_layers=[1]", "generation.max_new_tokens=4", "source.kind=template",
               f"hydra.run.dir={run}", cwd=tmp_path)
-    df = pd.read_parquet(run / "results")
+    df = pd.read_parquet(run / "results").query("method == 'patchscope'")
     assert set(df["relation"]) == {"animal_sound"}
     assert df["target_prompt"].iloc[0] == "The sound a x"  # derived from the template with text before {}
     assert df["source_text"].iloc[0] == "The sound a dog makes is"
@@ -82,7 +84,7 @@ def test_unseen_relation_file_and_tsv_run_without_code_change(tmp_path):
     patchscan("run", "+experiment=attribute_extraction", "model=tiny_gpt2", f"dataset.tsv={tsv}", "probe.enabled=false",
               "sweep.source_layers=[0]", "sweep.target_layers=[1]", "generation.max_new_tokens=4",
               f"hydra.run.dir={run2}", cwd=tmp_path)
-    df2 = pd.read_parquet(run2 / "results")
+    df2 = pd.read_parquet(run2 / "results").query("method == 'patchscope'")
     assert sorted(df2["subject"]) == ["France", "France", "Italy"] and df2["example_id"].nunique() == 3
     assert sorted(df2["source_text"]) == [" trains from Spain to France", " wine from Italy", "France"]
 

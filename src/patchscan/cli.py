@@ -30,6 +30,7 @@ def config_dir() -> str:
 CONFIG_DIR = config_dir()
 USAGE = """usage: patchscan run +experiment=NAME [group=option ...] [key=value ...]   (Hydra; -m for multirun)
        patchscan eval RUN_DIR [--out DIR]                              (recompute metrics.json and plots)
+       patchscan plan +experiment=NAME [...]                           (dry run: the work and memory, no weights)
 experiments: next_token, attribute_extraction, entity_resolution, cross_model, multihop"""
 
 
@@ -63,6 +64,7 @@ def run_job(cfg) -> dict:
     """One Hydra job: check -> lock -> scope -> model -> plan -> chunks -> Parquet -> metrics."""
     from hydra.core.hydra_config import HydraConfig
 
+    from patchscan.engine.counting import count_work
     from patchscan.models import load_model
     from patchscan.runner import execute, finalize, open_run, plan_run, run_metadata
     from patchscan.schema import validate
@@ -77,17 +79,20 @@ def run_job(cfg) -> dict:
     validate(cfg)
     scope_cls = get_scope(name)
     scope = scope_cls(cfg)  # reads and checks the data before any model is loaded
+    if cfg.runner.get("dry_run"):
+        return dry_run(cfg, scope)
     plan = open_run(cfg, Path(hydra_cfg.runtime.output_dir))  # refuses a different config or a second writer
     try:
         view = load_model(cfg.model)
-        scope.bind(view)
-        examples = scope.examples()
+        with count_work(view.model) as setup:  # model work outside the chunks (fitted maps, ...)
+            scope.bind(view)
+            examples = scope.examples()
         if not examples:
             raise UserError("the dataset gave no examples")
         plan = plan_run(plan, examples, run_metadata(cfg, view), repair=bool(cfg.runner.get("repair")))
         _accept(plan.run_dir, cfg, hydra_cfg)
         try:
-            execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name)
+            execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name, view=view, setup=setup)
             return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
         except KeyboardInterrupt:
             where = plan.run_dir if plan.results_dir == plan.run_dir / "results" else plan.results_dir
@@ -125,6 +130,17 @@ def fail(message: str, code: int = 2) -> None:
     """One line on stderr, then exit: 2 for a user's mistake, 130 for Ctrl-C."""
     print(f"patchscan: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def dry_run(cfg, scope) -> dict:
+    """Print what the run would do, loading no weights (patchscan.planning)."""
+    from patchscan.planning import make_plan
+
+    if cfg.experiment.name == "cross_model":
+        raise UserError("runner.dry_run is not supported for cross_model yet (it fits maps between two models)")
+    plan = make_plan(cfg, scope)
+    print(plan.report())
+    return plan.as_dict()
 
 
 def _hydra_task(cfg):
@@ -209,6 +225,21 @@ def run_main(argv: list[str]) -> None:
     hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_hydra_task)()
 
 
+def plan_main(argv: list[str]) -> None:
+    """`patchscan plan OVERRIDES`: `patchscan run OVERRIDES runner.dry_run=true`, writing no run dir."""
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="patchscan-plan-")
+    extra = ["runner.dry_run=true", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in argv):
+        extra += [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}"]
+    try:
+        run_main(argv + extra)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def eval_main(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
@@ -236,11 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command == "run":
             run_main(rest)
+        elif command == "plan":
+            plan_main(rest)
         elif command == "eval":
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             eval_main(rest)
         else:
-            raise UserError(f"unknown command {command!r}; use run or eval")
+            raise UserError(f"unknown command {command!r}; use run, eval or plan")
     except UserError as exc:
         fail(f"error: {exc}")
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pandas as pd
 import pyarrow.dataset as pads
@@ -35,6 +35,9 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from patchscan.errors import UserError
+
+if TYPE_CHECKING:
+    from patchscan.engine.counting import Counts
 
 log = logging.getLogger(__name__)
 META_NAME = "_run.json"  # starts with "_" so Parquet readers ignore it
@@ -350,6 +353,12 @@ def find_resumable(run_dir: Path, fingerprint: str) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
+def shard_examples(examples: list[dict], num_shards: int, shard: int) -> list[dict]:
+    """The examples of one shard: those whose index in the dataset is shard modulo num_shards, so
+    shards sharing a results dir write disjoint examples by construction."""
+    return [e for i, e in enumerate(examples) if e.get("_index", i) % num_shards == shard]
+
+
 def open_run(cfg: DictConfig, run_dir: Path) -> RunPlan:
     """Choose the results dir, refuse a different config, take the shard's lock. Touches nothing when
     it refuses (before the lock: reads only). Call before the model is loaded."""
@@ -411,7 +420,7 @@ def plan_run(plan: RunPlan, examples: list[dict], meta: dict, repair: bool = Fal
                             "token ids or answer changed since); choose another run dir (hydra.run.dir=...)")
     meta = {**meta, "n_examples": len(examples)}
     write_atomic(meta_path, json.dumps(strict_json(meta), indent=1))
-    plan.mine = [e for e in examples if e["_index"] % plan.num_shards == plan.shard]
+    plan.mine = shard_examples(examples, plan.num_shards, plan.shard)
     plan.todo = [e for e in plan.mine if e["example_id"] not in stored]
     plan.skipped = len(plan.mine) - len(plan.todo)
     return plan
@@ -478,19 +487,30 @@ def with_keys(df: pd.DataFrame, chunk: list[dict]) -> pd.DataFrame:
 
 
 def execute(plan: RunPlan, run_chunk: Callable[[list[dict], Callable[[int], None]], pd.DataFrame],
-            examples_per_part: int, desc: str) -> None:
-    """Run the examples chunk by chunk, writing one Parquet part per chunk, with progress."""
+            examples_per_part: int, desc: str, view=None, setup: Counts | None = None) -> None:
+    """Run the examples chunk by chunk, writing one Parquet part per chunk, with progress.
+
+    With the model's `view`, each chunk's model work is counted into `results/_shard-SSS.json`.
+    """
+    from patchscan.engine.counting import count_work
+    from patchscan.worklog import ShardLog
+
     if plan.skipped:
         log.info("resume: %d examples already done in %s, %d to run", plan.skipped, plan.results_dir, len(plan.todo))
     progress = Progress(len(plan.todo), desc)
+    work = ShardLog(plan.results_dir, plan.shard, plan.num_shards, plan.skipped, setup)
     try:
         for start in range(0, len(plan.todo), examples_per_part):
             chunk = plan.todo[start:start + examples_per_part]
-            df = with_keys(run_chunk(chunk, progress.add_runs), chunk)
-            write_part(df, plan.results_dir, f"part-{plan.shard:03d}-{chunk[0]['_index']:07d}.parquet")
+            with count_work(None if view is None else view.model) as counts:
+                df = with_keys(run_chunk(chunk, progress.add_runs), chunk)
+            name = f"part-{plan.shard:03d}-{chunk[0]['_index']:07d}.parquet"
+            write_part(df, plan.results_dir, name)
+            work.add_chunk(name, len(chunk), counts)
             progress.update(len(chunk))
     finally:
         progress.close()
+    work.finish("cpu" if view is None else view.device)
 
 
 def completeness(results_dir: Path, meta: dict) -> tuple[int, int | None]:

@@ -18,6 +18,7 @@ import torch
 
 from patchscan.engine.batching import FORWARD_OVERHEAD, plan_layer_chunks, rows_for_budget, run_with_backoff
 from patchscan.engine.capture import pad_batch, resolve_position
+from patchscan.engine.counting import note_generated
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
 from patchscan.engine.kv import PreallocatedLayer
 from patchscan.models.view import ModelView
@@ -258,6 +259,7 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
                     out[r] = t
                 if progress:
                     progress(len(rows))
+    note_generated(sum(len(t) for t in out))
     return out
 
 

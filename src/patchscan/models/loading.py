@@ -129,19 +129,25 @@ def _gguf_path(spec: BuiltinModel, scratch: Path) -> Path:
     return Path(assembler.assemble(scratch / spec.gguf))
 
 
+def builtin_cache_folder(name: str | None = None) -> Path:
+    """Where a built-in model's converted copy is (or will be) cached."""
+    import transformers
+
+    name = name or DEFAULT_BUILTIN
+    version = importlib.metadata.version(builtin_spec(name).dist)
+    return model_cache_root() / f"{name}-{version}-tf{transformers.__version__}"
+
+
 def builtin_folder(name: str | None = None) -> Path:
     """A safetensors copy of a built-in GGUF model, converted once and cached (SmolLM2 about 20 s,
     Gemma 3 about 70 s on 2 cores), so later loads take seconds.
 
     The cache key holds the package and transformers versions, since the conversion depends on both.
     """
-    import transformers
-
     name = name or DEFAULT_BUILTIN
     spec = builtin_spec(name)
     _package_folder(spec)  # a clear error, with the install command, when a package is missing
-    version = importlib.metadata.version(spec.dist)
-    target = model_cache_root() / f"{name}-{version}-tf{transformers.__version__}"
+    target = builtin_cache_folder(name)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -181,20 +187,25 @@ def builtin_tokenizer(name: str | None = None):
     return PreTrainedTokenizerFast.from_pretrained(builtin_folder(name))
 
 
-def build_tiny(arch: str, seed: int = 0, overrides: Mapping[str, Any] | None = None):
-    """A small random-weight model of a real HF architecture, the same for a given seed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def tiny_config(arch: str, tokenizer, overrides: Mapping[str, Any] | None = None):
+    """The HF config of a tiny test model (no weights): small width, few blocks, the tokenizer's vocab."""
+    from transformers import AutoConfig
 
     if arch not in TINY_CONFIGS:
         raise UserError(f"unknown tiny architecture {arch!r}; choose from {', '.join(TINY_CONFIGS)}")
-    tokenizer = builtin_tokenizer()
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(dict(overrides or {}))
     kwargs.setdefault("initializer_range", 0.2)
-    config = AutoConfig.for_model(
-        arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs,
-    )
+    return AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
+
+
+def build_tiny(arch: str, seed: int = 0, overrides: Mapping[str, Any] | None = None):
+    """A small random-weight model of a real HF architecture, the same for a given seed."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = builtin_tokenizer()
+    config = tiny_config(arch, tokenizer, overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

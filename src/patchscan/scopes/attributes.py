@@ -3,9 +3,12 @@
 The subject's last-token state at block ℓ (found by token offsets in the source prompt) is
 patched at the placeholder of a relation prompt ("The capital city of x") at block ℓ*, and the
 greedy continuation is checked for the object. A sample counts as correct at ℓ if any ℓ*
-succeeds (the paper's aggregation). Baselines in the same rows: a linear probe per block
-(logistic regression, k-fold cross-validation) on the same states, and the continuation of the
-target prompt with the subject written in (the paper's filter).
+succeeds (the paper's aggregation). Baselines: the continuation of the target prompt with the
+subject written in (the paper's filter; a `subject_in_prompt` row per example, and the
+`filled_generation` / `filled_correct` columns on every row), and a linear probe per block
+(logistic regression, k-fold cross-validation) on the same states, which `source_state` rows
+store and `metrics` fits (so `patchscan eval` recomputes it, over all shards).
+All model work runs per chunk: shards split it and a resume redoes only missing chunks.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from omegaconf import DictConfig
 
 from patchscan.data.lre import load_patchscopes_tsv, load_relations, relation_key
 from patchscan.data.texts import read_lines
-from patchscan.engine import Patch, capture, generate
+from patchscan.engine import Patch
 from patchscan.errors import UserError
 from patchscan.metrics.text import contains_answer
 from patchscan.prompts import placeholder_position, span_last_token
@@ -33,11 +36,52 @@ SOURCE_KINDS = ("subject", "template", "texts")
 # Paper Table 2 (Vicuna 13B): (linear probe, Patchscope) accuracy by task. Only tasks present here
 # can be compared; fill in from the paper where a task is missing (None shows as blank).
 PAPER_TABLE2: dict[str, tuple[float, float]] = {}
+EMPTY_STATE = np.zeros(0, dtype=np.float32)  # rows other than source_state: an empty list<float>
 
 
 def fill_placeholder(prompt: str, placeholder: str, subject: str) -> str:
     at = prompt.rfind(placeholder)
     return prompt[:at] + subject + prompt[at + len(placeholder):]
+
+
+def _example_order(example_id: str) -> tuple:
+    """"relation/12" sorts by relation, then by number (not as text)."""
+    head, _, tail = str(example_id).rpartition("/")
+    return (head, int(tail)) if tail.isdigit() else (head, -1, tail)
+
+
+def probe_predictions(df: pd.DataFrame, folds: int, seed: int) -> pd.DataFrame:
+    """The linear-probe baseline from stored source states: per relation and block, a logistic
+    regression predicts the object from the subject's state, with seeded k-fold cross-validation.
+
+    Returns one row per (example, block): relation, example_id, source_layer, generation (the
+    prediction), correct. Runs written before states were stored carry `linear_probe` rows instead.
+    """
+    if "source_state" not in df or not (df["method"] == "source_state").any():
+        return df[df["method"] == "linear_probe"]
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    states = df[df["method"] == "source_state"]
+    out = []
+    for (rel, layer), group in states.groupby(["relation", "source_layer"]):
+        group = group.iloc[sorted(range(len(group)), key=lambda i: _example_order(group["example_id"].iloc[i]))]
+        if len(group) < folds:
+            continue
+        x = np.stack([np.asarray(v, dtype=np.float32) for v in group["source_state"]])
+        labels = group["object"].to_numpy()
+        preds = np.empty(len(group), dtype=object)
+        for train, test in KFold(folds, shuffle=True, random_state=seed).split(x):
+            if len(set(labels[train])) < 2:
+                preds[test] = labels[train][0]
+                continue
+            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
+            preds[test] = clf.fit(x[train], labels[train]).predict(x[test])
+        out += [{"relation": rel, "example_id": i, "source_layer": int(layer), "generation": str(p),
+                 "correct": str(p) == o} for i, p, o in zip(group["example_id"], preds, labels)]
+    return pd.DataFrame(out, columns=["relation", "example_id", "source_layer", "generation", "correct"])
 
 
 class AttributeScope(Scope):
@@ -101,6 +145,7 @@ class AttributeScope(Scope):
         return next((t for t in self.texts if sample["subject"] in t), None)
 
     def examples(self) -> list[dict]:
+        """Source prompts, tokenized; `dataset.limit` applies here, before the filter (which runs per chunk)."""
         view, cfg = self.view, self.cfg
         out, no_text = [], 0
         for sample in self.samples:
@@ -116,86 +161,56 @@ class AttributeScope(Scope):
         out = out[: int(limit)] if limit else out
         if not out:
             raise UserError("no attribute-extraction sample left (check dataset.relations and source.kind)")
-        self._baselines(out)
-        if cfg.filter:
-            before = len(out)
-            out = [e for e in out if e["filled_correct"]]
-            log.info("filter: %d of %d samples answered with the subject written in", len(out), before)
-            if not out:
-                raise UserError("filter=true left no sample: the model answers none with the subject written in")
-        if cfg.probe.enabled:
-            self._probe(out)
         return out
 
-    def _baselines(self, examples: list[dict]) -> None:
-        """The target prompt with the subject written in, unpatched: the paper's filter."""
-        placeholder, n_new = self.cfg.patchscope.placeholder, int(self.cfg.generation.max_new_tokens)
-        filled = [self.view.encode(fill_placeholder(e["target_prompt"], placeholder, e["subject"])) for e in examples]
-        gens = generate(self.view, [Patch(tuple(ids), len(ids) - 1, 0, None) for ids in filled],
-                        max_new_tokens=n_new, **self.batching())
-        for e, ids, gen in zip(examples, filled, gens):
-            e["filled_generation"] = self.view.decode(gen)
-            e["filled_correct"] = contains_answer(e["filled_generation"], e["object"], self.cfg.generation.case_sensitive)
-
-    def _probe(self, examples: list[dict]) -> None:
-        """Cross-validated logistic-regression predictions of the object, per relation and block."""
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import KFold
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        caps = capture(self.view, [e["ids"] for e in examples], self.source_layers, [[e["position"]] for e in examples],
-                       batch_size=self.capture_batch_size())
-        folds = int(self.cfg.probe.folds)
-        by_relation: dict[str, list[int]] = {}
-        for i, e in enumerate(examples):
-            e["probe"] = {}
-            by_relation.setdefault(e["relation"], []).append(i)
-        for rel, idx in by_relation.items():
-            labels = np.array([examples[i]["object"] for i in idx])
-            if len(idx) < folds:
-                continue
-            for k, layer in enumerate(self.source_layers):
-                x = np.stack([caps[i].states[k, 0].float().numpy() for i in idx])
-                preds = np.empty(len(idx), dtype=object)
-                for train, test in KFold(folds, shuffle=True, random_state=int(self.cfg.runner.seed)).split(x):
-                    if len(set(labels[train])) < 2:
-                        preds[test] = labels[train][0]
-                        continue
-                    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
-                    preds[test] = clf.fit(x[train], labels[train]).predict(x[test])
-                for j, i in enumerate(idx):
-                    examples[i]["probe"][layer] = str(preds[j])
-
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
+        """The subject written into the target prompt (unpatched, the paper's filter), then for the
+        examples kept the source states (one capture: the grid's vectors and the probe's inputs)
+        and the patched (ℓ, ℓ*) grid in one generate call."""
         view, cfg = self.view, self.cfg
-        caps = capture(view, [e["ids"] for e in examples], self.source_layers, [[e["position"]] for e in examples],
-                       batch_size=self.capture_batch_size())
+        n_new, cs = int(cfg.generation.max_new_tokens), cfg.generation.case_sensitive
+        placeholder = cfg.patchscope.placeholder
+        texts = [fill_placeholder(e["target_prompt"], placeholder, e["subject"]) for e in examples]
+        filled = [view.encode(text) for text in texts]
+        gens = self.engine.generate(view, [Patch(tuple(ids), len(ids) - 1, 0, None) for ids in filled],
+                                    max_new_tokens=n_new, **self.batching())
+        rows = []
+        for e, text, ids, gen in zip(examples, texts, filled, gens):
+            e["filled_generation"] = view.decode(gen)
+            e["filled_correct"] = contains_answer(e["filled_generation"], e["object"], cs)
+            rows.append(self._row(e, "subject_in_prompt", None, None, ids, len(ids) - 1, e["filled_generation"],
+                                  e["filled_correct"], target_prompt=text))
+        kept = [e for e in examples if e["filled_correct"] or not cfg.filter or self.planning]
+        if not kept:
+            return self.frame(rows)
+        caps = self.engine.capture(view, [e["ids"] for e in kept], self.source_layers,
+                                   [[e["position"]] for e in kept], batch_size=self.capture_batch_size())
         patches, cells = [], []
-        for e, cap in zip(examples, caps):
+        for e, cap in zip(kept, caps):
             ids, pos = self.targets[e["target_prompt"]]
             for s, t in self.pairs:
                 patches.append(Patch(tuple(ids), pos, t, cap.at(s)))
                 cells.append((e, s, t, ids, pos))
-        gens = generate(view, patches, max_new_tokens=int(cfg.generation.max_new_tokens), progress=progress,
-                        **self.batching())
-        rows = []
+        gens = self.engine.generate(view, patches, max_new_tokens=n_new, progress=progress, **self.batching())
         for (e, s, t, ids, pos), gen in zip(cells, gens):
             text = view.decode(gen)
-            rows.append(self._row(e, "patchscope", s, t, ids, pos, text,
-                                  contains_answer(text, e["object"], cfg.generation.case_sensitive)))
-        for e in examples:
-            for layer, pred in e.get("probe", {}).items():
-                rows.append(self._row(e, "linear_probe", layer, None, [], None, pred, pred == e["object"]))
-        return pd.DataFrame(rows)
+            rows.append(self._row(e, "patchscope", s, t, ids, pos, text, contains_answer(text, e["object"], cs)))
+        if cfg.probe.enabled:  # the probe's inputs; fitted from these rows by `metrics` (patchscan eval)
+            for e, cap in zip(kept, caps):
+                for layer in self.source_layers:
+                    rows.append(self._row(e, "source_state", layer, None, [], None, None, None,
+                                          source_state=cap.at(layer).float().cpu().numpy()))
+        return self.frame(rows)
 
-    def _row(self, e, method, s, t, ids, pos, generation, correct) -> dict:
+    def _row(self, e, method, s, t, ids, pos, generation, correct, target_prompt=None, source_state=None) -> dict:
         return {"example_id": e["example_id"], "method": method, **self.common_columns(),
                 "relation": e["relation"], "subject": e["subject"], "object": e["object"],
                 "source_text": e["source_text"], "source_token_ids": e["ids"], "source_position": e["position"],
-                "source_layer": s, "target_prompt": e["target_prompt"], "target_token_ids": list(ids),
-                "target_position": pos, "target_layer": t, "generation": generation, "correct": bool(correct),
-                "filled_generation": e["filled_generation"], "filled_correct": bool(e["filled_correct"])}
+                "source_layer": s, "target_prompt": target_prompt or e["target_prompt"],
+                "target_token_ids": list(ids), "target_position": pos, "target_layer": t, "generation": generation,
+                "correct": correct if correct is None else bool(correct),
+                "filled_generation": e["filled_generation"], "filled_correct": bool(e["filled_correct"]),
+                "source_state": EMPTY_STATE if source_state is None else source_state}
 
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:
@@ -204,7 +219,7 @@ class AttributeScope(Scope):
         any_t = patch.groupby(["relation", "example_id", "source_layer"])["correct"].any().reset_index()
         filled = df.drop_duplicates("example_id").set_index("example_id")["filled_correct"]
         any_t["filled_correct"] = any_t["example_id"].map(filled)
-        probe = df[df["method"] == "linear_probe"]
+        probe = probe_predictions(df, int(cfg.probe.folds), int(cfg.runner.seed))
         tasks = []
         for rel, group in any_t.groupby("relation"):
             per_layer = group.groupby("source_layer")["correct"].mean()

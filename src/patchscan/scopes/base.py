@@ -8,7 +8,12 @@ from typing import Callable
 import pandas as pd
 from omegaconf import DictConfig
 
+from patchscan import engine as batched_engine
 from patchscan.models.view import ModelView
+
+# Row columns that hold block or position indices: nullable integers, so every part file has the
+# same Parquet type even when a chunk holds only rows without them (baselines, filtered examples).
+INDEX_COLUMNS = ("source_layer", "target_layer", "source_position", "target_position")
 
 
 class Scope:
@@ -16,9 +21,14 @@ class Scope:
 
     Subclasses set `name`, load their data in `__init__` (cheap checks before any model is
     loaded), and implement `examples`, `run_chunk`, and the static `metrics`, `report`, `plot`.
+    `examples` only reads and tokenizes; all model work happens in `run_chunk`, through
+    `self.engine` (`capture`, `generate`, `patched_next_token`), so that shards split it, a resume
+    redoes only missing chunks, and a dry run (`patchscan.planning`) can swap in an engine that
+    counts the work instead of doing it.
     """
 
     name = "base"
+    engine = batched_engine
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -54,6 +64,21 @@ class Scope:
     def capture_batch_size(self) -> int:
         size = self.cfg.runner.batch_size
         return 64 if size in (None, "auto", 0) else int(size)
+
+    @property
+    def planning(self) -> bool:
+        """True in a dry run: the engine returns placeholders, so data-dependent filters keep every
+        example (the plan is an upper bound)."""
+        return bool(getattr(self.engine, "planning", False))
+
+    @staticmethod
+    def frame(rows: list[dict]) -> pd.DataFrame:
+        """The rows of a chunk as a DataFrame, block and position columns as nullable integers."""
+        df = pd.DataFrame(rows)
+        for column in INDEX_COLUMNS:
+            if column in df:
+                df[column] = df[column].astype("Int64")
+        return df
 
     def common_columns(self) -> dict:
         return {"model": self.view.name, "target_model": self.view.name}

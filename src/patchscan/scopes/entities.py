@@ -15,7 +15,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from patchscan.data.entities import load_entities
-from patchscan.engine import Patch, capture, generate
+from patchscan.engine import Patch
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.prompts import placeholder_position, span_last_token
 from patchscan.scopes.base import Scope
@@ -72,12 +72,12 @@ class EntityScope(Scope):
         return state
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
-        caps = capture(self.view, [e["ids"] for e in examples], self.source_layers,
+        caps = self.engine.capture(self.view, [e["ids"] for e in examples], self.source_layers,
                        [[e["position"]] for e in examples], batch_size=self.capture_batch_size())
         patches = [Patch(tuple(self.target_ids), self.target_position, t,
                          self.map_state(cap.at(s), s, t))
                    for cap in caps for s, t in self.pairs]
-        gens = generate(self.target_view, patches, max_new_tokens=int(self.cfg.generation.max_new_tokens),
+        gens = self.engine.generate(self.target_view, patches, max_new_tokens=int(self.cfg.generation.max_new_tokens),
                         progress=progress, **self.batching())
         rows, k = [], 0
         for e in examples:
@@ -90,8 +90,9 @@ class EntityScope(Scope):
                              "source_position": e["position"], "source_layer": s, "target_prompt": self.prompt,
                              "target_token_ids": list(self.target_ids), "target_position": self.target_position,
                              "target_layer": t, "generation": text, "description": first_description(text)})
-        df = score_descriptions(pd.DataFrame(rows), bool(self.cfg.similarity.embedding))
-        return df
+        if self.planning:  # a dry run loads no model, the embedding model included
+            return pd.DataFrame(rows)
+        return score_descriptions(pd.DataFrame(rows), bool(self.cfg.similarity.embedding))
 
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:

@@ -9,6 +9,9 @@ A two-hop query composes two LRE relations whose hop-1 object is the hop-2 subje
   the end of the hop-1 phrase, generating from there;
 - backpatch: the question's last-position state at block ℓ patched back into block ℓ* < ℓ.
 A sample is corrected by a method when its answer appears for some (ℓ, ℓ*).
+With `multihop.require_single_hops`, each chunk first asks both single hops (`hop1` / `hop2` rows,
+for every candidate, so a resume knows filtered samples are done); the methods run only for
+samples the model answers hop by hop. `dataset.limit` counts candidates, before that filter.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from patchscan.data.lre import load_relations
-from patchscan.engine import Patch, capture, generate
+from patchscan.engine import Patch
 from patchscan.errors import UserError
 from patchscan.metrics.text import contains_answer
 from patchscan.prompts import placeholder_position, span_last_token
@@ -30,6 +33,23 @@ from patchscan.sweep import layer_pairs
 
 log = logging.getLogger(__name__)
 GRID_METHODS = ("patchscope", "patchscope_code", "backpatch")
+HOP_METHODS = ("hop1", "hop2")  # the single-hop filter's answers, for every candidate sample
+
+
+class _Work:
+    """Runs for the engine (`patches`) and, in the same order, what each result row needs (`cells`)."""
+
+    def __init__(self):
+        self.patches: list[Patch] = []
+        self.cells: list[tuple] = []
+
+    def add(self, e, method, s, t, target_ids, position, vector, source_ids, source_position, source_text, prompt):
+        self.patches.append(Patch(tuple(target_ids), position, t if t is not None else 0, vector))
+        self.cells.append((e, method, s, t, target_ids, position, source_ids, source_position, source_text, prompt))
+
+    def plain(self, e, method: str, prompt: str, ids: list[int]) -> None:
+        """An unpatched greedy answer to `prompt` (the baselines and the single hops)."""
+        self.add(e, method, None, None, ids, len(ids) - 1, None, ids, None, prompt, prompt)
 
 
 class MultihopScope(Scope):
@@ -74,75 +94,92 @@ class MultihopScope(Scope):
                                  view.n_blocks, view.n_blocks)
         self.layers = sorted({s for s, _ in self.pairs} | {t for _, t in self.pairs})
 
-    def _answers(self, prompts: list[str]) -> list[str]:
-        ids = [self.view.encode(p) for p in prompts]
-        gens = generate(self.view, [Patch(tuple(i), len(i) - 1, 0, None) for i in ids],
-                        max_new_tokens=int(self.cfg.generation.max_new_tokens), **self.batching())
-        return [self.view.decode(g) for g in gens]
-
     def examples(self) -> list[dict]:
-        samples = self.samples
-        if self.cfg.multihop.require_single_hops:
-            cs = self.cfg.generation.case_sensitive
-            hop1 = self._answers([s["hop1_prompt"] for s in samples])
-            hop2 = self._answers([s["hop2_prompt_filled"] for s in samples])
-            kept = [s for s, g1, g2 in zip(samples, hop1, hop2)
-                    if contains_answer(g1, s["bridge"], cs) and contains_answer(g2, s["object"], cs)]
-            log.info("single-hop filter: %d of %d two-hop samples answered hop by hop", len(kept), len(samples))
-            samples = kept
+        """The two-hop samples; `dataset.limit` applies here, before the single-hop filter (per chunk)."""
         limit = self.cfg.dataset.get("limit")
-        samples = samples[: int(limit)] if limit else samples
-        if not samples:
-            raise UserError("no two-hop sample left after the single-hop filter")
-        return [dict(s) for s in samples]
+        return [dict(s) for s in (self.samples[: int(limit)] if limit else self.samples)]
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
+        """The single-hop filter (one generate call for both hops of every example; `hop1`/`hop2`
+        rows, so filtered examples count as done), then for the examples kept one capture of all
+        their source states and one generate call for the baselines and the patched grid."""
+        rows: list[dict] = []
+        kept = examples
+        if self.cfg.multihop.require_single_hops:
+            work = _Work()
+            for e in examples:
+                work.plain(e, "hop1", e["hop1_prompt"], self.view.encode(e["hop1_prompt"]))
+                work.plain(e, "hop2", e["hop2_prompt_filled"], self.view.encode(e["hop2_prompt_filled"]))
+            rows = self._rows(work, self.engine.generate(self.view, work.patches, **self._generation()))
+            failed = {r["example_id"] for r in rows if not r["correct"]}
+            kept = [e for e in examples if self.planning or e["example_id"] not in failed]
+        if kept:
+            rows += self._grid(kept, progress)
+        return self.frame(rows)
+
+    def _generation(self) -> dict:
+        return {"max_new_tokens": int(self.cfg.generation.max_new_tokens), **self.batching()}
+
+    def _grid(self, examples: list[dict], progress: Callable[[int], None]) -> list[dict]:
         view, cfg = self.view, self.cfg
         placeholder = cfg.patchscope.placeholder
-        patches, cells = [], []
-
-        def add(e, method, s, t, target_ids, position, vector, source_ids, source_position, source_text, prompt):
-            patches.append(Patch(tuple(target_ids), position, t if t is not None else 0, vector))
-            cells.append((e, method, s, t, target_ids, position, source_ids, source_position, source_text, prompt))
-
+        work = _Work()
+        add = work.add
+        prompts, sources, positions = [], [], []
         for e in examples:
             q_ids = view.encode(e["question"])
-            add(e, "vanilla", None, None, q_ids, len(q_ids) - 1, None, q_ids, None, e["question"], e["question"])
+            work.plain(e, "vanilla", e["question"], q_ids)
             cot = cfg.multihop.cot_prefix + e["question"]
-            c_ids = view.encode(cot)
-            add(e, "cot", None, None, c_ids, len(c_ids) - 1, None, c_ids, None, cot, cot)
+            work.plain(e, "cot", cot, view.encode(cot))
             hop2_ids, hop2_pos = placeholder_position(view, e["hop2_prompt"], placeholder)
             src_ids, src_pos = span_last_token(view, e["question"], e["phrase"])
             head = e["hop2_prompt"][: e["hop2_prompt"].rfind(placeholder)].rstrip()
             head_ids = view.encode(head)
-            phrase_ids = view.encode(e["phrase"])
-            states = capture(view, [src_ids[: src_pos + 1], head_ids, q_ids], self.layers,
-                             [[src_pos], [-1], [-1]])
+            sources.append((q_ids, hop2_ids, hop2_pos, src_ids[: src_pos + 1], src_pos, head, head_ids,
+                            view.encode(e["phrase"])))
+            prompts += [src_ids[: src_pos + 1], head_ids, q_ids]
+            positions += [[src_pos], [-1], [-1]]
+        caps = self.engine.capture(view, prompts, self.layers, positions, batch_size=self.capture_batch_size())
+        for k, (e, (q_ids, hop2_ids, hop2_pos, src_ids, src_pos, head, head_ids, phrase_ids)) in enumerate(
+                zip(examples, sources)):
+            phrase_state, head_state, question_state = caps[3 * k: 3 * k + 3]
             for s, t in self.pairs:
                 if "paper" in cfg.multihop.directions:
-                    add(e, "patchscope", s, t, hop2_ids, hop2_pos, states[0].at(s), src_ids[: src_pos + 1],
-                        src_pos, e["question"], e["hop2_prompt"])
+                    add(e, "patchscope", s, t, hop2_ids, hop2_pos, phrase_state.at(s), src_ids, src_pos,
+                        e["question"], e["hop2_prompt"])
                 if "code" in cfg.multihop.directions:
-                    add(e, "patchscope_code", s, t, phrase_ids, len(phrase_ids) - 1, states[1].at(s),
+                    add(e, "patchscope_code", s, t, phrase_ids, len(phrase_ids) - 1, head_state.at(s),
                         head_ids, len(head_ids) - 1, head, e["phrase"])
                 if cfg.multihop.backpatch and t < s:
-                    add(e, "backpatch", s, t, q_ids, len(q_ids) - 1, states[2].at(s), q_ids,
+                    add(e, "backpatch", s, t, q_ids, len(q_ids) - 1, question_state.at(s), q_ids,
                         len(q_ids) - 1, e["question"], e["question"])
-        gens = generate(view, patches, max_new_tokens=int(cfg.generation.max_new_tokens), progress=progress,
-                        **self.batching())
+        return self._rows(work, self.engine.generate(view, work.patches, progress=progress, **self._generation()))
+
+    def _rows(self, work: "_Work", gens: list[list[int]]) -> list[dict]:
+        view, cs = self.view, self.cfg.generation.case_sensitive
         rows = []
-        for (e, method, s, t, t_ids, t_pos, s_ids, s_pos, s_text, prompt), gen in zip(cells, gens):
+        for (e, method, s, t, t_ids, t_pos, s_ids, s_pos, s_text, prompt), gen in zip(work.cells, gens):
             text = view.decode(gen)
+            answer = e["bridge"] if method == "hop1" else e["object"]
             rows.append({"example_id": e["example_id"], "method": method, **self.common_columns(),
                          "relation": e["relation"], "subject": e["subject"], "bridge": e["bridge"], "object": e["object"],
                          "source_text": s_text, "source_token_ids": list(s_ids), "source_position": s_pos,
                          "source_layer": s, "target_prompt": prompt, "target_token_ids": list(t_ids),
                          "target_position": t_pos, "target_layer": t, "generation": text,
-                         "correct": contains_answer(text, e["object"], cfg.generation.case_sensitive)})
-        return pd.DataFrame(rows)
+                         "correct": contains_answer(text, answer, cs)})
+        return rows
 
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:
+        hops = df[df["method"].isin(HOP_METHODS)]
+        single = {"candidates": int(df["example_id"].nunique()),
+                  **{f"{m}_correct": float(hops[hops["method"] == m]["correct"].astype(bool).mean())
+                     for m in HOP_METHODS if (hops["method"] == m).any()}}
+        df = df[~df["method"].isin(HOP_METHODS)]
+        if df.empty:
+            log.warning("no two-hop sample passed the single-hop filter")
+            return {"experiment": "multihop", "single_hop": single, "overall": {"n": 0}, "pairs": [],
+                    "fixing_cells": []}
         per_sample = df.groupby(["relation", "example_id", "method"])["correct"].any().unstack("method")
         vanilla_fail = ~per_sample["vanilla"].astype(bool)
         pairs = []
@@ -164,12 +201,16 @@ class MultihopScope(Scope):
         failed_ids = set(per_sample.index[vanilla_fail.values].get_level_values("example_id"))
         grid = df[df["method"].isin(GRID_METHODS) & df["example_id"].isin(failed_ids)]
         cells = grid.groupby(["method", "source_layer", "target_layer"])["correct"].sum().reset_index()
-        return {"experiment": "multihop", "overall": overall, "pairs": pairs, "fixing_cells": cells.to_dict("records")}
+        return {"experiment": "multihop", "single_hop": single, "overall": overall, "pairs": pairs,
+                "fixing_cells": cells.to_dict("records")}
 
     @staticmethod
     def report(metrics: dict) -> str:
         table = pd.DataFrame(metrics["pairs"] + [{"relation": "all", **metrics["overall"]}]).set_index("relation")
-        return ("multi-hop accuracy (a grid method counts if any (ℓ, ℓ*) gives the answer); *_fixes = share of "
+        single = metrics.get("single_hop", {})
+        kept = (f"{metrics['overall']['n']} of {single['candidates']} samples answered hop by hop\n"
+                if "candidates" in single else "")
+        return (kept + "multi-hop accuracy (a grid method counts if any (ℓ, ℓ*) gives the answer); *_fixes = share of "
                 "vanilla failures fixed\n" + table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-"))
 
     @staticmethod

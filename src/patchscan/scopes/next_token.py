@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from patchscan.caches import map_cache_key, model_fingerprint
 from patchscan.data.texts import load_texts
-from patchscan.engine import Affine, Patch, capture, load_mapping, patched_next_token
+from patchscan.engine import Affine, Identity, Patch, capture, load_mapping
 from patchscan.errors import UserError
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.models.loading import cache_root
@@ -79,7 +79,9 @@ class NextTokenScope(Scope):
                             f"(the dataset has {len(self.texts)})")
         self.train_texts = self.texts[len(self.texts) - n_train:] if n_train else []
         self.eval_texts = self.texts[: len(self.texts) - n_train]
-        self.maps = self._affine_maps() if n_train else {}
+        self.maps = self._affine_maps() if n_train and not self.planning else {}
+        if self.planning and n_train:  # a dry run fits nothing (and must not cache maps)
+            self.maps = {layer: Identity() for layer in self.source_layers}
 
     def examples(self) -> list[dict]:
         src = self.cfg.source
@@ -131,8 +133,9 @@ class NextTokenScope(Scope):
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
         view, last = self.view, self.view.n_blocks - 1
-        caps = capture(view, [e["ids"] for e in examples], self.source_layers, [[e["position"]] for e in examples],
-                       batch_size=self.capture_batch_size(), with_logprobs=True)
+        caps = self.engine.capture(view, [e["ids"] for e in examples], self.source_layers,
+                                   [[e["position"]] for e in examples], batch_size=self.capture_batch_size(),
+                                   with_logprobs=True)
         rows: list[dict] = []
 
         def add(e, cap, method, source_layer, target_ids, target_position, target_layer, prompt, pred):
@@ -159,7 +162,7 @@ class NextTokenScope(Scope):
             else:
                 patches = [Patch(tuple(self.target_ids), self.target_position, t, cap.at(s))
                            for cap in caps for s, t in self.pairs]
-                top = patched_next_token(view, patches, top_k=1, progress=progress, **self.batching())
+                top = self.engine.patched_next_token(view, patches, top_k=1, progress=progress, **self.batching())
                 k = 0
                 for e, cap in zip(examples, caps):
                     for s, t in self.pairs:
