@@ -38,9 +38,14 @@ def plan_in_process(overrides: list[str]):
 
 @pytest.fixture
 def no_weights(monkeypatch):
-    """Any attempt to load weights fails the test."""
+    """Any attempt to load weights fails the test. The built-in model's one-time conversion into the
+    model cache (which tiny models need for their tokenizer) happens first: it is set-up, not planning."""
     import transformers
     from transformers import modeling_utils
+
+    from patchscan.models.loading import builtin_folder
+
+    builtin_folder()
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run loaded weights")

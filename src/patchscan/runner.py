@@ -481,8 +481,8 @@ def with_keys(df: pd.DataFrame, chunk: list[dict]) -> pd.DataFrame:
     df["example_key"] = df["example_id"].map(keys)
     for column in INT_COLUMNS:
         if column in df:
-            df[column] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
-                                   for v in df[column]], dtype="Int64")
+            df[column] = pd.array([None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+                                   else int(v) for v in df[column]], dtype="Int64")
     return df
 
 

@@ -61,6 +61,8 @@ RULES: tuple[Rule, ...] = (
     Rule("runner.examples_per_part", whole(1)),
     Rule("runner.resume", boolean()),
     Rule("runner.repair", boolean()),
+    Rule("runner.dry_run", boolean()),
+    Rule("runner.gpu_memory_gb", number(0.01, optional=True)),
     Rule("runner.shard", whole(0)),
     Rule("runner.num_shards", whole(1)),
     Rule("runner.seed", whole()),
@@ -132,7 +134,8 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"source.max_tokens={source.max_tokens} is below source.min_tokens={source.min_tokens}")
     for group in ("model", "target_model"):
         present, dev = _select(cfg, f"{group}.device")
-        if present and isinstance(dev, str) and dev.startswith("cuda"):
+        planning = bool(runner.get("dry_run"))  # a dry run may plan for a GPU this machine lacks
+        if present and isinstance(dev, str) and dev.startswith("cuda") and not planning:
             import torch
 
             if not torch.cuda.is_available():
