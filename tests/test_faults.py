@@ -141,7 +141,7 @@ def test_eval_of_a_results_dir_writes_beside_it_and_runs_twice(base, tmp_path):
     (run / "metrics.json").unlink()
     for _ in range(2):
         cli("eval", str(run / "results"), cwd=tmp_path)
-    assert {p.name for p in (run / "results").iterdir()} <= {"_run.json", ".lock-shard-000"} | {
+    assert {p.name for p in (run / "results").iterdir()} <= {"_run.json", "_shard-000.json", ".lock-shard-000"} | {
         p.name for p in (run / "results").glob("part-*.parquet")}
     assert json.loads((run / "metrics.json").read_text())["complete"] is True
     assert len(pd.read_parquet(run / "results")) == len(base["rows"])

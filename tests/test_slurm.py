@@ -30,8 +30,8 @@ KEY = ["example_id", "method", "source_layer", "target_layer"]
 SHARDS = 4
 LIMIT = 160  # 40 examples a shard, one part each: more than a cancelled job does in its KillWait (2 s) after the cancel
 
-def config(limit: int = LIMIT) -> list[str]:
-    return ["+experiment=next_token", "model=tiny_llama", f"dataset.limit={limit}",
+def config(limit: int = LIMIT, model: str = "tiny_llama") -> list[str]:
+    return ["+experiment=next_token", f"model={model}", f"dataset.limit={limit}",
             "methods=[token_identity,logit_lens]", "runner.examples_per_part=1"]
 
 
@@ -86,8 +86,9 @@ def patchscan(*args, cwd: Path, env: dict, check: bool = True, timeout: int = 60
     return proc
 
 
-def sweep_args(results: Path, sweep: Path, *extra: str, shards: str = "0,1,2,3", limit: int = LIMIT) -> list[str]:
-    return ["run", "-m", *LAUNCHER, *extra, *config(limit), f"runner.num_shards={SHARDS}", f"runner.shard={shards}",
+def sweep_args(results: Path, sweep: Path, *extra: str, shards: str = "0,1,2,3", limit: int = LIMIT,
+               model: str = "tiny_llama") -> list[str]:
+    return ["run", "-m", *LAUNCHER, *extra, *config(limit, model), f"runner.num_shards={SHARDS}", f"runner.shard={shards}",
             f"runner.results_dir={results}", f"hydra.sweep.dir={sweep}"]
 
 
@@ -267,8 +268,10 @@ def test_shard_past_its_time_limit_resumes_when_resubmitted(slurm, tmp_path):
     limit = 320  # 80 examples in shard 1: more than it can do in the KillWait seconds after it is woken
     per_shard = limit // SHARDS
     results, sweep = tmp_path / "results", tmp_path / "sweep"
+    # The built-in model (about 0.2 s an example here), not a tiny one: on an idle machine a tiny model
+    # finishes all 80 examples before the test has found and frozen the job's process.
     short = sweep_args(results, sweep, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=0",
-                       shards="1", limit=limit)
+                       shards="1", limit=limit, model="smollm2_135m")
     first = subprocess.Popen([sys.executable, "-m", "patchscan.cli", *short], cwd=tmp_path, env=slurm,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
