@@ -166,10 +166,6 @@ def stored_examples(results_dir: Path, repair: bool = False) -> dict[str, str | 
     return done
 
 
-def done_examples(results_dir: Path) -> set[str]:
-    return set(stored_examples(results_dir))
-
-
 def write_part(df: pd.DataFrame, results_dir: Path, name: str) -> Path:
     """Write atomically: a hidden temporary file, fsync, then rename. Never an empty part."""
     if df.empty:
@@ -511,11 +507,6 @@ def execute(plan: RunPlan, run_chunk: Callable[[list[dict], Callable[[int], None
     finally:
         progress.close()
     work.finish("cpu" if view is None else view.device)
-
-
-def completeness(results_dir: Path, meta: dict) -> tuple[int, int | None]:
-    """(examples stored, examples the run has in all shards)."""
-    return len(stored_examples(results_dir)), meta.get("n_examples")
 
 
 def finalize(scope_cls, cfg, out_dir: Path, results_dir: Path, quiet: bool = False) -> dict:
