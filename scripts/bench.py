@@ -39,10 +39,16 @@ from patchscan.engine.naive import naive_generate, naive_logits
 from patchscan.models import load_model
 from patchscan.worklog import peak_memory_mb
 
-TEXTS = ["The Eiffel Tower is located in the city of", "Water freezes at zero degrees",
-         "The cat sat on the mat and looked at the", "She plays the piano every day after school",
-         "The largest planet in the solar system is", "In the morning he drinks a cup of",
-         "The train to the capital leaves from platform", "Our neighbours planted tomatoes and"]
+TEXTS = [
+    "The Eiffel Tower is located in the city of",
+    "Water freezes at zero degrees",
+    "The cat sat on the mat and looked at the",
+    "She plays the piano every day after school",
+    "The largest planet in the solar system is",
+    "In the morning he drinks a cup of",
+    "The train to the capital leaves from platform",
+    "Our neighbours planted tomatoes and",
+]
 SUBJECTS = ["France", "Japan", "Canada", "Egypt", "Brazil", "Italy", "Peru", "Norway"]
 IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 ATTRIBUTE = "The capital city of x"
@@ -76,10 +82,17 @@ def report(name, n_fast, t_fast, mem_fast, n_naive, t_naive, mem_naive, agree, w
     fast_rate, naive_rate = n_fast / t_fast, n_naive / t_naive
     with_startup = (n_fast / naive_rate) / (t_fast + startup)  # naive time for the whole grid / ours + start-up
     print(f"\n({name})")
-    print(f"  patchscan: {n_fast:6d} patched runs in {t_fast:8.2f} s = {fast_rate:9.1f} runs/s, peak {mem_fast:8.0f} MiB")
-    print(f"  naive:     {n_naive:6d} patched runs in {t_naive:8.2f} s = {naive_rate:9.1f} runs/s, peak {mem_naive:8.0f} MiB")
-    print(f"  ratio: {fast_rate / naive_rate:.1f}x  ({with_startup:.1f}x counting patchscan's {startup:.1f} s start-up "
-          f"against the naive time for the whole grid)   results agree ({what}): {agree}")
+    print(
+        f"  patchscan: {n_fast:6d} patched runs in {t_fast:8.2f} s = {fast_rate:9.1f} runs/s, peak {mem_fast:8.0f} MiB"
+    )
+    print(
+        f"  naive:     {n_naive:6d} patched runs in {t_naive:8.2f} s = {naive_rate:9.1f} runs/s, "
+        f"peak {mem_naive:8.0f} MiB"
+    )
+    print(
+        f"  ratio: {fast_rate / naive_rate:.1f}x  ({with_startup:.1f}x counting patchscan's {startup:.1f} s start-up "
+        f"against the naive time for the whole grid)   results agree ({what}): {agree}"
+    )
     return fast_rate / naive_rate
 
 
@@ -112,7 +125,7 @@ def scope_for(view, overrides: list[str]):
     return scope, scope.engine
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> int:  # noqa: C901, PLR0915 (one table of workloads; split pending, issue 19)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2_135m", help="a config name under configs/model")
     parser.add_argument("--dtype", default=None)
@@ -123,8 +136,11 @@ def main(argv=None) -> int:
     parser.add_argument("--gen-layer-step", type=int, default=3, help="(c) uses every k-th block for ℓ and ℓ*")
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--workloads", default="abcde")
-    parser.add_argument("--lre", default=os.environ.get("PATCHSCAN_LRE", "../shared/data/lre"),
-                        help="LRE relation files for (d) and (e)")
+    parser.add_argument(
+        "--lre",
+        default=os.environ.get("PATCHSCAN_LRE", "../shared/data/lre"),
+        help="LRE relation files for (d) and (e)",
+    )
     parser.add_argument("--multihop-candidates", type=int, default=24, help="(d) two-hop candidates before the filter")
     args = parser.parse_args(argv)
 
@@ -139,8 +155,10 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - start
     startup = time.perf_counter() - START
     device = view.device
-    print(f"model {view.name}: {view.n_blocks} blocks, width {view.width}, {view.dtype}, {device}; "
-          f"loaded in {load_s:.1f} s (start-up with imports {startup:.1f} s); torch threads {torch.get_num_threads()}")
+    print(
+        f"model {view.name}: {view.n_blocks} blocks, width {view.width}, {view.dtype}, {device}; "
+        f"loaded in {load_s:.1f} s (start-up with imports {startup:.1f} s); torch threads {torch.get_num_threads()}"
+    )
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
     rng = random.Random(0)
@@ -154,18 +172,33 @@ def main(argv=None) -> int:
             caps = capture(view, sources, layers, [[-1]] * len(sources), batch_size=args.batch_size)
             patches = [Patch(target, -1, t, c.states[s, 0]) for c in caps for s, t in pairs]
             return patches, patched_next_token(view, patches, top_k=1, batch_size=args.batch_size)
+
         return run
 
-    for key, pairs in (("a", [(l, l) for l in layers]), ("b", [(s, t) for s in layers for t in layers])):
+    for key, pairs in (("a", [(b, b) for b in layers]), ("b", [(s, t) for s in layers for t in layers])):
         if key not in args.workloads:
             continue
         (patches, top), t_fast, m_fast = timed(grid(pairs, identity), device)
         cells = rng.sample(range(len(patches)), min(args.naive_cells, len(patches)))
         naive, t_naive, m_naive = timed(lambda: [naive_logits(view, patches[i]).argmax().item() for i in cells], device)
         agree = all(top.ids[i, 0].item() == p for i, p in zip(cells, naive))
-        label = "next-token grid, target block = source block" if key == "a" else "full source x target block next-token grid"
-        ratios[key] = report(f"{key}) {label}", len(patches), t_fast, m_fast, len(cells), t_naive, m_naive,
-                             agree, f"same argmax on {len(cells)} cells", startup)
+        label = (
+            "next-token grid, target block = source block"
+            if key == "a"
+            else "full source x target block next-token grid"
+        )
+        ratios[key] = report(
+            f"{key}) {label}",
+            len(patches),
+            t_fast,
+            m_fast,
+            len(cells),
+            t_naive,
+            m_naive,
+            agree,
+            f"same argmax on {len(cells)} cells",
+            startup,
+        )
 
     if "c" in args.workloads:
         from patchscan.prompts import placeholder_position
@@ -176,27 +209,51 @@ def main(argv=None) -> int:
 
         def run_gen():
             caps = capture(view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=args.batch_size)
-            patches = [Patch(tuple(ids), pos, t, c.states[k, 0])
-                       for c in caps for k, _ in enumerate(gen_layers) for t in gen_layers]
+            patches = [
+                Patch(tuple(ids), pos, t, c.states[k, 0])
+                for c in caps
+                for k, _ in enumerate(gen_layers)
+                for t in gen_layers
+            ]
             return patches, generate(view, patches, max_new_tokens=args.new_tokens, batch_size=args.batch_size)
 
         (patches, gens), t_fast, m_fast = timed(run_gen, device)
         cells = rng.sample(range(len(patches)), min(max(args.naive_cells // 4, 1), len(patches)))
-        naive, t_naive, m_naive = timed(lambda: [naive_generate(view, patches[i], args.new_tokens) for i in cells], device)
+        naive, t_naive, m_naive = timed(
+            lambda: [naive_generate(view, patches[i], args.new_tokens) for i in cells], device
+        )
         agree = all(gens[i] == g for i, g in zip(cells, naive))
-        ratios["c"] = report(f"c) attribute-extraction generation grid, {args.new_tokens} tokens, every "
-                             f"{args.gen_layer_step}rd block", len(patches), t_fast, m_fast, len(cells), t_naive,
-                             m_naive, agree, f"same generations on {len(cells)} cells", startup)
+        ratios["c"] = report(
+            f"c) attribute-extraction generation grid, {args.new_tokens} tokens, every {args.gen_layer_step}rd block",
+            len(patches),
+            t_fast,
+            m_fast,
+            len(cells),
+            t_naive,
+            m_naive,
+            agree,
+            f"same generations on {len(cells)} cells",
+            startup,
+        )
     for key, experiment, overrides in (
-            ("d", "multihop", [f"dataset.limit={args.multihop_candidates}"]),
-            ("e", "attribute_extraction", [f"dataset.limit={args.examples}"])):
+        ("d", "multihop", [f"dataset.limit={args.multihop_candidates}"]),
+        ("e", "attribute_extraction", [f"dataset.limit={args.examples}"]),
+    ):
         if key not in args.workloads:
             continue
         step = f"::{args.gen_layer_step}"
-        scope, recorder = scope_for(view, [f"+experiment={experiment}", f"dataset.path={args.lre}",
-                                           f"sweep.source_layers={step}", f"sweep.target_layers={step}",
-                                           f"generation.max_new_tokens={args.new_tokens}",
-                                           f"runner.batch_size={args.batch_size}", *overrides])
+        scope, recorder = scope_for(
+            view,
+            [
+                f"+experiment={experiment}",
+                f"dataset.path={args.lre}",
+                f"sweep.source_layers={step}",
+                f"sweep.target_layers={step}",
+                f"generation.max_new_tokens={args.new_tokens}",
+                f"runner.batch_size={args.batch_size}",
+                *overrides,
+            ],
+        )
         examples = scope.examples()
         with count_work(view.model) as counts:
             df, t_fast, m_fast = timed(lambda: scope.run_chunk(examples, lambda n: None), device)
@@ -205,11 +262,22 @@ def main(argv=None) -> int:
         naive, t_naive, m_naive = timed(lambda: [naive_generate(view, calls[i][0], calls[i][1]) for i in cells], device)
         agree = all(calls[i][2] == g for i, g in zip(cells, naive))
         methods = df["method"].value_counts().to_dict()
-        print(f"\n({key}) {experiment} end to end: {len(examples)} examples, rows {methods}; "
-              f"{counts.forward_passes} forward passes, {counts.tokens_generated} tokens generated")
-        ratios[key] = report(f"{key}) {experiment} end to end, every {args.gen_layer_step}rd block, {args.new_tokens} "
-                             f"tokens", len(calls), t_fast, m_fast, len(cells), t_naive, m_naive, agree,
-                             f"same generations on {len(cells)} sampled runs", startup)
+        print(
+            f"\n({key}) {experiment} end to end: {len(examples)} examples, rows {methods}; "
+            f"{counts.forward_passes} forward passes, {counts.tokens_generated} tokens generated"
+        )
+        ratios[key] = report(
+            f"{key}) {experiment} end to end, every {args.gen_layer_step}rd block, {args.new_tokens} tokens",
+            len(calls),
+            t_fast,
+            m_fast,
+            len(cells),
+            t_naive,
+            m_naive,
+            agree,
+            f"same generations on {len(cells)} sampled runs",
+            startup,
+        )
     print("\nsummary: " + ", ".join(f"({k}) {v:.1f}x" for k, v in ratios.items()))
     return 0
 

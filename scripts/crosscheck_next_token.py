@@ -84,8 +84,9 @@ def crosscheck(args: argparse.Namespace) -> int:
         for _, row in rows.iterrows():
             mine = preds[(row["method"], int(row["source_layer"]))]
             agree[row["method"]].append(mine == int(row["pred_token_id"]))
-            records.append({"method": row["method"], "block": int(row["source_layer"]),
-                            "precision_at_1": mine == preds["ref"]})
+            records.append(
+                {"method": row["method"], "block": int(row["source_layer"]), "precision_at_1": mine == preds["ref"]}
+            )
     print(f"{args.run_dir}: {len(ids)} examples recomputed with plain HF calls")
     for method, flags in agree.items():
         if flags:

@@ -42,8 +42,10 @@ def main() -> None:
         lens = view.readout(cap.states[:, 0]).argmax(-1).tolist()
         for k, block in enumerate(BLOCKS):
             cont = view.decode(continuations[p * len(BLOCKS) + k]).split("\n")[0]
-            print(f"  block {block:2d}: token identity -> {cont.strip()!r:24s} logit lens -> "
-                  f"{view.tokenizer.decode([lens[k]])!r}")
+            print(
+                f"  block {block:2d}: token identity -> {cont.strip()!r:24s} logit lens -> "
+                f"{view.tokenizer.decode([lens[k]])!r}"
+            )
         print()
     sys.stdout.flush()
 

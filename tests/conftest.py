@@ -23,8 +23,13 @@ os.environ.setdefault("PATCHSCAN_MODEL_CACHE", str(Path(__file__).resolve().pare
 from patchscan.models import load_model  # noqa: E402
 
 ARCHS = ["tiny_gpt2", "tiny_llama", "tiny_neox", "tiny_qwen2", "tiny_gemma3"]
-_ARCH_OF = {"tiny_gpt2": "gpt2", "tiny_llama": "llama", "tiny_neox": "gpt_neox", "tiny_qwen2": "qwen2",
-            "tiny_gemma3": "gemma3_text"}
+_ARCH_OF = {
+    "tiny_gpt2": "gpt2",
+    "tiny_llama": "llama",
+    "tiny_neox": "gpt_neox",
+    "tiny_qwen2": "qwen2",
+    "tiny_gemma3": "gemma3_text",
+}
 _CACHE: dict = {}
 
 

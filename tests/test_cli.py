@@ -14,14 +14,25 @@ import pandas as pd
 import pytest
 
 TINY = ["+experiment=next_token", "model=tiny_llama", "dataset.limit=6", "affine_lens.train_texts=40"]
-BASE_COLUMNS = {"source_token_ids", "target_token_ids", "example_id", "source_position", "source_layer",
-                "target_position", "target_layer", "model", "target_model", "method"}
+BASE_COLUMNS = {
+    "source_token_ids",
+    "target_token_ids",
+    "example_id",
+    "source_position",
+    "source_layer",
+    "target_position",
+    "target_layer",
+    "model",
+    "target_model",
+    "method",
+}
 NEXT_TOKEN_COLUMNS = {"source_text", "target_prompt", "pred_token_id", "ref_token_id", "precision_at_1", "surprisal"}
 
 
 def patchscan(*args, cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "patchscan.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, **kwargs)
+    proc = subprocess.run(
+        [sys.executable, "-m", "patchscan.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs
+    )
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
     return proc
@@ -53,11 +64,20 @@ def test_run_writes_the_parquet_contract_and_eval_recomputes(tmp_path):
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    args = ["+experiment=next_token", "model=smollm2_135m", "dataset.limit=24", "methods=[token_identity,logit_lens]",
-            "runner.examples_per_part=1"]
+    args = [
+        "+experiment=next_token",
+        "model=smollm2_135m",
+        "dataset.limit=24",
+        "methods=[token_identity,logit_lens]",
+        "runner.examples_per_part=1",
+    ]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "patchscan.cli", "run", *args, f"hydra.run.dir={killed}"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "patchscan.cli", "run", *args, f"hydra.run.dir={killed}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(list((killed / "results").glob("part-*.parquet"))) < 3:
         time.sleep(0.05)
@@ -91,9 +111,18 @@ def test_resume_flag_finds_the_unfinished_run(tmp_path):
 
 def test_submitit_local_multirun_shards_read_back_as_one_dataset(tmp_path):
     shared = tmp_path / "shared_results"
-    patchscan("run", "-m", "hydra/launcher=local", *TINY, "methods=[logit_lens,token_identity]",
-              "runner.num_shards=2", "runner.shard=0,1", f"runner.results_dir={shared}",
-              f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    patchscan(
+        "run",
+        "-m",
+        "hydra/launcher=local",
+        *TINY,
+        "methods=[logit_lens,token_identity]",
+        "runner.num_shards=2",
+        "runner.shard=0,1",
+        f"runner.results_dir={shared}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
     df = pd.read_parquet(shared)
     assert df["example_id"].nunique() == 6 and not df.duplicated(["example_id", "method", "source_layer"]).any()
     assert len(list(shared.glob("part-000-*"))) and len(list(shared.glob("part-001-*")))
@@ -138,10 +167,19 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
 def test_next_token_rows_match_a_plain_hf_recomputation(tmp_path, model):
     """scripts/crosscheck_next_token.py shares no engine code: it must reproduce every stored prediction."""
     run = tmp_path / "run"
-    patchscan("run", "+experiment=next_token", f"model={model}", "dataset.limit=8",
-              "methods=[token_identity,logit_lens]", f"hydra.run.dir={run}", cwd=tmp_path)
+    patchscan(
+        "run",
+        "+experiment=next_token",
+        f"model={model}",
+        "dataset.limit=8",
+        "methods=[token_identity,logit_lens]",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     script = Path(__file__).resolve().parents[1] / "scripts" / "crosscheck_next_token.py"
-    proc = subprocess.run([sys.executable, str(script), str(run)], check=False, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run)], check=False, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert "reference       8/8 stored predictions reproduced" in proc.stdout
     assert "token_identity  24/24" in proc.stdout and "logit_lens      24/24" in proc.stdout

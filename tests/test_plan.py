@@ -16,17 +16,40 @@ from tests.test_cli import patchscan
 
 ROOT = Path(__file__).resolve().parents[1]
 LRE = str(ROOT / "tests" / "fixtures" / "lre")
-LLAMA2_13B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 5120,
-              "intermediate_size": 13824, "num_attention_heads": 40, "num_hidden_layers": 40,
-              "num_key_value_heads": 40, "vocab_size": 32000, "max_position_embeddings": 4096,
-              "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+LLAMA2_13B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_attention_heads": 40,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 40,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
 CASES = {
-    "next_token": ["+experiment=next_token", "model=tiny_llama", "dataset.limit=6", "affine_lens.train_texts=40",
-                   "runner.examples_per_part=4"],
-    "attribute_extraction": ["+experiment=attribute_extraction", "model=tiny_llama", f"dataset.path={LRE}",
-                             "dataset.relations=[country_capital_city,fruit_inside_color]", "dataset.per_relation_limit=4",
-                             "sweep.source_layers=[1,3]", "sweep.target_layers=[0,2]", "generation.max_new_tokens=4",
-                             "runner.examples_per_part=3"],
+    "next_token": [
+        "+experiment=next_token",
+        "model=tiny_llama",
+        "dataset.limit=6",
+        "affine_lens.train_texts=40",
+        "runner.examples_per_part=4",
+    ],
+    "attribute_extraction": [
+        "+experiment=attribute_extraction",
+        "model=tiny_llama",
+        f"dataset.path={LRE}",
+        "dataset.relations=[country_capital_city,fruit_inside_color]",
+        "dataset.per_relation_limit=4",
+        "sweep.source_layers=[1,3]",
+        "sweep.target_layers=[0,2]",
+        "generation.max_new_tokens=4",
+        "runner.examples_per_part=3",
+    ],
 }
 
 
@@ -75,16 +98,28 @@ def test_plan_counts_equal_the_real_run(tmp_path, no_weights, experiment):
 
 def test_plan_command_on_tiny_and_builtin_models(tmp_path):
     for model in ("tiny_llama", "smollm2_135m"):
-        out = patchscan("plan", "+experiment=next_token", f"model={model}", "dataset.limit=20",
-                        "methods=[token_identity]", cwd=tmp_path).stdout
+        out = patchscan(
+            "plan",
+            "+experiment=next_token",
+            f"model={model}",
+            "dataset.limit=20",
+            "methods=[token_identity]",
+            cwd=tmp_path,
+        ).stdout
         assert "forward passes:" in out and "no weights loaded" in out
         assert "cells (patched runs): " + str(20 * (4 if model == "tiny_llama" else 30)) in out
     assert not list(tmp_path.iterdir()), "a plan writes no run dir"
 
 
 def test_plan_builtin_loads_no_weights(no_weights):
-    plan = plan_in_process(["+experiment=attribute_extraction", "model=smollm2_135m", f"dataset.path={LRE}",
-                            "dataset.relations=[country_capital_city]"])
+    plan = plan_in_process(
+        [
+            "+experiment=attribute_extraction",
+            "model=smollm2_135m",
+            f"dataset.path={LRE}",
+            "dataset.relations=[country_capital_city]",
+        ]
+    )
     assert 134e6 < plan.n_parameters < 136e6 and plan.weight_bytes == 4 * plan.n_parameters
     assert plan.examples == 5 and plan.cells == 5 * 10 * 10 and plan.counts.forward_passes > 0
 
@@ -93,9 +128,17 @@ def test_plan_13b_from_its_config_alone(tmp_path):
     config = tmp_path / "llama2-13b" / "config.json"
     config.parent.mkdir()
     config.write_text(json.dumps(LLAMA2_13B))
-    out = patchscan("plan", "+experiment=attribute_extraction", "model=llama2_13b", f"model.config_path={config}",
-                    "model.device=cuda", f"dataset.path={LRE}", "runner.memory_budget_gb=null",
-                    "runner.gpu_memory_gb=80", cwd=tmp_path).stdout
+    out = patchscan(
+        "plan",
+        "+experiment=attribute_extraction",
+        "model=llama2_13b",
+        f"model.config_path={config}",
+        "model.device=cuda",
+        f"dataset.path={LRE}",
+        "runner.memory_budget_gb=null",
+        "runner.gpu_memory_gb=80",
+        cwd=tmp_path,
+    ).stdout
     print(out)
     assert "13.016 B parameters" in out and "bfloat16 on cuda" in out
     assert "stand-in" in out  # no tokenizer beside the config

@@ -20,9 +20,18 @@ LRE = "tests/fixtures/lre"  # small relation files the team wrote; ../shared/dat
 def run_on_fixture_relations(tmp_path, root, experiment: str, relations: str, *overrides: str):
     """tiny_llama runs `experiment` on the fixture relations, source blocks 1 and 3, target blocks 0 and 2."""
     run = tmp_path / "run"
-    patchscan("run", f"+experiment={experiment}", "model=tiny_llama", f"dataset.path={root / LRE}",
-              f"dataset.relations=[{relations}]", "sweep.source_layers=[1,3]", "sweep.target_layers=[0,2]",
-              *overrides, f"hydra.run.dir={run}", cwd=tmp_path)
+    patchscan(
+        "run",
+        f"+experiment={experiment}",
+        "model=tiny_llama",
+        f"dataset.path={root / LRE}",
+        f"dataset.relations=[{relations}]",
+        "sweep.source_layers=[1,3]",
+        "sweep.target_layers=[0,2]",
+        *overrides,
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     return run, pd.read_parquet(run / "results")
 
 
@@ -41,9 +50,14 @@ def test_first_description_and_similarity():
 
 
 def test_attribute_extraction_rows_rerun_alone(tmp_path, request):
-    run, df = run_on_fixture_relations(tmp_path, request.config.rootpath, "attribute_extraction",
-                                       "country_capital_city,fruit_inside_color", "dataset.per_relation_limit=4",
-                                       "generation.max_new_tokens=6")
+    run, df = run_on_fixture_relations(
+        tmp_path,
+        request.config.rootpath,
+        "attribute_extraction",
+        "country_capital_city,fruit_inside_color",
+        "dataset.per_relation_limit=4",
+        "generation.max_new_tokens=6",
+    )
     patch = df[df["method"] == "patchscope"]
     assert len(patch) == 8 * 2 * 2 and set(df["method"]) == {"patchscope", "subject_in_prompt", "source_state"}
     assert len(df[df["method"] == "source_state"]) == 8 * 2 and len(df[df["method"] == "subject_in_prompt"]) == 8
@@ -52,7 +66,9 @@ def test_attribute_extraction_rows_rerun_alone(tmp_path, request):
     view = tiny("tiny_llama")
     for _, row in patch.sample(4, random_state=0).iterrows():  # every row carries what it needs to re-run it
         state = capture(view, [list(row.source_token_ids)], [int(row.source_layer)], [[int(row.source_position)]])
-        patch_ = Patch(tuple(row.target_token_ids), int(row.target_position), int(row.target_layer), state[0].states[0, 0])
+        patch_ = Patch(
+            tuple(row.target_token_ids), int(row.target_position), int(row.target_layer), state[0].states[0, 0]
+        )
         assert view.decode(naive_generate(view, patch_, 6)) == row.generation
     metrics = json.loads((run / "metrics.json").read_text())
     assert {t["task"] for t in metrics["tasks"]} == {"country_capital_city", "fruit_inside_color"}
@@ -61,15 +77,30 @@ def test_attribute_extraction_rows_rerun_alone(tmp_path, request):
 
 
 def test_unseen_relation_file_and_tsv_run_without_code_change(tmp_path):
-    relation = {"name": "animal sound", "prompt_templates": ["The sound a {} makes is"],
-                "prompt_templates_zs": ["{} makes the sound"], "properties": {},
-                "samples": [{"subject": s, "object": o} for s, o in
-                            [("dog", "bark"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack")]]}
+    relation = {
+        "name": "animal sound",
+        "prompt_templates": ["The sound a {} makes is"],
+        "prompt_templates_zs": ["{} makes the sound"],
+        "properties": {},
+        "samples": [
+            {"subject": s, "object": o}
+            for s, o in [("dog", "bark"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack")]
+        ],
+    }
     (tmp_path / "animal_sound.json").write_text(json.dumps(relation))
     run = tmp_path / "run"
-    patchscan("run", "+experiment=attribute_extraction", "model=tiny_gpt2", f"dataset.path={tmp_path / 'animal_sound.json'}",
-              "sweep.source_layers=[0]", "sweep.target_layers=[1]", "generation.max_new_tokens=4", "source.kind=template",
-              f"hydra.run.dir={run}", cwd=tmp_path)
+    patchscan(
+        "run",
+        "+experiment=attribute_extraction",
+        "model=tiny_gpt2",
+        f"dataset.path={tmp_path / 'animal_sound.json'}",
+        "sweep.source_layers=[0]",
+        "sweep.target_layers=[1]",
+        "generation.max_new_tokens=4",
+        "source.kind=template",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     df = pd.read_parquet(run / "results").query("method == 'patchscope'")
     assert set(df["relation"]) == {"animal_sound"}
     assert df["target_prompt"].iloc[0] == "The sound a x"  # derived from the template with text before {}
@@ -79,11 +110,21 @@ def test_unseen_relation_file_and_tsv_run_without_code_change(tmp_path):
         "\tsample_id\tprompt_target\tposition_target\tobject\tsubject\tprompt_source\tposition_source\n"
         "0\t0\tThe capital city of x\t-1\tParis\tFrance\t trains from Spain to France\t4\n"
         "1\t0\tThe capital city of x\t-1\tParis\tFrance\t\t0\n"
-        "2\t1\tThe capital city of x\t-1\tRome\tItaly\t\" wine from Italy\"\t2\n")
+        '2\t1\tThe capital city of x\t-1\tRome\tItaly\t" wine from Italy"\t2\n'
+    )
     run2 = tmp_path / "run2"
-    patchscan("run", "+experiment=attribute_extraction", "model=tiny_gpt2", f"dataset.tsv={tsv}", "probe.enabled=false",
-              "sweep.source_layers=[0]", "sweep.target_layers=[1]", "generation.max_new_tokens=4",
-              f"hydra.run.dir={run2}", cwd=tmp_path)
+    patchscan(
+        "run",
+        "+experiment=attribute_extraction",
+        "model=tiny_gpt2",
+        f"dataset.tsv={tsv}",
+        "probe.enabled=false",
+        "sweep.source_layers=[0]",
+        "sweep.target_layers=[1]",
+        "generation.max_new_tokens=4",
+        f"hydra.run.dir={run2}",
+        cwd=tmp_path,
+    )
     df2 = pd.read_parquet(run2 / "results").query("method == 'patchscope'")
     assert sorted(df2["subject"]) == ["France", "France", "Italy"] and df2["example_id"].nunique() == 3
     assert sorted(df2["source_text"]) == [" trains from Spain to France", " wine from Italy", "France"]
@@ -91,8 +132,16 @@ def test_unseen_relation_file_and_tsv_run_without_code_change(tmp_path):
 
 def test_entity_resolution_scores_and_plot(tmp_path):
     run = tmp_path / "run"
-    patchscan("run", "+experiment=entity_resolution", "model=tiny_neox", "dataset.limit=3", "sweep.source_layers=[0,3]",
-              "generation.max_new_tokens=8", f"hydra.run.dir={run}", cwd=tmp_path)
+    patchscan(
+        "run",
+        "+experiment=entity_resolution",
+        "model=tiny_neox",
+        "dataset.limit=3",
+        "sweep.source_layers=[0,3]",
+        "generation.max_new_tokens=8",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     df = pd.read_parquet(run / "results")
     assert len(df) == 6 and (df["source_layer"] == df["target_layer"]).all()
     assert df["rouge_l"].between(0, 1).all() and df["embedding_cosine"].between(-1, 1).all()
@@ -102,26 +151,46 @@ def test_entity_resolution_scores_and_plot(tmp_path):
 
 def test_cross_model_between_models_of_different_widths(tmp_path):
     run = tmp_path / "run"
-    patchscan("run", "+experiment=cross_model", "model=tiny_llama", "target_model=tiny_llama_wide", "dataset.limit=5",
-              "maps.train_texts=60", "sweep.source_layers=[0,3]", "sweep.target_layers=[1,5]", f"hydra.run.dir={run}",
-              cwd=tmp_path)
+    patchscan(
+        "run",
+        "+experiment=cross_model",
+        "model=tiny_llama",
+        "target_model=tiny_llama_wide",
+        "dataset.limit=5",
+        "maps.train_texts=60",
+        "sweep.source_layers=[0,3]",
+        "sweep.target_layers=[1,5]",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
     df = pd.read_parquet(run / "results")
     assert set(df["model"]) == {"tiny_llama"} and set(df["target_model"]) == {"tiny_llama_wide"}
     assert len(df) == 5 * 4 and set(df["target_layer"]) == {1, 5}
     assert (run / "cross_model_heatmap.png").exists()
     run2 = tmp_path / "run2"
-    patchscan("run", "+experiment=cross_model", "task=entity_description", "model=tiny_llama",
-              "target_model=tiny_llama_wide", "dataset.limit=2", "maps.train_texts=60", "sweep.source_layers=[3]",
-              "sweep.target_layers=[5]", "generation.max_new_tokens=5", "dataset=builtin_texts",
-              f"hydra.run.dir={run2}", cwd=tmp_path)
+    patchscan(
+        "run",
+        "+experiment=cross_model",
+        "task=entity_description",
+        "model=tiny_llama",
+        "target_model=tiny_llama_wide",
+        "dataset.limit=2",
+        "maps.train_texts=60",
+        "sweep.source_layers=[3]",
+        "sweep.target_layers=[5]",
+        "generation.max_new_tokens=5",
+        "dataset=builtin_texts",
+        f"hydra.run.dir={run2}",
+        cwd=tmp_path,
+    )
     assert "rouge_l" in pd.read_parquet(run2 / "results")
 
 
 def test_cross_model_maps_recover_the_same_model(tmp_path, monkeypatch):
     """Mapping a model onto itself, block to same block, must give back its own predictions."""
+    from patchscan.data.texts import load_texts
     from patchscan.engine import patched_next_token
     from patchscan.engine.alignment import fit_cross_model_maps
-    from patchscan.data.texts import load_texts
 
     view = tiny("tiny_gpt2")
     texts = load_texts({"kind": "builtin", "name": "texts"})
@@ -133,9 +202,15 @@ def test_cross_model_maps_recover_the_same_model(tmp_path, monkeypatch):
 
 
 def test_multihop_methods_and_directions(tmp_path, request):
-    run, df = run_on_fixture_relations(tmp_path, request.config.rootpath, "multihop",
-                                       "city_in_country,country_capital_city", "multihop.require_single_hops=false",
-                                       "multihop.per_pair_limit=2", "generation.max_new_tokens=4")
+    run, df = run_on_fixture_relations(
+        tmp_path,
+        request.config.rootpath,
+        "multihop",
+        "city_in_country,country_capital_city",
+        "multihop.require_single_hops=false",
+        "multihop.per_pair_limit=2",
+        "generation.max_new_tokens=4",
+    )
     assert set(df["method"]) == {"vanilla", "cot", "patchscope", "patchscope_code", "backpatch"}
     assert str(df["source_layer"].dtype) == "Int64" and str(df["target_layer"].dtype) == "Int64"
     back = df[df["method"] == "backpatch"]

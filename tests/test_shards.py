@@ -18,20 +18,37 @@ LRE = "tests/fixtures/lre"
 GRID = ["model=tiny_llama", "sweep.source_layers=[1,3]", "sweep.target_layers=[0,2]", "generation.max_new_tokens=4"]
 EXPERIMENTS = {
     # 8 samples; the filled-prompt baseline and the probe's stored states run per chunk
-    "attribute_extraction": ["+experiment=attribute_extraction", "dataset.relations=[country_capital_city,fruit_inside_color]",
-                             "dataset.per_relation_limit=4", "runner.examples_per_part=2"],
+    "attribute_extraction": [
+        "+experiment=attribute_extraction",
+        "dataset.relations=[country_capital_city,fruit_inside_color]",
+        "dataset.per_relation_limit=4",
+        "runner.examples_per_part=2",
+    ],
     # 4 two-hop samples, the single-hop filter per chunk (a random model answers no hop: a second run
     # below switches the filter off so that the grid runs too)
-    "multihop": ["+experiment=multihop", "dataset.relations=[city_in_country,country_capital_city]",
-                 "runner.examples_per_part=1"],
+    "multihop": [
+        "+experiment=multihop",
+        "dataset.relations=[city_in_country,country_capital_city]",
+        "runner.examples_per_part=1",
+    ],
 }
 
 
 def run_shards(tmp_path, experiment: str, n: int, *extra: str):
     results = tmp_path / f"{experiment}-{n}" / "results"
-    patchscan("run", "-m", *EXPERIMENTS[experiment], *GRID, f"dataset.path={tmp_path.parent / 'lre'}", *extra,
-              f"runner.num_shards={n}", "runner.shard=" + ",".join(map(str, range(n))), f"runner.results_dir={results}",
-              f"hydra.sweep.dir={tmp_path / f'sweep-{experiment}-{n}'}", cwd=tmp_path)
+    patchscan(
+        "run",
+        "-m",
+        *EXPERIMENTS[experiment],
+        *GRID,
+        f"dataset.path={tmp_path.parent / 'lre'}",
+        *extra,
+        f"runner.num_shards={n}",
+        "runner.shard=" + ",".join(map(str, range(n))),
+        f"runner.results_dir={results}",
+        f"hydra.sweep.dir={tmp_path / f'sweep-{experiment}-{n}'}",
+        cwd=tmp_path,
+    )
     return results, read_shard_logs(results)
 
 
@@ -42,9 +59,10 @@ def lre(tmp_path, request):
     return tmp_path / "w"
 
 
-@pytest.mark.parametrize("experiment,extra", [("attribute_extraction", ()),
-                                              ("multihop", ()),
-                                              ("multihop", ("multihop.require_single_hops=false",))])
+@pytest.mark.parametrize(
+    "experiment,extra",
+    [("attribute_extraction", ()), ("multihop", ()), ("multihop", ("multihop.require_single_hops=false",))],
+)
 def test_shards_split_the_model_work(lre, experiment, extra):
     work = {}
     for n in (1, 2, 4):
@@ -53,8 +71,11 @@ def test_shards_split_the_model_work(lre, experiment, extra):
         work[n] = {k: log["totals"] for k, log in logs.items()}
         df = pd.read_parquet(results)
         assert df["example_id"].nunique() == (8 if experiment == "attribute_extraction" else 4)
-    print(experiment, extra, json.dumps({n: {k: (t["forward_passes"], t["forward_tokens"]) for k, t in w.items()}
-                                         for n, w in work.items()}))
+    print(
+        experiment,
+        extra,
+        json.dumps({n: {k: (t["forward_passes"], t["forward_tokens"]) for k, t in w.items()} for n, w in work.items()}),
+    )
     whole = work[1][0]
     assert whole["forward_passes"] > 0 and whole["tokens_generated"] > 0
     for n in (2, 4):
@@ -76,9 +97,17 @@ def test_resume_redoes_only_the_missing_chunk(lre):
     first = logs[1]["sessions"][0]["parts"]
     lost = first[1]
     (results / lost["part"]).unlink()
-    patchscan("run", *EXPERIMENTS["attribute_extraction"], *GRID, f"dataset.path={lre.parent / 'lre'}",
-              "runner.num_shards=2", "runner.shard=1", f"runner.results_dir={results}",
-              f"hydra.run.dir={lre / 'resume'}", cwd=lre)
+    patchscan(
+        "run",
+        *EXPERIMENTS["attribute_extraction"],
+        *GRID,
+        f"dataset.path={lre.parent / 'lre'}",
+        "runner.num_shards=2",
+        "runner.shard=1",
+        f"runner.results_dir={results}",
+        f"hydra.run.dir={lre / 'resume'}",
+        cwd=lre,
+    )
     log = read_shard_logs(results)[1]
     again = log["sessions"][-1]
     assert [p["part"] for p in again["parts"]] == [lost["part"]]

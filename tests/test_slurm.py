@@ -30,15 +30,26 @@ KEY = ["example_id", "method", "source_layer", "target_layer"]
 SHARDS = 4
 LIMIT = 160  # 40 examples a shard, one part each: more than a cancelled job does in its KillWait (2 s) after the cancel
 
+
 def config(limit: int = LIMIT, model: str = "tiny_llama") -> list[str]:
-    return ["+experiment=next_token", f"model={model}", f"dataset.limit={limit}",
-            "methods=[token_identity,logit_lens]", "runner.examples_per_part=1"]
+    return [
+        "+experiment=next_token",
+        f"model={model}",
+        f"dataset.limit={limit}",
+        "methods=[token_identity,logit_lens]",
+        "runner.examples_per_part=1",
+    ]
 
 
 CONFIG = config()
 # the README's recipe, with this machine's resources instead of a GPU node's
-LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
-            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
+LAUNCHER = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+]
 
 
 def _free_port_block(n: int = 4) -> int:
@@ -68,8 +79,10 @@ def slurm():
     try:
         started = _script("start", env)
         if started.returncode != 0:
-            pytest.fail(f"the local Slurm did not start ({SCRIPT} start, state {state}):\n{started.stderr[-4000:]}",
-                        pytrace=False)
+            pytest.fail(
+                f"the local Slurm did not start ({SCRIPT} start, state {state}):\n{started.stderr[-4000:]}",
+                pytrace=False,
+            )
         print(f"\nlocal Slurm started in {time.time() - t0:.0f} s: {started.stderr.strip()}")
         yield dict(env, SLURM_CONF=f"{state}/etc/slurm.conf")
     finally:
@@ -79,17 +92,33 @@ def slurm():
 
 
 def patchscan(*args, cwd: Path, env: dict, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "patchscan.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "patchscan.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"patchscan {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
 
 
-def sweep_args(results: Path, sweep: Path, *extra: str, shards: str = "0,1,2,3", limit: int = LIMIT,
-               model: str = "tiny_llama") -> list[str]:
-    return ["run", "-m", *LAUNCHER, *extra, *config(limit, model), f"runner.num_shards={SHARDS}", f"runner.shard={shards}",
-            f"runner.results_dir={results}", f"hydra.sweep.dir={sweep}"]
+def sweep_args(
+    results: Path, sweep: Path, *extra: str, shards: str = "0,1,2,3", limit: int = LIMIT, model: str = "tiny_llama"
+) -> list[str]:
+    return [
+        "run",
+        "-m",
+        *LAUNCHER,
+        *extra,
+        *config(limit, model),
+        f"runner.num_shards={SHARDS}",
+        f"runner.shard={shards}",
+        f"runner.results_dir={results}",
+        f"hydra.sweep.dir={sweep}",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -123,8 +152,9 @@ def assert_same_metrics(metrics: dict, ref: dict) -> None:
     assert metrics["n_examples"] == ref["n_examples"] == LIMIT
     assert len(metrics["by_layer"]) == len(ref["by_layer"])
     for got, want in zip(metrics["by_layer"], ref["by_layer"]):
-        assert {k: v for k, v in got.items() if isinstance(v, (str, int, bool))} == \
-               {k: v for k, v in want.items() if isinstance(v, (str, int, bool))}
+        assert {k: v for k, v in got.items() if isinstance(v, (str, int, bool))} == {
+            k: v for k, v in want.items() if isinstance(v, (str, int, bool))
+        }
         for k, v in want.items():
             if isinstance(v, float):
                 assert got[k] == pytest.approx(v, abs=1e-5), (k, got, want)
@@ -152,8 +182,14 @@ def sacct_states(job: str, env: dict, timeout: float = 60) -> dict[str, str]:
     """Final Slurm states of a job's tasks, from accounting (which can lag the job's end by a moment)."""
     deadline = time.time() + timeout
     while True:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job], env=env,
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
         states = {i: state.split()[0] for i, state in (line.split("|", 1) for line in out.splitlines() if line)}
         if states and not {"PENDING", "RUNNING", "COMPLETING"} & set(states.values()) or time.time() > deadline:
             return states
@@ -164,8 +200,9 @@ def wait_until_gone(job: str, env: dict, timeout: float = 300) -> None:
     """Until no task of the array is queued or running (the launcher stops waiting at the first failed task)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        out = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%i"], env=env, capture_output=True, text=True,
-                             timeout=30).stdout
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-j", job, "-o", "%i"], env=env, capture_output=True, text=True, timeout=30
+        ).stdout
         if not out.strip():
             return
         time.sleep(0.5)
@@ -206,8 +243,14 @@ def test_four_shard_sweep_on_slurm_equals_one_local_run(slurm, unsharded, tmp_pa
 def test_cancelled_shard_resumes_when_the_same_command_is_resubmitted(slurm, unsharded, tmp_path):
     results, sweep = tmp_path / "results", tmp_path / "sweep"
     args = sweep_args(results, sweep, "hydra.launcher.timeout_min=10")
-    first = subprocess.Popen([sys.executable, "-m", "patchscan.cli", *args], cwd=tmp_path, env=slurm,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "patchscan.cli", *args],
+        cwd=tmp_path,
+        env=slurm,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         tasks = submitted(sweep)
         wait_for_part(results, 1)
@@ -219,8 +262,9 @@ def test_cancelled_shard_resumes_when_the_same_command_is_resubmitted(slurm, uns
     # the launcher waits for the tasks in order and gives up at the cancelled one, with submitit's error
     assert first.returncode != 0 and "CANCELLED" in out, out[-3000:]
     wait_until_gone(job_of(tasks[0]), slurm)  # the other shards go on without the launcher
-    assert sacct_states(job_of(tasks[0]), slurm) == {t: "CANCELLED" if k == 1 else "COMPLETED"
-                                                     for k, t in enumerate(tasks)}
+    assert sacct_states(job_of(tasks[0]), slurm) == {
+        t: "CANCELLED" if k == 1 else "COMPLETED" for k, t in enumerate(tasks)
+    }
     before = {k: shard_parts(results, k) for k in range(SHARDS)}
     done = len(before[1])
     assert 1 <= done < LIMIT // SHARDS, f"the cancel must hit shard 1 midway ({done} parts written)"
@@ -233,8 +277,10 @@ def test_cancelled_shard_resumes_when_the_same_command_is_resubmitted(slurm, uns
         assert len(after) == LIMIT // SHARDS
         assert {n: after[n] for n in before[k]} == before[k], "a part written before the cancel was written again"
         todo = LIMIT // SHARDS - len(before[k])
-        assert f"{LIMIT // SHARDS - todo} examples already done" in job_log(sweep, again[k]) + \
-            (sweep / str(k) / "cli.log").read_text(), f"shard {k} did not resume"
+        assert (
+            f"{LIMIT // SHARDS - todo} examples already done"
+            in job_log(sweep, again[k]) + (sweep / str(k) / "cli.log").read_text()
+        ), f"shard {k} did not resume"
     ref_rows, ref_metrics = unsharded
     assert_same_rows(rows(results), ref_rows)
     assert_same_metrics(eval_metrics(results, tmp_path, slurm), ref_metrics)
@@ -243,8 +289,11 @@ def test_cancelled_shard_resumes_when_the_same_command_is_resubmitted(slurm, uns
 def job_processes(task: str) -> list[int]:
     """The pids of a job's submitit processes, found by their Slurm environment."""
     job, _, index = task.partition("_")
-    marks = {f"SLURM_ARRAY_JOB_ID={job}".encode(), f"SLURM_ARRAY_TASK_ID={index}".encode()} if index else \
-        {f"SLURM_JOB_ID={job}".encode()}
+    marks = (
+        {f"SLURM_ARRAY_JOB_ID={job}".encode(), f"SLURM_ARRAY_TASK_ID={index}".encode()}
+        if index
+        else {f"SLURM_JOB_ID={job}".encode()}
+    )
     pids = []
     for proc in Path("/proc").iterdir():
         try:
@@ -270,10 +319,23 @@ def test_shard_past_its_time_limit_resumes_when_resubmitted(slurm, tmp_path):
     results, sweep = tmp_path / "results", tmp_path / "sweep"
     # The built-in model (about 0.2 s an example here), not a tiny one: on an idle machine a tiny model
     # finishes all 80 examples before the test has found and frozen the job's process.
-    short = sweep_args(results, sweep, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=0",
-                       shards="1", limit=limit, model="smollm2_135m")
-    first = subprocess.Popen([sys.executable, "-m", "patchscan.cli", *short], cwd=tmp_path, env=slurm,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    short = sweep_args(
+        results,
+        sweep,
+        "hydra.launcher.timeout_min=1",
+        "hydra.launcher.signal_delay_s=0",
+        shards="1",
+        limit=limit,
+        model="smollm2_135m",
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-m", "patchscan.cli", *short],
+        cwd=tmp_path,
+        env=slurm,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         (job,) = submitted(sweep, 1)  # a sweep of one job: a plain job, no array
         wait_for_part(results, 1)

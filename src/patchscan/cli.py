@@ -72,8 +72,10 @@ def run_job(cfg) -> dict:
 
     name = cfg.get("experiment", {}).get("name")
     if not name or name == "???":
-        raise UserError("no experiment chosen; add +experiment=NAME (next_token, attribute_extraction, "
-                        "entity_resolution, cross_model, multihop)")
+        raise UserError(
+            "no experiment chosen; add +experiment=NAME (next_token, attribute_extraction, "
+            "entity_resolution, cross_model, multihop)"
+        )
     hydra_cfg = HydraConfig.get()
     _name_local_model(cfg, list(hydra_cfg.overrides.task))
     validate(cfg)
@@ -96,10 +98,15 @@ def run_job(cfg) -> dict:
             return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
         except KeyboardInterrupt:
             where = plan.run_dir if plan.results_dir == plan.run_dir / "results" else plan.results_dir
-            how = (f"hydra.run.dir={where}" if where == plan.run_dir else
-                   f"runner.results_dir={where} runner.shard={plan.shard}")
-            raise Interrupted(f"interrupted: {plan.saved()} of {len(plan.mine)} examples saved in {plan.results_dir}; "
-                              f"rerun the same command with {how} to resume") from None
+            how = (
+                f"hydra.run.dir={where}"
+                if where == plan.run_dir
+                else f"runner.results_dir={where} runner.shard={plan.shard}"
+            )
+            raise Interrupted(
+                f"interrupted: {plan.saved()} of {len(plan.mine)} examples saved in {plan.results_dir}; "
+                f"rerun the same command with {how} to resume"
+            ) from None
     finally:
         plan.release()
 
@@ -155,8 +162,10 @@ def _hydra_task(cfg):
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
-        fail(f"error: cannot write {exc.filename or 'a file'}: {exc.strerror}; the examples saved so far are kept: "
-             "fix this and rerun the same command to resume")
+        fail(
+            f"error: cannot write {exc.filename or 'a file'}: {exc.strerror}; the examples saved so far are kept: "
+            "fix this and rerun the same command to resume"
+        )
     finally:
         for handler in _LOG_HANDLERS:
             logging.getLogger().removeHandler(handler)
@@ -209,8 +218,9 @@ def _check_output_dirs(argv: list[str]) -> None:
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create the output dir {target}: {exc.strerror}; choose a writable "
-                        f"{wanted}=...") from exc
+        raise UserError(
+            f"cannot create the output dir {target}: {exc.strerror}; choose a writable {wanted}=..."
+        ) from exc
 
 
 def run_main(argv: list[str]) -> None:
@@ -246,11 +256,17 @@ def eval_main(argv: list[str]) -> None:
     from patchscan.runner import finalize, run_config
     from patchscan.scopes import get_scope
 
-    parser = argparse.ArgumentParser(prog="patchscan eval", description="Recompute metrics.json and plots "
-                                     "of a run from its Parquet results alone.")
+    parser = argparse.ArgumentParser(
+        prog="patchscan eval", description="Recompute metrics.json and plots of a run from its Parquet results alone."
+    )
     parser.add_argument("run_dir", type=Path, help="a run dir, or a results dir shared by shards")
-    parser.add_argument("--out", type=Path, default=None, help="where metrics.json and the figures go (default: "
-                        "the run dir, or beside a results dir given directly; never into the results dir)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where metrics.json and the figures go (default: "
+        "the run dir, or beside a results dir given directly; never into the results dir)",
+    )
     args = parser.parse_args(argv)
     results_dir, config = run_config(args.run_dir)
     out = args.out or (results_dir.parent if results_dir.resolve() == args.run_dir.resolve() else args.run_dir)

@@ -31,13 +31,24 @@ from patchscan.engine.capture import Captured, resolve_position
 from patchscan.engine.counting import Counts
 from patchscan.engine.patching import TopK, _batch_size, _groups, _micro_batches, bytes_per_row
 from patchscan.errors import UserError
-from patchscan.models.loading import (DEFAULT_BUILTIN, _gguf_path, builtin_cache_folder, builtin_spec, builtin_tokenizer,
-                                      resolve_device, resolve_dtype, tiny_config)
+from patchscan.models.loading import (
+    DEFAULT_BUILTIN,
+    _gguf_path,
+    builtin_cache_folder,
+    builtin_spec,
+    builtin_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    tiny_config,
+)
 from patchscan.models.view import ModelView
 
 log = logging.getLogger(__name__)
 CPU_RUNTIME_BYTES = 0.6 * 2**30  # Python, torch, transformers and tokenizer of a CPU process (measured: 0.5-0.7 GiB)
-STAND_IN_NOTE = "the model's tokenizer is not available without its files: token counts use the built-in tokenizer as a stand-in and are approximate"
+STAND_IN_NOTE = (
+    "the model's tokenizer is not available without its files: "
+    "token counts use the built-in tokenizer as a stand-in and are approximate"
+)
 
 
 def hf_config(model_cfg) -> tuple[object, object | None, str]:
@@ -75,8 +86,10 @@ def hf_config(model_cfg) -> tuple[object, object | None, str]:
             return config, None, str(where)
         config = AutoConfig.from_pretrained(where, revision=model_cfg.get("revision"))
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the config of {where!r} ({str(exc).splitlines()[0]}); point at its "
-                        "config.json with model.config_path=FILE") from exc
+        raise UserError(
+            f"cannot read the config of {where!r} ({str(exc).splitlines()[0]}); point at its "
+            "config.json with model.config_path=FILE"
+        ) from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError, TypeError):
@@ -172,8 +185,12 @@ class PlanEngine:
         self.peak_batch_bytes = max(self.peak_batch_bytes, rows * bytes_per_row(self.view, seq_len))
 
     def _size(self, batch_size, seq_len: int, budget_gb) -> int:
-        if batch_size in (None, "auto", 0) and budget_gb is None and self.view.device.type == "cuda" \
-                and not torch.cuda.is_available():
+        if (
+            batch_size in (None, "auto", 0)
+            and budget_gb is None
+            and self.view.device.type == "cuda"
+            and not torch.cuda.is_available()
+        ):
             free = (self.gpu_memory_gb or 80.0) * 2**30 - self.view.weight_bytes
             size = rows_for_budget(bytes_per_row(self.view, seq_len), torch.device("cpu"), 0.8 * free / 2**30)
         else:
@@ -185,7 +202,7 @@ class PlanEngine:
         layers = [view.check_layer(layer) for layer in layers]
         out = []
         for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
+            batch = prompts[start : start + batch_size]
             width = max(len(p) for p in batch)
             self._forward(len(batch), width, width)
             for b, ids in enumerate(batch):
@@ -201,15 +218,23 @@ class PlanEngine:
             self._forward(rows, 1, seq_len)
         self.counts.tokens_generated += rows * steps
 
-    def generate(self, view, patches, max_new_tokens: int = 20, batch_size=256, reuse_prefix: bool = True,
-                 progress=None, memory_budget_gb=None):
+    def generate(
+        self,
+        view,
+        patches,
+        max_new_tokens: int = 20,
+        batch_size=256,
+        reuse_prefix: bool = True,
+        progress=None,
+        memory_budget_gb=None,
+    ):
         patches = [p.resolved(view) for p in patches]
         plain = sorted((i for i, p in enumerate(patches) if p.vector is None), key=lambda i: len(patches[i].target_ids))
         if plain:
             longest = len(patches[plain[-1]].target_ids)
             size = self._size(batch_size, longest + max_new_tokens, memory_budget_gb)
             for s in range(0, len(plain), size):
-                rows = plain[s:s + size]
+                rows = plain[s : s + size]
                 width = max(len(patches[i].target_ids) for i in rows)
                 self._prefill_and_decode(len(rows), width, width + max_new_tokens, max_new_tokens)
             self.unpatched += len(plain)
@@ -223,12 +248,23 @@ class PlanEngine:
             self.cells += len(indices)
         return [[] for _ in patches]
 
-    def patched_next_token(self, view, patches, top_k: int = 5, batch_size=256, reuse_prefix: bool = True,
-                           skip_blocks_below: bool = True, progress=None, memory_budget_gb=None) -> TopK:
+    def patched_next_token(
+        self,
+        view,
+        patches,
+        top_k: int = 5,
+        batch_size=256,
+        reuse_prefix: bool = True,
+        skip_blocks_below: bool = True,
+        progress=None,
+        memory_budget_gb=None,
+    ) -> TopK:
         patches = [p.resolved(view) for p in patches]
         lru = _PrefixLru(8 if reuse_prefix else 0)
         for (ids, position), indices in _groups(patches).items():
-            skip = skip_blocks_below and position == len(ids) - 1 and all(patches[i].vector is not None for i in indices)
+            skip = (
+                skip_blocks_below and position == len(ids) - 1 and all(patches[i].vector is not None for i in indices)
+            )
             size = self._size(batch_size, len(ids), memory_budget_gb)
             for chunk in _micro_batches(view, indices, patches, size, skip):
                 if lru.miss(ids[:position]):
@@ -275,8 +311,15 @@ class Plan:
 
     def report(self) -> str:
         gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-        sizes = (f"{min(self.batch_sizes)}" if len(set(self.batch_sizes)) == 1 else
-                 f"{min(self.batch_sizes)}-{max(self.batch_sizes)}") if self.batch_sizes else "-"
+        sizes = (
+            (
+                f"{min(self.batch_sizes)}"
+                if len(set(self.batch_sizes)) == 1
+                else f"{min(self.batch_sizes)}-{max(self.batch_sizes)}"
+            )
+            if self.batch_sizes
+            else "-"
+        )
         runtime = f" + {gib(self.runtime_bytes)} process runtime" if self.runtime_bytes else ""
         lines = [
             f"plan (dry run, no weights loaded): {self.experiment} on {self.model} ({self.n_parameters / 1e9:.3f} B "
@@ -311,15 +354,33 @@ def make_plan(cfg: DictConfig, scope) -> Plan:
     per_part = int(cfg.runner.examples_per_part)
     engine.counts = Counts()
     for start in range(0, len(mine), per_part):
-        scope.run_chunk(mine[start:start + per_part], lambda n: None)
+        scope.run_chunk(mine[start : start + per_part], lambda n: None)
     notes = [note] if note else []
     if setup.forward_passes:
         notes.append(f"{setup.forward_passes} more forward passes before the chunks (fitting maps; cached after a run)")
     if cfg.get("filter") or (cfg.get("multihop") and cfg.multihop.get("require_single_hops")):
         notes.append("upper bound: assumes every example passes the filter")
-    return Plan(cfg.experiment.name, view.name, where, str(view.dtype).replace("torch.", ""), str(view.device),
-                view.n_parameters, view.weight_bytes, len(mine), len(examples), shard, num_shards,
-                math.ceil(len(mine) / per_part), per_part, engine.counts, engine.cells, engine.unpatched,
-                engine.captured, sorted(engine.batch_sizes), engine.largest_batch, engine.peak_batch_bytes,
-                CPU_RUNTIME_BYTES if view.device.type == "cpu" else 0, notes)
-
+    return Plan(
+        cfg.experiment.name,
+        view.name,
+        where,
+        str(view.dtype).replace("torch.", ""),
+        str(view.device),
+        view.n_parameters,
+        view.weight_bytes,
+        len(mine),
+        len(examples),
+        shard,
+        num_shards,
+        math.ceil(len(mine) / per_part),
+        per_part,
+        engine.counts,
+        engine.cells,
+        engine.unpatched,
+        engine.captured,
+        sorted(engine.batch_sizes),
+        engine.largest_batch,
+        engine.peak_batch_bytes,
+        CPU_RUNTIME_BYTES if view.device.type == "cpu" else 0,
+        notes,
+    )

@@ -24,9 +24,11 @@ def placeholder_position(view: ModelView, prompt: str, placeholder: str) -> tupl
     ids, first = token_index_of_char(view, prompt, at)
     _, last = token_index_of_char(view, prompt, at + len(placeholder) - 1)
     if first != last:
-        raise UserError(f"the placeholder {placeholder!r} is {last - first + 1} tokens in the target prompt "
-                        f"{prompt!r}; one state is patched at one position, so use a placeholder that is one token "
-                        "(e.g. x or ?)")
+        raise UserError(
+            f"the placeholder {placeholder!r} is {last - first + 1} tokens in the target prompt "
+            f"{prompt!r}; one state is patched at one position, so use a placeholder that is one token "
+            "(e.g. x or ?)"
+        )
     return ids, last
 
 

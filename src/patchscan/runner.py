@@ -25,9 +25,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow.dataset as pads
@@ -51,6 +52,7 @@ PROGRESS_INTERVAL_S = 5.0
 
 # ---------------------------------------------------------------- config identity
 
+
 def _identity_config(cfg: DictConfig | dict) -> dict:
     """The part of a config that decides the results: all but how they are batched, sharded, resumed."""
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
@@ -68,6 +70,7 @@ def config_fingerprint(cfg: DictConfig | dict) -> str:
 
 def config_difference(old: dict, new: dict) -> str | None:
     """The first key (dotted) whose value differs between two configs' identities, as 'key: a there, b here'."""
+
     def walk(a: Any, b: Any, prefix: str) -> str | None:
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
@@ -90,6 +93,7 @@ def example_key(example: dict) -> str:
 
 
 # ---------------------------------------------------------------- files
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a small file through a temporary name unique to this process, then rename."""
@@ -147,8 +151,9 @@ def check_parts(results_dir: Path, repair: bool = False) -> list[Path]:
             os.replace(part, aside / part.name)
             log.warning("runner.repair: moved %s (it %s) to %s; its examples run again", part.name, problem, aside)
         else:
-            raise UserError(f"part file {part} {problem}; rerun with runner.repair=true to move it aside and "
-                            "recompute its examples")
+            raise UserError(
+                f"part file {part} {problem}; rerun with runner.repair=true to move it aside and recompute its examples"
+            )
     return good
 
 
@@ -219,8 +224,9 @@ def git_commit() -> str | None:
     if not (root / "pyproject.toml").is_file() or not (root / "src" / "patchscan").is_dir():
         return None
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
-                             text=True, timeout=5).stdout.split()
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return None
     if len(out) != 2 or Path(out[0]).resolve() != root:
@@ -240,8 +246,7 @@ def run_metadata(cfg: DictConfig, view=None, n_examples: int | None = None) -> d
         "num_shards": int(cfg.runner.num_shards),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "pandas": pd.__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "pandas": pd.__version__},
     }
     from patchscan import __version__
 
@@ -250,14 +255,22 @@ def run_metadata(cfg: DictConfig, view=None, n_examples: int | None = None) -> d
     if view is not None:
         from patchscan.caches import model_fingerprint
 
-        meta["model"] = {"name": view.name, "class": type(view.model).__name__, "dtype": str(view.dtype),
-                         "device": str(view.device), "n_blocks": view.n_blocks, "width": view.width,
-                         "fingerprint": model_fingerprint(view),
-                         "revision": cfg.model.get("revision"), "id": cfg.model.get("id") or cfg.model.get("path")}
+        meta["model"] = {
+            "name": view.name,
+            "class": type(view.model).__name__,
+            "dtype": str(view.dtype),
+            "device": str(view.device),
+            "n_blocks": view.n_blocks,
+            "width": view.width,
+            "fingerprint": model_fingerprint(view),
+            "revision": cfg.model.get("revision"),
+            "id": cfg.model.get("id") or cfg.model.get("path"),
+        }
     return meta
 
 
 # ---------------------------------------------------------------- locks
+
 
 class ShardLock:
     """flock on results/.lock-shard-SSS, held for the whole run; the file names the holder.
@@ -271,7 +284,7 @@ class ShardLock:
         self.shard = shard
         self.fh = None
 
-    def acquire(self) -> "ShardLock":
+    def acquire(self) -> ShardLock:
         fh = open(self.path, "a+")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -282,8 +295,10 @@ class ShardLock:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
-            raise UserError(f"{self.path.parent} (shard {self.shard}) is being written by {holder}; wait for it "
-                            "to finish, or write elsewhere (hydra.run.dir=... or runner.results_dir=...)") from None
+            raise UserError(
+                f"{self.path.parent} (shard {self.shard}) is being written by {holder}; wait for it "
+                "to finish, or write elsewhere (hydra.run.dir=... or runner.results_dir=...)"
+            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -299,6 +314,7 @@ class ShardLock:
 
 
 # ---------------------------------------------------------------- plan
+
 
 @dataclass
 class RunPlan:
@@ -378,11 +394,16 @@ def open_run(cfg: DictConfig, run_dir: Path) -> RunPlan:
             raise UserError(f"cannot read {meta_path} ({exc}); choose another run dir (hydra.run.dir=...)") from exc
         if old.get("fingerprint") != fingerprint:
             diff = config_difference(old.get("config") or {}, OmegaConf.to_container(cfg, resolve=True))
-            raise UserError(f"{results_dir} holds results of a different config ({diff or 'fingerprint ' + str(old.get('fingerprint'))}); "
-                            "choose another run dir (hydra.run.dir=...) or delete it")
+            raise UserError(
+                f"{results_dir} holds results of a different config "
+                f"({diff or 'fingerprint ' + str(old.get('fingerprint'))}); "
+                "choose another run dir (hydra.run.dir=...) or delete it"
+            )
         if int(old.get("num_shards") or num_shards) != num_shards:
-            raise UserError(f"{results_dir} was written with runner.num_shards={old.get('num_shards')}, not "
-                            f"{num_shards}; use the same number of shards or another results dir")
+            raise UserError(
+                f"{results_dir} was written with runner.num_shards={old.get('num_shards')}, not "
+                f"{num_shards}; use the same number of shards or another results dir"
+            )
     results_dir.mkdir(parents=True, exist_ok=True)
     lock = ShardLock(results_dir, shard).acquire()
     for stale in results_dir.glob(f".part-{shard:03d}-*.tmp"):  # a kill between write and rename
@@ -397,9 +418,11 @@ def plan_run(plan: RunPlan, examples: list[dict], meta: dict, repair: bool = Fal
         old_model = (json.loads(meta_path.read_text()).get("model") or {}).get("fingerprint")
         new_model = (meta.get("model") or {}).get("fingerprint")
         if old_model and new_model and old_model != new_model:
-            raise UserError(f"{plan.results_dir} holds results of other model weights (model fingerprint "
-                            f"{old_model}, now {new_model}) under the same config; choose another run dir "
-                            "(hydra.run.dir=...)")
+            raise UserError(
+                f"{plan.results_dir} holds results of other model weights (model fingerprint "
+                f"{old_model}, now {new_model}) under the same config; choose another run dir "
+                "(hydra.run.dir=...)"
+            )
     keys = {}
     for i, example in enumerate(examples):
         example.setdefault("_index", i)
@@ -408,12 +431,16 @@ def plan_run(plan: RunPlan, examples: list[dict], meta: dict, repair: bool = Fal
     stored = stored_examples(plan.results_dir, repair)
     for example_id, key in stored.items():
         if example_id not in keys:
-            raise UserError(f"{plan.results_dir} holds example {example_id!r}, which the dataset no longer gives "
-                            "(the data changed since those results were written); choose another run dir "
-                            "(hydra.run.dir=...)")
+            raise UserError(
+                f"{plan.results_dir} holds example {example_id!r}, which the dataset no longer gives "
+                "(the data changed since those results were written); choose another run dir "
+                "(hydra.run.dir=...)"
+            )
         if key is not None and key != keys[example_id]:
-            raise UserError(f"{plan.results_dir} holds example {example_id!r} computed from other data (its text, "
-                            "token ids or answer changed since); choose another run dir (hydra.run.dir=...)")
+            raise UserError(
+                f"{plan.results_dir} holds example {example_id!r} computed from other data (its text, "
+                "token ids or answer changed since); choose another run dir (hydra.run.dir=...)"
+            )
     meta = {**meta, "n_examples": len(examples)}
     write_atomic(meta_path, json.dumps(strict_json(meta), indent=1))
     plan.mine = shard_examples(examples, plan.num_shards, plan.shard)
@@ -423,6 +450,7 @@ def plan_run(plan: RunPlan, examples: list[dict], meta: dict, repair: bool = Fal
 
 
 # ---------------------------------------------------------------- execute
+
 
 class Progress:
     """A tqdm bar on a terminal; elsewhere (a log file) one plain line at most every few seconds."""
@@ -437,8 +465,9 @@ class Progress:
         if isatty:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="example", dynamic_ncols=True, file=self.stream,
-                            mininterval=1.0)
+            self.bar = tqdm(
+                total=total, desc=desc, unit="example", dynamic_ncols=True, file=self.stream, mininterval=1.0
+            )
 
     def _line(self, final: bool = False) -> None:
         now = time.monotonic()
@@ -446,8 +475,12 @@ class Progress:
             return
         self.last = now
         rate = self.done / (now - self.start) if now > self.start else 0.0
-        print(f"{self.desc}: {self.done}/{self.total} examples, {self.runs} patched runs, "
-              f"{now - self.start:.0f} s ({rate:.2f} examples/s)", file=self.stream, flush=True)
+        print(
+            f"{self.desc}: {self.done}/{self.total} examples, {self.runs} patched runs, "
+            f"{now - self.start:.0f} s ({rate:.2f} examples/s)",
+            file=self.stream,
+            flush=True,
+        )
 
     def add_runs(self, n: int) -> None:
         self.runs += n
@@ -477,13 +510,24 @@ def with_keys(df: pd.DataFrame, chunk: list[dict]) -> pd.DataFrame:
     df["example_key"] = df["example_id"].map(keys)
     for column in INT_COLUMNS:
         if column in df:
-            df[column] = pd.array([None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
-                                   else int(v) for v in df[column]], dtype="Int64")
+            df[column] = pd.array(
+                [
+                    None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else int(v)
+                    for v in df[column]
+                ],
+                dtype="Int64",
+            )
     return df
 
 
-def execute(plan: RunPlan, run_chunk: Callable[[list[dict], Callable[[int], None]], pd.DataFrame],
-            examples_per_part: int, desc: str, view=None, setup: Counts | None = None) -> None:
+def execute(
+    plan: RunPlan,
+    run_chunk: Callable[[list[dict], Callable[[int], None]], pd.DataFrame],
+    examples_per_part: int,
+    desc: str,
+    view=None,
+    setup: Counts | None = None,
+) -> None:
     """Run the examples chunk by chunk, writing one Parquet part per chunk, with progress.
 
     With the model's `view`, each chunk's model work is counted into `results/_shard-SSS.json`.
@@ -497,7 +541,7 @@ def execute(plan: RunPlan, run_chunk: Callable[[list[dict], Callable[[int], None
     work = ShardLog(plan.results_dir, plan.shard, plan.num_shards, plan.skipped, setup)
     try:
         for start in range(0, len(plan.todo), examples_per_part):
-            chunk = plan.todo[start:start + examples_per_part]
+            chunk = plan.todo[start : start + examples_per_part]
             with count_work(None if view is None else view.model) as counts:
                 df = with_keys(run_chunk(chunk, progress.add_runs), chunk)
             name = f"part-{plan.shard:03d}-{chunk[0]['_index']:07d}.parquet"
@@ -530,6 +574,9 @@ def finalize(scope_cls, cfg, out_dir: Path, results_dir: Path, quiet: bool = Fal
     for png in metrics.get("figures", []):
         print(f"figure:  {png}")
     if not metrics["complete"]:
-        print(f"patchscan: warning: partial metrics: {stored} of {expected} examples are in {results_dir} "
-              "(the run or another shard is unfinished); metrics.json says \"complete\": false", file=sys.stderr)
+        print(
+            f"patchscan: warning: partial metrics: {stored} of {expected} examples are in {results_dir} "
+            '(the run or another shard is unfinished); metrics.json says "complete": false',
+            file=sys.stderr,
+        )
     return metrics

@@ -7,8 +7,9 @@ experiment's config are skipped, so one table serves every experiment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -26,8 +27,9 @@ def whole(minimum: int | None = None, optional: bool = False) -> tuple[Callable[
 
 def number(minimum: float = 0.0, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
     what = f"a number >= {minimum:g}" + (" or null" if optional else "")
-    return (lambda v: (optional and v is None)
-            or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= minimum)), what
+    return (
+        lambda v: (optional and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= minimum)
+    ), what
 
 
 def boolean() -> tuple[Callable[[Any], bool], str]:
@@ -126,11 +128,17 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{rule.key}={_show(value)} is not valid; use {allowed}")
     runner = cfg.get("runner") or {}
     if "shard" in runner and "num_shards" in runner and not runner.shard < runner.num_shards:
-        raise UserError(f"runner.shard={runner.shard} is out of range for runner.num_shards={runner.num_shards}; "
-                        f"use 0..{runner.num_shards - 1}")
+        raise UserError(
+            f"runner.shard={runner.shard} is out of range for runner.num_shards={runner.num_shards}; "
+            f"use 0..{runner.num_shards - 1}"
+        )
     source = cfg.get("source")
-    if isinstance(source, DictConfig) and "min_tokens" in source and "max_tokens" in source \
-            and source.max_tokens < source.min_tokens:
+    if (
+        isinstance(source, DictConfig)
+        and "min_tokens" in source
+        and "max_tokens" in source
+        and source.max_tokens < source.min_tokens
+    ):
         raise UserError(f"source.max_tokens={source.max_tokens} is below source.min_tokens={source.min_tokens}")
     for group in ("model", "target_model"):
         present, dev = _select(cfg, f"{group}.device")
@@ -139,5 +147,6 @@ def validate(cfg: DictConfig) -> None:
             import torch
 
             if not torch.cuda.is_available():
-                raise UserError(f"{group}.device={dev!r} but no CUDA GPU is available here; use {group}.device=cpu "
-                                "or auto")
+                raise UserError(
+                    f"{group}.device={dev!r} but no CUDA GPU is available here; use {group}.device=cpu or auto"
+                )

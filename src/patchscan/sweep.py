@@ -43,7 +43,9 @@ def parse_layers(spec: Any, n_blocks: int, what: str) -> list[int]:
     out = []
     for layer in layers:
         if not isinstance(layer, int) or not -n_blocks <= layer < n_blocks:
-            raise UserError(f"{what}: layer {layer!r} is out of range (the model has {n_blocks} blocks: 0..{n_blocks - 1})")
+            raise UserError(
+                f"{what}: layer {layer!r} is out of range (the model has {n_blocks} blocks: 0..{n_blocks - 1})"
+            )
         out.append(layer % n_blocks)
     if not out:
         raise UserError(f"{what}={spec!r} selects no layer")

@@ -67,11 +67,22 @@ class ShardLog:
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
         else:
-            self.data = {"shard": shard, "num_shards": num_shards, "totals": dict.fromkeys(TOTAL_KEYS, 0),
-                         "sessions": []}
-        self.session = {"started": _now(), "finished": None, "host": platform.node(), "pid": os.getpid(),
-                        "examples_skipped": skipped, "setup": (setup or Counts()).as_dict(),
-                        **dict.fromkeys(TOTAL_KEYS, 0), "parts": []}
+            self.data = {
+                "shard": shard,
+                "num_shards": num_shards,
+                "totals": dict.fromkeys(TOTAL_KEYS, 0),
+                "sessions": [],
+            }
+        self.session = {
+            "started": _now(),
+            "finished": None,
+            "host": platform.node(),
+            "pid": os.getpid(),
+            "examples_skipped": skipped,
+            "setup": (setup or Counts()).as_dict(),
+            **dict.fromkeys(TOTAL_KEYS, 0),
+            "parts": [],
+        }
         self.data["sessions"].append(self.session)
         self.save()
 

@@ -29,12 +29,19 @@ def load_entities(path: str | None) -> list[dict]:
     for n, r in enumerate(records, 1):
         if not r.get("name") or not r.get("description"):
             raise UserError(f"{file}: record {n} needs 'name' and 'description'")
-        bad = next((k for k in ("name", "description", "popularity") if r.get(k) is not None
-                    and not isinstance(r[k], str)), None)
+        bad = next(
+            (k for k in ("name", "description", "popularity") if r.get(k) is not None and not isinstance(r[k], str)),
+            None,
+        )
         if bad:
             raise UserError(f"{file}: record {n} has {bad}={r[bad]!r}; it must be text (in quotes in JSON)")
-        out.append({"name": r["name"].strip(), "description": r["description"].strip(),
-                    "popularity": (r.get("popularity") or "unknown").strip()})
+        out.append(
+            {
+                "name": r["name"].strip(),
+                "description": r["description"].strip(),
+                "popularity": (r.get("popularity") or "unknown").strip(),
+            }
+        )
     if not out:
         raise UserError(f"the entity file {file} is empty")
     return out

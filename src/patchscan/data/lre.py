@@ -51,8 +51,9 @@ def _relation_from_file(path: Path) -> Relation:
     if not templates + templates_zs or not all("{}" in t for t in templates + templates_zs):
         raise UserError(f"{path}: every prompt template needs a '{{}}' for the subject")
     samples = [s for s in data["samples"] if isinstance(s, dict) and s.get("subject") and s.get("object")]
-    return Relation(data.get("name") or path.stem, path.stem, templates, templates_zs, samples,
-                    dict(data.get("properties") or {}))
+    return Relation(
+        data.get("name") or path.stem, path.stem, templates, templates_zs, samples, dict(data.get("properties") or {})
+    )
 
 
 def load_relations(path: str | Path, names=None) -> list[Relation]:
@@ -70,16 +71,16 @@ def load_relations(path: str | Path, names=None) -> list[Relation]:
         known = {r.key for r in relations} | {r.name for r in relations}
         unknown = [n for n in wanted if n not in known]
         if unknown:
-            raise UserError(f"unknown relation {unknown[0]!r} in {path}; choose from "
-                            f"{', '.join(sorted(r.key for r in relations))}")
+            raise UserError(
+                f"unknown relation {unknown[0]!r} in {path}; choose from {', '.join(sorted(r.key for r in relations))}"
+            )
         relations = [r for r in relations if r.key in wanted or r.name in wanted]
     if not relations or not any(r.samples for r in relations):
         raise UserError(f"no relation samples found in {path}")
     return relations
 
 
-TSV_COLUMNS = ("sample_id", "prompt_target", "position_target", "object", "subject", "prompt_source",
-               "position_source")
+TSV_COLUMNS = ("sample_id", "prompt_target", "position_target", "object", "subject", "prompt_source", "position_source")
 
 
 def load_patchscopes_tsv(path: str | Path) -> list[dict]:
@@ -101,8 +102,9 @@ def load_patchscopes_tsv(path: str | Path) -> list[dict]:
         short = next((c for c in TSV_COLUMNS if row.get(c) is None), None)
         if short or None in row:
             what = f"has no field {short!r}" if short else "has more fields than the header"
-            raise UserError(f"{path}: line {n} {what} (every row needs the {len(rows[0])} tab-separated fields "
-                            "of the header)")
+            raise UserError(
+                f"{path}: line {n} {what} (every row needs the {len(rows[0])} tab-separated fields of the header)"
+            )
     return rows
 
 

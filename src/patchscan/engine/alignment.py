@@ -29,15 +29,31 @@ def aligned_positions(source: ModelView, target: ModelView, text: str, max_token
     return list(enc_s["input_ids"][:max_tokens]), list(enc_t["input_ids"][:max_tokens]), pairs
 
 
-def fit_cross_model_maps(source: ModelView, target: ModelView, texts: list[str], pairs: list[tuple[int, int]],
-                         cache_dir: Path, ridge: float = 0.01, max_positions: int = 10000,
-                         batch_size: int = 32) -> dict[tuple[int, int], Affine]:
+def fit_cross_model_maps(
+    source: ModelView,
+    target: ModelView,
+    texts: list[str],
+    pairs: list[tuple[int, int]],
+    cache_dir: Path,
+    ridge: float = 0.01,
+    max_positions: int = 10000,
+    batch_size: int = 32,
+) -> dict[tuple[int, int], Affine]:
     """One least-squares affine map per (source block, target block), cached on disk."""
     aligned = [aligned_positions(source, target, t) for t in texts]
     aligned = [a for a in aligned if a[2]]
-    key = map_cache_key("cross_model", model_fingerprint(source), model_fingerprint(target), str(source.dtype),
-                        str(target.dtype), [a[0] for a in aligned], [a[1] for a in aligned], [a[2] for a in aligned],
-                        ridge, max_positions)
+    key = map_cache_key(
+        "cross_model",
+        model_fingerprint(source),
+        model_fingerprint(target),
+        str(source.dtype),
+        str(target.dtype),
+        [a[0] for a in aligned],
+        [a[1] for a in aligned],
+        [a[2] for a in aligned],
+        ridge,
+        max_positions,
+    )
     folder = cache_dir / f"{source.name}--{target.name}-{key}"
     paths = {p: folder / f"s{p[0]}-t{p[1]}.pt" for p in pairs}
     if all(path.exists() for path in paths.values()):

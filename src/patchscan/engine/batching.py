@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -22,8 +23,9 @@ T = TypeVar("T")
 FORWARD_OVERHEAD = {"cpu": 100.0, "cuda": 4000.0}
 
 
-def plan_layer_chunks(layers: Sequence[int], n_blocks: int, batch_size: int,
-                      overhead: float = 100.0) -> list[list[int]]:
+def plan_layer_chunks(
+    layers: Sequence[int], n_blocks: int, batch_size: int, overhead: float = 100.0
+) -> list[list[int]]:
     """Cut row indices (any order) into micro-batches of at most `batch_size` rows.
 
     A micro-batch starting at block b costs `overhead` + rows x (n_blocks - 1 - b).
@@ -50,9 +52,9 @@ def plan_layer_chunks(layers: Sequence[int], n_blocks: int, batch_size: int,
     chunks, start = [], 0
     for lo, hi in reversed(bounds):
         n_rows = sum(counts[lo:hi])
-        span = order[start:start + n_rows]
+        span = order[start : start + n_rows]
         start += n_rows
-        chunks += [span[k:k + batch_size] for k in range(0, n_rows, batch_size)]
+        chunks += [span[k : k + batch_size] for k in range(0, n_rows, batch_size)]
     return chunks
 
 
@@ -76,8 +78,7 @@ def run_with_backoff(rows: list[T], fn: Callable[[list[T]], object]) -> Iterator
     yield from run_with_backoff(rows[half:], fn)
 
 
-def rows_for_budget(bytes_per_row: int, device: torch.device, budget_gb: float | None = None,
-                    cap: int = 1024) -> int:
+def rows_for_budget(bytes_per_row: int, device: torch.device, budget_gb: float | None = None, cap: int = 1024) -> int:
     """Micro-batch rows that fit a memory budget: free GPU memory (80%), or `budget_gb` on CPU."""
     if budget_gb is None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

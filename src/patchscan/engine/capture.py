@@ -55,13 +55,19 @@ def next_token_logprobs(view: ModelView, hidden: torch.Tensor, chunk_mb: int = 2
     out = torch.empty((hidden.shape[0], view.vocab_size), device=view.device)
     step = max(1, chunk_mb * 2**20 // (4 * view.vocab_size))
     for s in range(0, hidden.shape[0], step):
-        out[s:s + step] = torch.log_softmax(view.readout(hidden[s:s + step]), dim=-1)
+        out[s : s + step] = torch.log_softmax(view.readout(hidden[s : s + step]), dim=-1)
     return out
 
 
 @torch.no_grad()
-def capture(view: ModelView, prompts: list[list[int]], layers: list[int], positions: list[list[int]],
-            batch_size: int = 32, with_logprobs: bool = False) -> list[Captured]:
+def capture(
+    view: ModelView,
+    prompts: list[list[int]],
+    layers: list[int],
+    positions: list[list[int]],
+    batch_size: int = 32,
+    with_logprobs: bool = False,
+) -> list[Captured]:
     """Run each prompt once and gather block outputs at the given positions.
 
     `positions[p]` lists positions of prompt p (negative ones count from its end). With
@@ -72,9 +78,11 @@ def capture(view: ModelView, prompts: list[list[int]], layers: list[int], positi
     want = sorted(set(layers) | ({view.n_blocks - 1} if with_logprobs else set()))
     results: list[Captured] = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        pos = [[resolve_position(p, len(ids), "source position") for p in positions[start + b]]
-               for b, ids in enumerate(batch)]
+        batch = prompts[start : start + batch_size]
+        pos = [
+            [resolve_position(p, len(ids), "source position") for p in positions[start + b]]
+            for b, ids in enumerate(batch)
+        ]
         input_ids, mask = pad_batch(batch, view.tokenizer.pad_token_id or 0)
         rows = torch.tensor([b for b, ps in enumerate(pos) for _ in ps], device=view.input_device)
         cols = torch.tensor([p for ps in pos for p in ps], device=view.input_device)
@@ -83,7 +91,8 @@ def capture(view: ModelView, prompts: list[list[int]], layers: list[int], positi
         def make_hook(layer):
             def hook(module, inputs, output):  # indices to the block's device, states to the output device
                 hidden = hidden_of(output)
-                store[layer] = hidden[rows.to(hidden.device), cols.to(hidden.device)].to(view.device)
+                store[layer] = hidden[rows.to(hidden.device), cols.to(hidden.device)].to(view.device)  # noqa: B023 (hook lives one iteration)
+
             return hook
 
         with block_hooks(view.blocks, {layer: make_hook(layer) for layer in want}):

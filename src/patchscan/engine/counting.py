@@ -13,14 +13,15 @@ open at the time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torch import nn
 
-_OPEN: list["Counts"] = []
+_OPEN: list[Counts] = []
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Counts:
     forward_tokens: int = 0
     tokens_generated: int = 0
 
-    def add(self, other: "Counts") -> None:
+    def add(self, other: Counts) -> None:
         for key, value in asdict(other).items():
             setattr(self, key, getattr(self, key) + value)
 

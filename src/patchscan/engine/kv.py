@@ -36,8 +36,8 @@ class PreallocatedLayer(DynamicLayer):
             pad = self._keys.new_empty(*self._keys.shape[:2], grow, self._keys.shape[-1])
             self._keys = torch.cat([self._keys, pad], dim=-2)
             self._values = torch.cat([self._values, torch.empty_like(pad)], dim=-2)
-        self._keys[:, :, self._length:end] = keys
-        self._values[:, :, self._length:end] = values
+        self._keys[:, :, self._length : end] = keys
+        self._values[:, :, self._length : end] = values
         self._length = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
 

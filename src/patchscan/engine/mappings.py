@@ -42,7 +42,7 @@ class Affine:
         return (h.float() @ self.weight.to(device) + self.bias.to(device)).to(dtype)
 
     @classmethod
-    def fit(cls, x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0) -> "Affine":
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0) -> Affine:
         """Least squares on (n, d_in) -> (n, d_out) pairs, in float64 for a stable solve."""
         x64 = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], dim=1)
         y64 = y.double()

@@ -43,7 +43,11 @@ def naive_generate(view: ModelView, patch: Patch, max_new_tokens: int = 20) -> l
     hooks = {} if patch.vector is None else {patch.layer: _one_hook(patch, prefill_only=True)}
     with block_hooks(view.blocks, hooks):
         out = view.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=view.tokenizer.pad_token_id, eos_token_id=sorted(view.eos_token_ids) or None,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=view.tokenizer.pad_token_id,
+            eos_token_id=sorted(view.eos_token_ids) or None,
         )
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()

@@ -11,8 +11,8 @@ Generation continues greedily from the patched prefill; the patch is applied the
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -33,10 +33,14 @@ class Patch:
     layer: int
     vector: torch.Tensor | None
 
-    def resolved(self, view: ModelView) -> "Patch":
+    def resolved(self, view: ModelView) -> Patch:
         ids = tuple(int(t) for t in self.target_ids)
-        return Patch(ids, resolve_position(self.position, len(ids), "target position"),
-                     view.check_layer(self.layer, "target layer"), self.vector)
+        return Patch(
+            ids,
+            resolve_position(self.position, len(ids), "target position"),
+            view.check_layer(self.layer, "target layer"),
+            self.vector,
+        )
 
 
 class PrefixCache:
@@ -123,8 +127,9 @@ def _batch_size(view: ModelView, batch_size: int | str | None, seq_len: int, bud
     return int(batch_size)
 
 
-def _micro_batches(view: ModelView, indices: list[int], patches: list[Patch], batch_size: int,
-                   skip: bool) -> Iterator[list[int]]:
+def _micro_batches(
+    view: ModelView, indices: list[int], patches: list[Patch], batch_size: int, skip: bool
+) -> Iterator[list[int]]:
     if skip:  # sorted by target block, cut where skipping the blocks below pays for another forward
         layers = [patches[i].layer for i in indices]
         overhead = FORWARD_OVERHEAD.get(view.device.type, 100.0)
@@ -132,15 +137,22 @@ def _micro_batches(view: ModelView, indices: list[int], patches: list[Patch], ba
             yield [indices[k] for k in chunk]
     else:
         for s in range(0, len(indices), batch_size):
-            yield indices[s:s + batch_size]
+            yield indices[s : s + batch_size]
 
 
 @torch.no_grad()
-def _prefill(view: ModelView, cache: PrefixCache, patches: list[Patch], rows: list[int], skip: bool, use_cache: bool,
-             room: int | None = None):
+def _prefill(
+    view: ModelView,
+    cache: PrefixCache,
+    patches: list[Patch],
+    rows: list[int],
+    skip: bool,
+    use_cache: bool,
+    room: int | None = None,
+):
     """Run the suffix of one group for `rows`, patched; return (last-position logits, kv cache)."""
     first = patches[rows[0]]
-    suffix = first.target_ids[first.position:]
+    suffix = first.target_ids[first.position :]
     n = len(rows)
     input_ids = torch.tensor([suffix] * n, device=view.input_device)
     patched = [k for k, i in enumerate(rows) if patches[i].vector is not None]
@@ -160,10 +172,15 @@ def _prefill(view: ModelView, cache: PrefixCache, patches: list[Patch], rows: li
     return out.logits[:, -1].float(), out.past_key_values
 
 
-def iter_patched_logits(view: ModelView, patches: list[Patch], batch_size: int | str | None = 256,
-                        reuse_prefix: bool = True, skip_blocks_below: bool = True,
-                        progress: Callable[[int], None] | None = None, memory_budget_gb: float | None = None
-                        ) -> Iterator[tuple[list[int], torch.Tensor]]:
+def iter_patched_logits(
+    view: ModelView,
+    patches: list[Patch],
+    batch_size: int | str | None = 256,
+    reuse_prefix: bool = True,
+    skip_blocks_below: bool = True,
+    progress: Callable[[int], None] | None = None,
+    memory_budget_gb: float | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (patch indices, last-position logits) micro-batch by micro-batch.
 
     `batch_size="auto"` sizes micro-batches from free GPU memory or `memory_budget_gb`; an
@@ -176,7 +193,9 @@ def iter_patched_logits(view: ModelView, patches: list[Patch], batch_size: int |
         size = _batch_size(view, batch_size, len(ids), memory_budget_gb)
         for chunk in _micro_batches(view, indices, patches, size, skip):
             for rows, (logits, _) in run_with_backoff(
-                    chunk, lambda rows: _prefill(view, cache, patches, rows, skip, use_cache=False)):
+                chunk,
+                lambda rows: _prefill(view, cache, patches, rows, skip, use_cache=False),  # noqa: B023 (called at once)
+            ):
                 if progress:
                     progress(len(rows))
                 yield rows, logits
@@ -207,9 +226,15 @@ def patched_next_token(view: ModelView, patches: list[Patch], top_k: int = 5, **
 
 
 @torch.no_grad()
-def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, batch_size: int | str | None = 256,
-             reuse_prefix: bool = True, progress: Callable[[int], None] | None = None,
-             memory_budget_gb: float | None = None) -> list[list[int]]:
+def generate(  # noqa: C901 (decode loop; split pending, issue 19)
+    view: ModelView,
+    patches: list[Patch],
+    max_new_tokens: int = 20,
+    batch_size: int | str | None = 256,
+    reuse_prefix: bool = True,
+    progress: Callable[[int], None] | None = None,
+    memory_budget_gb: float | None = None,
+) -> list[list[int]]:
     """Greedy continuations of the patched target prompts (the patch acts in the prefill only).
 
     Each continuation stops after an end-of-sequence token (kept) or `max_new_tokens`; finished
@@ -235,8 +260,13 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
             if not keep.all():  # finished rows leave the batch
                 alive, token = alive[keep], token[keep]
                 kv.batch_select_indices(keep.nonzero().flatten().cpu())  # each layer moves them to its device
-            logits = view.model(input_ids=token[:, None].to(view.input_device), past_key_values=kv, use_cache=True,
-                                logits_to_keep=1).logits[:, -1].float()
+            logits = (
+                view.model(
+                    input_ids=token[:, None].to(view.input_device), past_key_values=kv, use_cache=True, logits_to_keep=1
+                )
+                .logits[:, -1]
+                .float()
+            )
         return tokens
 
     plain = sorted((i for i, p in enumerate(patches) if p.vector is None), key=lambda i: len(patches[i].target_ids))
@@ -245,8 +275,9 @@ def generate(view: ModelView, patches: list[Patch], max_new_tokens: int = 20, ba
         size = _batch_size(view, batch_size, longest + max_new_tokens, memory_budget_gb)
         for s in range(0, len(plain), size):
             for rows, tokens in run_with_backoff(
-                    plain[s:s + size], lambda rows: _plain_generate(view, [patches[i].target_ids for i in rows],
-                                                                    max_new_tokens)):
+                plain[s : s + size],
+                lambda rows: _plain_generate(view, [patches[i].target_ids for i in rows], max_new_tokens),
+            ):
                 for r, t in zip(rows, tokens):
                     out[r] = t
                 if progress:
@@ -270,11 +301,16 @@ def _plain_generate(view: ModelView, prompts: list[tuple[int, ...]], max_new_tok
     eos = view.eos_token_ids
     pad = view.tokenizer.pad_token_id if view.tokenizer.pad_token_id is not None else 0
     ids, mask = pad_batch([list(p) for p in prompts], pad, left=True)
-    out = view.model.generate(input_ids=ids.to(view.input_device), attention_mask=mask.to(view.input_device),
-                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                              eos_token_id=sorted(eos) or None)
+    out = view.model.generate(
+        input_ids=ids.to(view.input_device),
+        attention_mask=mask.to(view.input_device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=sorted(eos) or None,
+    )
     tokens = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in out[:, ids.shape[1] :].tolist():
         cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
         tokens.append(row[:cut])
     return tokens

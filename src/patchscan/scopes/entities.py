@@ -8,8 +8,8 @@ reference description by Rouge-L and by sentence-embedding cosine similarity.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -52,12 +52,14 @@ class EntityScope(Scope):
     def bind(self, view, target_view=None) -> None:
         super().bind(view)
         self.target_view = target_view or view
-        self.pairs = layer_pairs(self.cfg.sweep.source_layers, self.cfg.sweep.target_layers,
-                                 view.n_blocks, self.target_view.n_blocks)
+        self.pairs = layer_pairs(
+            self.cfg.sweep.source_layers, self.cfg.sweep.target_layers, view.n_blocks, self.target_view.n_blocks
+        )
         self.source_layers = sorted({s for s, _ in self.pairs})
         self.prompt = self.cfg.patchscope.target_prompt
-        self.target_ids, self.target_position = placeholder_position(self.target_view, self.prompt,
-                                                                     self.cfg.patchscope.placeholder)
+        self.target_ids, self.target_position = placeholder_position(
+            self.target_view, self.prompt, self.cfg.patchscope.placeholder
+        )
 
     def examples(self) -> list[dict]:
         out = []
@@ -72,24 +74,51 @@ class EntityScope(Scope):
         return state
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
-        caps = self.engine.capture(self.view, [e["ids"] for e in examples], self.source_layers,
-                       [[e["position"]] for e in examples], batch_size=self.capture_batch_size())
-        patches = [Patch(tuple(self.target_ids), self.target_position, t,
-                         self.map_state(cap.at(s), s, t))
-                   for cap in caps for s, t in self.pairs]
-        gens = self.engine.generate(self.target_view, patches, max_new_tokens=int(self.cfg.generation.max_new_tokens),
-                        progress=progress, **self.batching())
+        caps = self.engine.capture(
+            self.view,
+            [e["ids"] for e in examples],
+            self.source_layers,
+            [[e["position"]] for e in examples],
+            batch_size=self.capture_batch_size(),
+        )
+        patches = [
+            Patch(tuple(self.target_ids), self.target_position, t, self.map_state(cap.at(s), s, t))
+            for cap in caps
+            for s, t in self.pairs
+        ]
+        gens = self.engine.generate(
+            self.target_view,
+            patches,
+            max_new_tokens=int(self.cfg.generation.max_new_tokens),
+            progress=progress,
+            **self.batching(),
+        )
         rows, k = [], 0
         for e in examples:
             for s, t in self.pairs:
                 text = self.target_view.decode(gens[k])
                 k += 1
-                rows.append({"example_id": e["example_id"], "method": "patchscope", "model": self.view.name,
-                             "target_model": self.target_view.name, "subject": e["name"], "object": e["description"],
-                             "popularity": e["popularity"], "source_text": e["name"], "source_token_ids": e["ids"],
-                             "source_position": e["position"], "source_layer": s, "target_prompt": self.prompt,
-                             "target_token_ids": list(self.target_ids), "target_position": self.target_position,
-                             "target_layer": t, "generation": text, "description": first_description(text)})
+                rows.append(
+                    {
+                        "example_id": e["example_id"],
+                        "method": "patchscope",
+                        "model": self.view.name,
+                        "target_model": self.target_view.name,
+                        "subject": e["name"],
+                        "object": e["description"],
+                        "popularity": e["popularity"],
+                        "source_text": e["name"],
+                        "source_token_ids": e["ids"],
+                        "source_position": e["position"],
+                        "source_layer": s,
+                        "target_prompt": self.prompt,
+                        "target_token_ids": list(self.target_ids),
+                        "target_position": self.target_position,
+                        "target_layer": t,
+                        "generation": text,
+                        "description": first_description(text),
+                    }
+                )
         if self.planning:  # a dry run loads no model, the embedding model included
             return pd.DataFrame(rows)
         return score_descriptions(pd.DataFrame(rows), bool(self.cfg.similarity.embedding))
@@ -97,10 +126,13 @@ class EntityScope(Scope):
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:
         columns = ["rouge_l"] + (["embedding_cosine"] if "embedding_cosine" in df else [])
-        return {"experiment": cfg.experiment.name, "n_examples": int(df["example_id"].nunique()),
-                "by_layer": grouped_mean_se(df, ["popularity", "source_layer", "target_layer"], columns),
-                "by_layer_all": grouped_mean_se(df, ["source_layer", "target_layer"], columns),
-                "counts": df.drop_duplicates("example_id")["popularity"].value_counts().to_dict()}
+        return {
+            "experiment": cfg.experiment.name,
+            "n_examples": int(df["example_id"].nunique()),
+            "by_layer": grouped_mean_se(df, ["popularity", "source_layer", "target_layer"], columns),
+            "by_layer_all": grouped_mean_se(df, ["source_layer", "target_layer"], columns),
+            "counts": df.drop_duplicates("example_id")["popularity"].value_counts().to_dict(),
+        }
 
     @staticmethod
     def report(metrics: dict) -> str:
@@ -108,8 +140,10 @@ class EntityScope(Scope):
         values = [c for c in ("rouge_l", "embedding_cosine") if c in by]
         table = by.pivot_table(index=["source_layer", "target_layer"], columns="popularity", values=values)
         table.columns = [f"{v} {p}" for v, p in table.columns]
-        return (f"entity description similarity by block ({metrics['n_examples']} entities: {metrics['counts']})\n"
-                + table.to_string(float_format=lambda x: f"{x:.3f}"))
+        return (
+            f"entity description similarity by block ({metrics['n_examples']} entities: {metrics['counts']})\n"
+            + table.to_string(float_format=lambda x: f"{x:.3f}")
+        )
 
     @staticmethod
     def plot(df: pd.DataFrame, metrics: dict, run_dir: Path) -> list[Path]:
@@ -118,6 +152,13 @@ class EntityScope(Scope):
         by = pd.DataFrame(metrics["by_layer"])
         columns = [c for c in ("rouge_l", "embedding_cosine") if c in by]
         labels = {"rouge_l": "Rouge-L F1", "embedding_cosine": "MiniLM cosine"}
-        return [method_curves(by, columns, [labels[c] for c in columns], run_dir / "entity_similarity.png",
-                              title=f"Entity descriptions from block ℓ ({metrics['n_examples']} entities)",
-                              line_column="popularity")]
+        return [
+            method_curves(
+                by,
+                columns,
+                [labels[c] for c in columns],
+                run_dir / "entity_similarity.png",
+                title=f"Entity descriptions from block ℓ ({metrics['n_examples']} entities)",
+                line_column="popularity",
+            )
+        ]

@@ -17,8 +17,8 @@ samples the model answers hop by hop. `dataset.limit` counts candidates, before 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -75,12 +75,20 @@ class MultihopScope(Scope):
                 question = spec.question if spec else b.templates[0].replace("{}", phrase)
                 hop2_prompt = overrides.get(b.key) or b.target_prompt(cfg.patchscope.placeholder)
                 for i, (s, answer) in enumerate(joined[: cfg.multihop.per_pair_limit or None]):
-                    self.samples.append({
-                        "example_id": f"{a.key}+{b.key}/{i}", "relation": f"{a.key} -> {b.key}",
-                        "subject": s["subject"], "bridge": s["object"], "object": answer,
-                        "phrase": phrase.replace("{}", s["subject"]), "question": question.replace("{}", s["subject"]),
-                        "hop1_prompt": a.templates[0].replace("{}", s["subject"]),
-                        "hop2_prompt_filled": b.templates[0].replace("{}", s["object"]), "hop2_prompt": hop2_prompt})
+                    self.samples.append(
+                        {
+                            "example_id": f"{a.key}+{b.key}/{i}",
+                            "relation": f"{a.key} -> {b.key}",
+                            "subject": s["subject"],
+                            "bridge": s["object"],
+                            "object": answer,
+                            "phrase": phrase.replace("{}", s["subject"]),
+                            "question": question.replace("{}", s["subject"]),
+                            "hop1_prompt": a.templates[0].replace("{}", s["subject"]),
+                            "hop2_prompt_filled": b.templates[0].replace("{}", s["object"]),
+                            "hop2_prompt": hop2_prompt,
+                        }
+                    )
         if not self.samples:
             raise UserError(f"no two relations in {cfg.dataset.path} chain (no hop-1 object is a hop-2 subject)")
         directions = list(cfg.multihop.directions)
@@ -90,8 +98,9 @@ class MultihopScope(Scope):
 
     def bind(self, view) -> None:
         super().bind(view)
-        self.pairs = layer_pairs(self.cfg.sweep.source_layers, self.cfg.sweep.target_layers,
-                                 view.n_blocks, view.n_blocks)
+        self.pairs = layer_pairs(
+            self.cfg.sweep.source_layers, self.cfg.sweep.target_layers, view.n_blocks, view.n_blocks
+        )
         self.layers = sorted({s for s, _ in self.pairs} | {t for _, t in self.pairs})
 
     def examples(self) -> list[dict]:
@@ -135,51 +144,111 @@ class MultihopScope(Scope):
             src_ids, src_pos = span_last_token(view, e["question"], e["phrase"])
             head = e["hop2_prompt"][: e["hop2_prompt"].rfind(placeholder)].rstrip()
             head_ids = view.encode(head)
-            sources.append((q_ids, hop2_ids, hop2_pos, src_ids[: src_pos + 1], src_pos, head, head_ids,
-                            view.encode(e["phrase"])))
+            sources.append(
+                (q_ids, hop2_ids, hop2_pos, src_ids[: src_pos + 1], src_pos, head, head_ids, view.encode(e["phrase"]))
+            )
             prompts += [src_ids[: src_pos + 1], head_ids, q_ids]
             positions += [[src_pos], [-1], [-1]]
         caps = self.engine.capture(view, prompts, self.layers, positions, batch_size=self.capture_batch_size())
         for k, (e, (q_ids, hop2_ids, hop2_pos, src_ids, src_pos, head, head_ids, phrase_ids)) in enumerate(
-                zip(examples, sources)):
-            phrase_state, head_state, question_state = caps[3 * k: 3 * k + 3]
+            zip(examples, sources)
+        ):
+            phrase_state, head_state, question_state = caps[3 * k : 3 * k + 3]
             for s, t in self.pairs:
                 if "paper" in cfg.multihop.directions:
-                    add(e, "patchscope", s, t, hop2_ids, hop2_pos, phrase_state.at(s), src_ids, src_pos,
-                        e["question"], e["hop2_prompt"])
+                    add(
+                        e,
+                        "patchscope",
+                        s,
+                        t,
+                        hop2_ids,
+                        hop2_pos,
+                        phrase_state.at(s),
+                        src_ids,
+                        src_pos,
+                        e["question"],
+                        e["hop2_prompt"],
+                    )
                 if "code" in cfg.multihop.directions:
-                    add(e, "patchscope_code", s, t, phrase_ids, len(phrase_ids) - 1, head_state.at(s),
-                        head_ids, len(head_ids) - 1, head, e["phrase"])
+                    add(
+                        e,
+                        "patchscope_code",
+                        s,
+                        t,
+                        phrase_ids,
+                        len(phrase_ids) - 1,
+                        head_state.at(s),
+                        head_ids,
+                        len(head_ids) - 1,
+                        head,
+                        e["phrase"],
+                    )
                 if cfg.multihop.backpatch and t < s:
-                    add(e, "backpatch", s, t, q_ids, len(q_ids) - 1, question_state.at(s), q_ids,
-                        len(q_ids) - 1, e["question"], e["question"])
+                    add(
+                        e,
+                        "backpatch",
+                        s,
+                        t,
+                        q_ids,
+                        len(q_ids) - 1,
+                        question_state.at(s),
+                        q_ids,
+                        len(q_ids) - 1,
+                        e["question"],
+                        e["question"],
+                    )
         return self._rows(work, self.engine.generate(view, work.patches, progress=progress, **self._generation()))
 
-    def _rows(self, work: "_Work", gens: list[list[int]]) -> list[dict]:
+    def _rows(self, work: _Work, gens: list[list[int]]) -> list[dict]:
         view, cs = self.view, self.cfg.generation.case_sensitive
         rows = []
         for (e, method, s, t, t_ids, t_pos, s_ids, s_pos, s_text, prompt), gen in zip(work.cells, gens):
             text = view.decode(gen)
             answer = e["bridge"] if method == "hop1" else e["object"]
-            rows.append({"example_id": e["example_id"], "method": method, **self.common_columns(),
-                         "relation": e["relation"], "subject": e["subject"], "bridge": e["bridge"], "object": e["object"],
-                         "source_text": s_text, "source_token_ids": list(s_ids), "source_position": s_pos,
-                         "source_layer": s, "target_prompt": prompt, "target_token_ids": list(t_ids),
-                         "target_position": t_pos, "target_layer": t, "generation": text,
-                         "correct": contains_answer(text, answer, cs)})
+            rows.append(
+                {
+                    "example_id": e["example_id"],
+                    "method": method,
+                    **self.common_columns(),
+                    "relation": e["relation"],
+                    "subject": e["subject"],
+                    "bridge": e["bridge"],
+                    "object": e["object"],
+                    "source_text": s_text,
+                    "source_token_ids": list(s_ids),
+                    "source_position": s_pos,
+                    "source_layer": s,
+                    "target_prompt": prompt,
+                    "target_token_ids": list(t_ids),
+                    "target_position": t_pos,
+                    "target_layer": t,
+                    "generation": text,
+                    "correct": contains_answer(text, answer, cs),
+                }
+            )
         return rows
 
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:
         hops = df[df["method"].isin(HOP_METHODS)]
-        single = {"candidates": int(df["example_id"].nunique()),
-                  **{f"{m}_correct": float(hops[hops["method"] == m]["correct"].astype(bool).mean())
-                     for m in HOP_METHODS if (hops["method"] == m).any()}}
+        single = {
+            "candidates": int(df["example_id"].nunique()),
+            **{
+                f"{m}_correct": float(hops[hops["method"] == m]["correct"].astype(bool).mean())
+                for m in HOP_METHODS
+                if (hops["method"] == m).any()
+            },
+        }
         df = df[~df["method"].isin(HOP_METHODS)]
         if df.empty:
             log.warning("no two-hop sample passed the single-hop filter")
-            return {"experiment": "multihop", "single_hop": single, "overall": {"n": 0}, "pairs": [],
-                    "fixing_cells": []}
+            return {
+                "experiment": "multihop",
+                "single_hop": single,
+                "overall": {"n": 0},
+                "pairs": [],
+                "fixing_cells": [],
+            }
         per_sample = df.groupby(["relation", "example_id", "method"])["correct"].any().unstack("method")
         vanilla_fail = ~per_sample["vanilla"].astype(bool)
         pairs = []
@@ -201,17 +270,27 @@ class MultihopScope(Scope):
         failed_ids = set(per_sample.index[vanilla_fail.values].get_level_values("example_id"))
         grid = df[df["method"].isin(GRID_METHODS) & df["example_id"].isin(failed_ids)]
         cells = grid.groupby(["method", "source_layer", "target_layer"])["correct"].sum().reset_index()
-        return {"experiment": "multihop", "single_hop": single, "overall": overall, "pairs": pairs,
-                "fixing_cells": cells.to_dict("records")}
+        return {
+            "experiment": "multihop",
+            "single_hop": single,
+            "overall": overall,
+            "pairs": pairs,
+            "fixing_cells": cells.to_dict("records"),
+        }
 
     @staticmethod
     def report(metrics: dict) -> str:
         table = pd.DataFrame(metrics["pairs"] + [{"relation": "all", **metrics["overall"]}]).set_index("relation")
         single = metrics.get("single_hop", {})
-        kept = (f"{metrics['overall']['n']} of {single['candidates']} samples answered hop by hop\n"
-                if "candidates" in single else "")
-        return (kept + "multi-hop accuracy (a grid method counts if any (ℓ, ℓ*) gives the answer); *_fixes = share of "
-                "vanilla failures fixed\n" + table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-"))
+        kept = (
+            f"{metrics['overall']['n']} of {single['candidates']} samples answered hop by hop\n"
+            if "candidates" in single
+            else ""
+        )
+        return (
+            kept + "multi-hop accuracy (a grid method counts if any (ℓ, ℓ*) gives the answer); *_fixes = share of "
+            "vanilla failures fixed\n" + table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
+        )
 
     @staticmethod
     def plot(df: pd.DataFrame, metrics: dict, run_dir: Path) -> list[Path]:
@@ -221,7 +300,14 @@ class MultihopScope(Scope):
         out = []
         for method, group in cells.groupby("method") if len(cells) else []:
             heat = group.pivot(index="source_layer", columns="target_layer", values="correct")
-            out.append(heatmap(heat, run_dir / f"multihop_{method}_fixes.png",
-                               f"{method}: vanilla failures fixed per (ℓ, ℓ*)", "target block ℓ*", "source block ℓ",
-                               fmt=".0f"))
+            out.append(
+                heatmap(
+                    heat,
+                    run_dir / f"multihop_{method}_fixes.png",
+                    f"{method}: vanilla failures fixed per (ℓ, ℓ*)",
+                    "target block ℓ*",
+                    "source block ℓ",
+                    fmt=".0f",
+                )
+            )
         return out

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
@@ -50,8 +50,10 @@ def identity_prompt(view, cfg) -> str:
         if tries == 10_000 + 2 * k:  # slow going: are there k usable words at all?
             usable = {w for w in (view.tokenizer.decode([t]).strip() for t in vocab) if len(w) >= 2 and w.isalnum()}
             if len(usable) < k:
-                raise UserError(f"patchscope.random_pairs={k} is more than the {len(usable)} usable words "
-                                f"(alphanumeric, 2+ characters) of {view.name}'s vocabulary; use at most {len(usable)}")
+                raise UserError(
+                    f"patchscope.random_pairs={k} is more than the {len(usable)} usable words "
+                    f"(alphanumeric, 2+ characters) of {view.name}'s vocabulary; use at most {len(usable)}"
+                )
     return "".join(f"{w} -> {w}\n" for w in words) + cfg.placeholder
 
 
@@ -75,9 +77,10 @@ class NextTokenScope(Scope):
         self.source_layers = sorted({s for s, _ in self.pairs})
         n_train = int(cfg.affine_lens.train_texts) if "affine_lens" in self.methods else 0
         if n_train >= len(self.texts):
-            raise UserError(f"affine_lens.train_texts={n_train} leaves no text to evaluate "
-                            f"(the dataset has {len(self.texts)})")
-        self.train_texts = self.texts[len(self.texts) - n_train:] if n_train else []
+            raise UserError(
+                f"affine_lens.train_texts={n_train} leaves no text to evaluate (the dataset has {len(self.texts)})"
+            )
+        self.train_texts = self.texts[len(self.texts) - n_train :] if n_train else []
         self.eval_texts = self.texts[: len(self.texts) - n_train]
         self.maps = self._affine_maps() if n_train and not self.planning else {}
         if self.planning and n_train:  # a dry run fits nothing (and must not cache maps)
@@ -104,27 +107,36 @@ class NextTokenScope(Scope):
             if limit and len(out) >= int(limit):
                 break
         if not out:
-            raise UserError(f"no text of the dataset has at least source.min_tokens={src.min_tokens} tokens "
-                            f"and more than source.min_position={src.min_position}")
+            raise UserError(
+                f"no text of the dataset has at least source.min_tokens={src.min_tokens} tokens "
+                f"and more than source.min_position={src.min_position}"
+            )
         return out
 
     def _affine_maps(self) -> dict[int, Affine]:
         """Least-squares maps from each block's output to the last block's output, cached on disk."""
         view, acfg = self.view, self.cfg.affine_lens
         ids = [view.encode(t)[: int(acfg.positions_per_text)] for t in self.train_texts]
-        key = map_cache_key("affine_lens", model_fingerprint(view), str(view.dtype), ids, int(acfg.max_positions),
-                            float(acfg.ridge))
+        key = map_cache_key(
+            "affine_lens", model_fingerprint(view), str(view.dtype), ids, int(acfg.max_positions), float(acfg.ridge)
+        )
         folder = cache_root() / "maps" / view.name / f"affine-lens-{key}"
         last = view.n_blocks - 1
-        if all((folder / f"block{l}.pt").exists() for l in self.source_layers):
-            return {l: load_mapping(folder / f"block{l}.pt") for l in self.source_layers}
+        if all((folder / f"block{b}.pt").exists() for b in self.source_layers):
+            return {b: load_mapping(folder / f"block{b}.pt") for b in self.source_layers}
         log.info("fitting affine-lens maps on %d held-out texts", len(ids))
-        caps = capture(view, ids, self.source_layers + [last], [list(range(len(x))) for x in ids],
-                       batch_size=self.capture_batch_size())
+        caps = capture(
+            view,
+            ids,
+            self.source_layers + [last],
+            [list(range(len(x))) for x in ids],
+            batch_size=self.capture_batch_size(),
+        )
         states = torch.cat([c.states for c in caps], dim=1)[:, : int(acfg.max_positions)]
         if states.shape[1] <= view.width // 4:
-            raise UserError(f"affine_lens: only {states.shape[1]} training positions; add texts or raise "
-                            "affine_lens.train_texts")
+            raise UserError(
+                f"affine_lens: only {states.shape[1]} training positions; add texts or raise affine_lens.train_texts"
+            )
         maps = {}
         for k, layer in enumerate(self.source_layers):
             maps[layer] = Affine.fit(states[k], states[-1], ridge=float(acfg.ridge))
@@ -133,22 +145,39 @@ class NextTokenScope(Scope):
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
         view, last = self.view, self.view.n_blocks - 1
-        caps = self.engine.capture(view, [e["ids"] for e in examples], self.source_layers,
-                                   [[e["position"]] for e in examples], batch_size=self.capture_batch_size(),
-                                   with_logprobs=True)
+        caps = self.engine.capture(
+            view,
+            [e["ids"] for e in examples],
+            self.source_layers,
+            [[e["position"]] for e in examples],
+            batch_size=self.capture_batch_size(),
+            with_logprobs=True,
+        )
         rows: list[dict] = []
 
         def add(e, cap, method, source_layer, target_ids, target_position, target_layer, prompt, pred):
             p_l = cap.logprobs[0]
-            rows.append({
-                "example_id": e["example_id"], "method": method, **self.common_columns(),
-                "source_text": e["text"], "source_token_ids": e["ids"], "source_position": e["position"],
-                "source_layer": source_layer, "target_prompt": prompt, "target_token_ids": list(target_ids),
-                "target_position": target_position, "target_layer": target_layer,
-                "pred_token_id": int(pred), "ref_token_id": int(p_l.argmax()),
-                "pred_token": view.tokenizer.decode([int(pred)]), "ref_token": view.tokenizer.decode([int(p_l.argmax())]),
-                "precision_at_1": bool(int(pred) == int(p_l.argmax())), "surprisal": float(-p_l[int(pred)]),
-            })
+            rows.append(
+                {
+                    "example_id": e["example_id"],
+                    "method": method,
+                    **self.common_columns(),
+                    "source_text": e["text"],
+                    "source_token_ids": e["ids"],
+                    "source_position": e["position"],
+                    "source_layer": source_layer,
+                    "target_prompt": prompt,
+                    "target_token_ids": list(target_ids),
+                    "target_position": target_position,
+                    "target_layer": target_layer,
+                    "pred_token_id": int(pred),
+                    "ref_token_id": int(p_l.argmax()),
+                    "pred_token": view.tokenizer.decode([int(pred)]),
+                    "ref_token": view.tokenizer.decode([int(p_l.argmax())]),
+                    "precision_at_1": bool(int(pred) == int(p_l.argmax())),
+                    "surprisal": float(-p_l[int(pred)]),
+                }
+            )
 
         for method in self.methods:
             if method in ("logit_lens", "affine_lens"):
@@ -160,8 +189,11 @@ class NextTokenScope(Scope):
                     for e, cap, pred in zip(examples, caps, preds):
                         add(e, cap, method, layer, e["ids"], e["position"], last, None, pred)
             else:
-                patches = [Patch(tuple(self.target_ids), self.target_position, t, cap.at(s))
-                           for cap in caps for s, t in self.pairs]
+                patches = [
+                    Patch(tuple(self.target_ids), self.target_position, t, cap.at(s))
+                    for cap in caps
+                    for s, t in self.pairs
+                ]
                 top = self.engine.patched_next_token(view, patches, top_k=1, progress=progress, **self.batching())
                 k = 0
                 for e, cap in zip(examples, caps):
@@ -174,8 +206,12 @@ class NextTokenScope(Scope):
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:
         table = grouped_mean_se(df, ["method", "source_layer", "target_layer"], ["precision_at_1", "surprisal"])
         overall = grouped_mean_se(df, ["method"], ["precision_at_1", "surprisal"])
-        return {"experiment": "next_token", "n_examples": int(df["example_id"].nunique()),
-                "by_layer": table, "overall": overall}
+        return {
+            "experiment": "next_token",
+            "n_examples": int(df["example_id"].nunique()),
+            "by_layer": table,
+            "overall": overall,
+        }
 
     @staticmethod
     def best_target(metrics: dict) -> pd.DataFrame:
@@ -191,9 +227,11 @@ class NextTokenScope(Scope):
         prec = by.pivot(index="source_layer", columns="method", values="precision_at_1")
         surp = by.pivot(index="source_layer", columns="method", values="surprisal")
         table = prec.add_suffix(" p@1").join(surp.add_suffix(" surprisal"))
-        return (f"next-token estimation, {metrics['n_examples']} examples "
-                "(precision@1 higher is better, surprisal in nats lower is better)\n"
-                + table.to_string(float_format=lambda x: f"{x:.3f}"))
+        return (
+            f"next-token estimation, {metrics['n_examples']} examples "
+            "(precision@1 higher is better, surprisal in nats lower is better)\n"
+            + table.to_string(float_format=lambda x: f"{x:.3f}")
+        )
 
     @staticmethod
     def plot(df: pd.DataFrame, metrics: dict, run_dir: Path) -> list[Path]:
@@ -201,6 +239,15 @@ class NextTokenScope(Scope):
 
         by = NextTokenScope.best_target(metrics)
         several = pd.DataFrame(metrics["by_layer"]).groupby(["method", "source_layer"]).size().max() > 1
-        title = f"Next-token estimation ({metrics['n_examples']} texts" + (", best target block ℓ*)" if several else ")")
-        return [method_curves(by, ["precision_at_1", "surprisal"], ["precision@1", "surprisal (nats)"],
-                              run_dir / "next_token.png", title=title)]
+        title = f"Next-token estimation ({metrics['n_examples']} texts" + (
+            ", best target block ℓ*)" if several else ")"
+        )
+        return [
+            method_curves(
+                by,
+                ["precision_at_1", "surprisal"],
+                ["precision@1", "surprisal (nats)"],
+                run_dir / "next_token.png",
+                title=title,
+            )
+        ]
