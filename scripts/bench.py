@@ -170,7 +170,11 @@ def main(argv=None) -> int:  # noqa: C901, PLR0915 (one table of workloads; spli
     def grid(pairs, target):
         def run():
             caps = capture(view, sources, layers, [[-1]] * len(sources), batch_size=args.batch_size)
-            patches = [Patch(target, -1, t, c.states[s, 0]) for c in caps for s, t in pairs]
+            patches = [
+                Patch(target_ids=target, target_position=-1, target_layer=t, vector=c.states[s, 0])
+                for c in caps
+                for s, t in pairs
+            ]
             return patches, patched_next_token(view, patches, top_k=1, batch_size=args.batch_size)
 
         return run
@@ -210,7 +214,7 @@ def main(argv=None) -> int:  # noqa: C901, PLR0915 (one table of workloads; spli
         def run_gen():
             caps = capture(view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=args.batch_size)
             patches = [
-                Patch(tuple(ids), pos, t, c.states[k, 0])
+                Patch(target_ids=tuple(ids), target_position=pos, target_layer=t, vector=c.states[k, 0])
                 for c in caps
                 for k, _ in enumerate(gen_layers)
                 for t in gen_layers

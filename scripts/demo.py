@@ -33,7 +33,11 @@ def main() -> None:
     print(__doc__.split("\n\n", 1)[1])
     prompts = [view.encode(p) for p in PROMPTS]
     caps = capture(view, prompts, BLOCKS, [[-1]] * len(prompts), with_logprobs=True)
-    patches = [Patch(tuple(target_ids), target_pos, b, cap.states[k, 0]) for cap in caps for k, b in enumerate(BLOCKS)]
+    patches = [
+        Patch(target_ids=tuple(target_ids), target_position=target_pos, target_layer=b, vector=cap.states[k, 0])
+        for cap in caps
+        for k, b in enumerate(BLOCKS)
+    ]
     continuations = generate(view, patches, max_new_tokens=4)
     for p, (text, cap) in enumerate(zip(PROMPTS, caps)):
         last = view.tokenizer.decode(prompts[p][-1:])

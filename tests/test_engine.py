@@ -29,9 +29,13 @@ def _patches(view):
         for j in range(len(c.positions)):
             for s in range(view.n_blocks):
                 for t in range(view.n_blocks):
-                    patches.append(Patch(target, -1, t, c.states[s, j]))
-                patches.append(Patch(other, 2, s, c.states[s, j]))  # a middle position: a 3-token suffix
-                patches.append(Patch(other, 0, s, c.states[s, j]))  # position 0: no prefix at all
+                    patches.append(Patch(target_ids=target, target_position=-1, target_layer=t, vector=c.states[s, j]))
+                patches.append(
+                    Patch(target_ids=other, target_position=2, target_layer=s, vector=c.states[s, j])
+                )  # a middle position: a 3-token suffix
+                patches.append(
+                    Patch(target_ids=other, target_position=0, target_layer=s, vector=c.states[s, j])
+                )  # position 0: no prefix at all
     return patches
 
 
@@ -60,7 +64,7 @@ def test_generate_equals_naive(view):
 
 def test_unpatched_rows_of_different_prompts_equal_one_at_a_time(view):
     prompts = [view.encode(s) for s in SOURCES + ["One", "The capital city of France is"]]
-    patches = [Patch(tuple(p), len(p) - 1, 0, None) for p in prompts]
+    patches = [Patch(target_ids=tuple(p), target_position=len(p) - 1, target_layer=0, vector=None) for p in prompts]
     mixed = patches + _patches(view)[:3]  # unpatched and patched rows in one call
     fast = generate(view, mixed, max_new_tokens=7, batch_size=3)
     assert fast == [naive_generate(view, p, max_new_tokens=7) for p in mixed]
@@ -80,14 +84,16 @@ def test_self_patch_changes_nothing(view):
     positions = [0, 4, len(ids) - 1]
     cap = capture(view, [ids], list(range(view.n_blocks)), [positions])[0]
     patches = [
-        Patch(tuple(ids), p, layer, cap.states[layer, j])
+        Patch(target_ids=tuple(ids), target_position=p, target_layer=layer, vector=cap.states[layer, j])
         for layer in range(view.n_blocks)
         for j, p in enumerate(positions)
     ]
     logits = patched_logits(view, patches)
     assert torch.allclose(logits, clean.expand_as(logits), atol=1e-4)
     gens = generate(view, patches[:4], max_new_tokens=5)
-    plain = naive_generate(view, Patch(tuple(ids), 0, 0, cap.states[0, 0]), max_new_tokens=5)
+    plain = naive_generate(
+        view, Patch(target_ids=tuple(ids), target_position=0, target_layer=0, vector=cap.states[0, 0]), max_new_tokens=5
+    )
     assert all(g == plain for g in gens)
 
 
@@ -120,7 +126,10 @@ def test_last_block_patch_is_the_logit_lens(view):
     ids = view.encode("One two three four")
     cap = capture(view, [ids], list(range(view.n_blocks)), [[-1]])[0]
     target = tuple(view.encode(IDENTITY))
-    patches = [Patch(target, -1, view.n_blocks - 1, cap.states[layer, 0]) for layer in range(view.n_blocks)]
+    patches = [
+        Patch(target_ids=target, target_position=-1, target_layer=view.n_blocks - 1, vector=cap.states[layer, 0])
+        for layer in range(view.n_blocks)
+    ]
     assert torch.allclose(patched_logits(view, patches), view.readout(cap.states[:, 0]), atol=1e-4)
 
 
@@ -159,8 +168,19 @@ def test_builtin_model_fast_equals_naive(request, name, blocks, width, layers):
     assert view.n_blocks == blocks and view.width == width
     caps = capture(view, [view.encode("The Eiffel Tower is in Paris")], list(layers), [[-1]])
     target = tuple(view.encode(IDENTITY))
-    patches = [Patch(target, -1, t, caps[0].states[k, 0]) for k in range(3) for t in layers]
-    patches.append(Patch(tuple(view.encode("The capital city of x")), 2, layers[1], caps[0].states[1, 0]))
+    patches = [
+        Patch(target_ids=target, target_position=-1, target_layer=t, vector=caps[0].states[k, 0])
+        for k in range(3)
+        for t in layers
+    ]
+    patches.append(
+        Patch(
+            target_ids=tuple(view.encode("The capital city of x")),
+            target_position=2,
+            target_layer=layers[1],
+            vector=caps[0].states[1, 0],
+        )
+    )
     fast = patched_logits(view, patches)
     ref = torch.stack([naive_logits(view, p) for p in patches])
     assert torch.allclose(fast, ref, atol=1e-3) and torch.equal(fast.argmax(-1), ref.argmax(-1))
@@ -188,7 +208,10 @@ def test_gemma_prefix_reuse_past_its_sliding_window(gemma_view):
     target = tuple(view.encode(long_text)[:520] + view.encode(IDENTITY)[1:])
     assert len(target) > max(w for w in view.attention_windows if w)
     cap = capture(view, [view.encode("Hello")], [4, 12], [[-1]])[0]
-    patches = [Patch(target, -1, 12, cap.at(12)), Patch(target, -3, 4, cap.at(4))]
+    patches = [
+        Patch(target_ids=target, target_position=-1, target_layer=12, vector=cap.at(12)),
+        Patch(target_ids=target, target_position=-3, target_layer=4, vector=cap.at(4)),
+    ]
     fast = patched_logits(view, patches)
     ref = torch.stack([naive_logits(view, p) for p in patches])
     assert torch.allclose(fast, ref, atol=1e-3) and torch.equal(fast.argmax(-1), ref.argmax(-1))

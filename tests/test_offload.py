@@ -101,10 +101,10 @@ def _grid(view) -> list[Patch]:
     cap = capture(view, [view.encode(SOURCES[0])], [2, 27], [[-1]])[0]
     target, other = tuple(view.encode(IDENTITY)), tuple(view.encode("The capital city of x"))
     return [
-        Patch(target, -1, 2, cap.states[0, 0]),
-        Patch(target, -1, 27, cap.states[1, 0]),
-        Patch(other, 2, 27, cap.states[0, 0]),
-        Patch(other, 0, 2, cap.states[1, 0]),
+        Patch(target_ids=target, target_position=-1, target_layer=2, vector=cap.states[0, 0]),
+        Patch(target_ids=target, target_position=-1, target_layer=27, vector=cap.states[1, 0]),
+        Patch(target_ids=other, target_position=2, target_layer=27, vector=cap.states[0, 0]),
+        Patch(target_ids=other, target_position=0, target_layer=2, vector=cap.states[1, 0]),
     ]
 
 
@@ -117,7 +117,7 @@ def _everything(view):
     patches = _grid(view)
     logits = patched_logits(view, patches, batch_size=7)
     chosen = (patches if small else patches[:: len(patches) // 8]) + [
-        Patch(tuple(p), len(p) - 1, 0, None) for p in prompts
+        Patch(target_ids=tuple(p), target_position=len(p) - 1, target_layer=0, vector=None) for p in prompts
     ]
     gens = generate(view, chosen, max_new_tokens=4 if small else 6, batch_size=4)
     return caps, logits, gens
@@ -172,9 +172,11 @@ def test_a_failing_call_leaves_the_model_as_it_was(name, tmp_path_factory):
     target = tuple(view.encode(IDENTITY))
     bad = torch.zeros(view.width + 1)  # a vector of the wrong width fails inside the patch hook
     for call in (
-        lambda: patched_logits(view, [Patch(target, -1, 2, bad)]),
-        lambda: patched_logits(view, [Patch(target, 3, 1, bad)]),
-        lambda: generate(view, [Patch(target, -1, 1, bad)], max_new_tokens=3),
+        lambda: patched_logits(view, [Patch(target_ids=target, target_position=-1, target_layer=2, vector=bad)]),
+        lambda: patched_logits(view, [Patch(target_ids=target, target_position=3, target_layer=1, vector=bad)]),
+        lambda: generate(
+            view, [Patch(target_ids=target, target_position=-1, target_layer=1, vector=bad)], max_new_tokens=3
+        ),
     ):
         with pytest.raises(RuntimeError):
             call()

@@ -67,7 +67,10 @@ def test_attribute_extraction_rows_rerun_alone(tmp_path, request):
     for _, row in patch.sample(4, random_state=0).iterrows():  # every row carries what it needs to re-run it
         state = capture(view, [list(row.source_token_ids)], [int(row.source_layer)], [[int(row.source_position)]])
         patch_ = Patch(
-            tuple(row.target_token_ids), int(row.target_position), int(row.target_layer), state[0].states[0, 0]
+            target_ids=tuple(row.target_token_ids),
+            target_position=int(row.target_position),
+            target_layer=int(row.target_layer),
+            vector=state[0].states[0, 0],
         )
         assert view.decode(naive_generate(view, patch_, 6)) == row.generation
     metrics = json.loads((run / "metrics.json").read_text())
@@ -197,7 +200,11 @@ def test_cross_model_maps_recover_the_same_model(tmp_path, monkeypatch):
     maps = fit_cross_model_maps(view, view, texts[:120], [(2, 2)], tmp_path, ridge=0.0)
     ids = view.encode(texts[200])
     cap = capture(view, [ids], [2], [[-1]], with_logprobs=True)[0]
-    top = patched_next_token(view, [Patch(tuple(ids), -1, 2, maps[(2, 2)](cap.states[0, 0]))], top_k=1)
+    top = patched_next_token(
+        view,
+        [Patch(target_ids=tuple(ids), target_position=-1, target_layer=2, vector=maps[(2, 2)](cap.states[0, 0]))],
+        top_k=1,
+    )
     assert int(top.ids[0, 0]) == int(cap.logprobs[0].argmax())
 
 

@@ -14,7 +14,7 @@ from patchscan.models.view import ModelView
 
 
 def _one_hook(patch: Patch, prefill_only: bool):
-    inner = patch_hook(torch.tensor([0]), torch.tensor([patch.position]), patch.vector[None])
+    inner = patch_hook(torch.tensor([0]), torch.tensor([patch.target_position]), patch.vector[None])
     calls = {"n": 0}
 
     def hook(module, inputs, output):
@@ -31,7 +31,7 @@ def naive_logits(view: ModelView, patch: Patch) -> torch.Tensor:
     """Next-token logits at the last position of the full target prompt, patched."""
     patch = patch.resolved(view)
     ids = torch.tensor([patch.target_ids], device=view.input_device)
-    with block_hooks(view.blocks, {patch.layer: _one_hook(patch, prefill_only=False)}):
+    with block_hooks(view.blocks, {patch.target_layer: _one_hook(patch, prefill_only=False)}):
         return view.model(input_ids=ids).logits[0, -1].float().cpu()
 
 
@@ -40,7 +40,7 @@ def naive_generate(view: ModelView, patch: Patch, max_new_tokens: int = 20) -> l
     """Greedy HF generate on the full target prompt with the patch in the prefill pass only."""
     patch = patch.resolved(view)
     ids = torch.tensor([patch.target_ids], device=view.input_device)
-    hooks = {} if patch.vector is None else {patch.layer: _one_hook(patch, prefill_only=True)}
+    hooks = {} if patch.vector is None else {patch.target_layer: _one_hook(patch, prefill_only=True)}
     with block_hooks(view.blocks, hooks):
         out = view.model.generate(
             input_ids=ids,

@@ -24,22 +24,23 @@ from patchscan.engine.kv import PreallocatedLayer
 from patchscan.models.view import ModelView
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Patch:
-    """One patched run. `vector=None` runs the target prompt unpatched (a baseline in the same batch)."""
+    """One patched run: `vector` overwrites the output of block `target_layer` at `target_position`
+    of `target_ids`. `vector=None` runs the target prompt unpatched (a baseline in the same batch)."""
 
     target_ids: tuple[int, ...]
-    position: int
-    layer: int
+    target_position: int
+    target_layer: int
     vector: torch.Tensor | None
 
     def resolved(self, view: ModelView) -> Patch:
         ids = tuple(int(t) for t in self.target_ids)
         return Patch(
-            ids,
-            resolve_position(self.position, len(ids), "target position"),
-            view.check_layer(self.layer, "target layer"),
-            self.vector,
+            target_ids=ids,
+            target_position=resolve_position(self.target_position, len(ids), "target position"),
+            target_layer=view.check_layer(self.target_layer, "target layer"),
+            vector=self.vector,
         )
 
 
@@ -100,7 +101,7 @@ def _groups(patches: list[Patch], patched_only: bool = False) -> dict[tuple, lis
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(patches):
         if not (patched_only and p.vector is None):
-            groups.setdefault((p.target_ids, p.position), []).append(i)
+            groups.setdefault((p.target_ids, p.target_position), []).append(i)
     return groups
 
 
@@ -131,7 +132,7 @@ def _micro_batches(
     view: ModelView, indices: list[int], patches: list[Patch], batch_size: int, skip: bool
 ) -> Iterator[list[int]]:
     if skip:  # sorted by target block, cut where skipping the blocks below pays for another forward
-        layers = [patches[i].layer for i in indices]
+        layers = [patches[i].target_layer for i in indices]
         overhead = FORWARD_OVERHEAD.get(view.device.type, 100.0)
         for chunk in plan_layer_chunks(layers, view.n_blocks, batch_size, overhead):
             yield [indices[k] for k in chunk]
@@ -152,16 +153,16 @@ def _prefill(
 ):
     """Run the suffix of one group for `rows`, patched; return (last-position logits, kv cache)."""
     first = patches[rows[0]]
-    suffix = first.target_ids[first.position :]
+    suffix = first.target_ids[first.target_position :]
     n = len(rows)
     input_ids = torch.tensor([suffix] * n, device=view.input_device)
     patched = [k for k, i in enumerate(rows) if patches[i].vector is not None]
-    layers = [patches[rows[k]].layer for k in patched]
+    layers = [patches[rows[k]].target_layer for k in patched]
     hooks = {}
     if patched:
         vectors = torch.stack([patches[rows[k]].vector.to(view.device) for k in patched])  # hooks move them on
         hooks = grouped_patch_hooks(layers, patched, [0] * len(patched), vectors)
-    kv = cache.expanded(first.target_ids[: first.position], n, room=None if room is None else len(suffix) + room)
+    kv = cache.expanded(first.target_ids[: first.target_position], n, room=None if room is None else len(suffix) + room)
     kwargs = dict(input_ids=input_ids, past_key_values=kv, use_cache=use_cache, logits_to_keep=1)
     with block_hooks(view.blocks, hooks):
         if skip:  # rows are patched at their last position: blocks below the lowest patch do nothing

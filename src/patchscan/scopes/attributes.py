@@ -199,7 +199,10 @@ class AttributeScope(Scope):
         texts = [fill_placeholder(e["target_prompt"], placeholder, e["subject"]) for e in examples]
         filled = [view.encode(text) for text in texts]
         gens = self.engine.generate(
-            view, [Patch(tuple(ids), len(ids) - 1, 0, None) for ids in filled], max_new_tokens=n_new, **self.batching()
+            view,
+            [Patch(target_ids=tuple(ids), target_position=len(ids) - 1, target_layer=0, vector=None) for ids in filled],
+            max_new_tokens=n_new,
+            **self.batching(),
         )
         rows = []
         for e, text, ids, gen in zip(examples, texts, filled, gens):
@@ -232,7 +235,7 @@ class AttributeScope(Scope):
         for e, cap in zip(kept, caps):
             ids, pos = self.targets[e["target_prompt"]]
             for s, t in self.pairs:
-                patches.append(Patch(tuple(ids), pos, t, cap.at(s)))
+                patches.append(Patch(target_ids=tuple(ids), target_position=pos, target_layer=t, vector=cap.at(s)))
                 cells.append((e, s, t, ids, pos))
         gens = self.engine.generate(view, patches, max_new_tokens=n_new, progress=progress, **self.batching())
         for (e, s, t, ids, pos), gen in zip(cells, gens):

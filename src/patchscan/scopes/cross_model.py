@@ -103,7 +103,12 @@ class CrossModelScope(Scope):
             with_logprobs=True,
         )
         patches = [
-            Patch(tuple(e["target_ids"]), e["target_position"], t, self.maps[(s, t)](cap.at(s)))
+            Patch(
+                target_ids=tuple(e["target_ids"]),
+                target_position=e["target_position"],
+                target_layer=t,
+                vector=self.maps[(s, t)](cap.at(s)),
+            )
             for e, cap in zip(examples, caps)
             for s, t in self.pairs
         ]

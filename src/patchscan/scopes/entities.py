@@ -82,7 +82,12 @@ class EntityScope(Scope):
             batch_size=self.capture_batch_size(),
         )
         patches = [
-            Patch(tuple(self.target_ids), self.target_position, t, self.map_state(cap.at(s), s, t))
+            Patch(
+                target_ids=tuple(self.target_ids),
+                target_position=self.target_position,
+                target_layer=t,
+                vector=self.map_state(cap.at(s), s, t),
+            )
             for cap in caps
             for s, t in self.pairs
         ]

@@ -44,7 +44,14 @@ class _Work:
         self.cells: list[tuple] = []
 
     def add(self, e, method, s, t, target_ids, position, vector, source_ids, source_position, source_text, prompt):
-        self.patches.append(Patch(tuple(target_ids), position, t if t is not None else 0, vector))
+        self.patches.append(
+            Patch(
+                target_ids=tuple(target_ids),
+                target_position=position,
+                target_layer=t if t is not None else 0,
+                vector=vector,
+            )
+        )
         self.cells.append((e, method, s, t, target_ids, position, source_ids, source_position, source_text, prompt))
 
     def plain(self, e, method: str, prompt: str, ids: list[int]) -> None:

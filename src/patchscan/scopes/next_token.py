@@ -190,7 +190,12 @@ class NextTokenScope(Scope):
                         add(e, cap, method, layer, e["ids"], e["position"], last, None, pred)
             else:
                 patches = [
-                    Patch(tuple(self.target_ids), self.target_position, t, cap.at(s))
+                    Patch(
+                        target_ids=tuple(self.target_ids),
+                        target_position=self.target_position,
+                        target_layer=t,
+                        vector=cap.at(s),
+                    )
                     for cap in caps
                     for s, t in self.pairs
                 ]
