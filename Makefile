@@ -29,12 +29,12 @@ demo: setup
 	$(PY) scripts/demo.py
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not cluster" tests
 
 # The README's SLURM sweep on a single-node Slurm that scripts/slurm_local.sh starts and stops (root: it
-# apt-get installs slurm-wlm, slurmdbd, munge, mariadb-server if missing); also part of `make test`.
+# apt-get installs slurm-wlm, slurmdbd, munge, mariadb-server if missing). CI runs it after `make test`.
 test-slurm: setup
-	$(PY) -m pytest -q tests/test_slurm.py
+	$(PY) -m pytest -q -m cluster tests
 
 bench: setup
 	$(PY) scripts/bench.py $(ARGS)

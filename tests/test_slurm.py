@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
 KEY = ["example_id", "method", "source_layer", "target_layer"]
 SHARDS = 4
+pytestmark = pytest.mark.cluster  # `make test-slurm` (CI runs it after `make test`)
 LIMIT = 160  # 40 examples a shard, one part each: more than a cancelled job does in its KillWait (2 s) after the cancel
 
 
