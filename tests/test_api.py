@@ -156,3 +156,44 @@ def test_named_target_prompts_come_from_the_patchscope_configs():
     assert ps.TargetPrompt.named(lm, "entity_description").placeholder == "x"
     with pytest.raises(ValueError, match="'nope'"):
         ps.TargetPrompt.named(lm, "nope")
+
+
+@pytest.mark.parametrize("name", THREE_ARCHS)
+def test_overwrite_around_hf_generate_equals_batched_generate(name):
+    lm = tiny(name)
+    desc = ps.TargetPrompt(lm, "Syria: Country in the Middle East, x", placeholder="x")
+    state = ps.capture(lm, "Diana, Princess of Wales", layers=[2], positions=[-1]).at(layer=2)
+    ids = torch.tensor([desc.token_ids])
+    with ps.overwrite(lm, layer=2, position=desc.position, vector=state):
+        out = lm.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0
+        )
+    expected = ps.generate(lm, [desc.patch(state, layer=2)], max_new_tokens=5).token_ids[0]
+    assert out[0, ids.shape[1] :].tolist()[: len(expected)] == expected
+    assert all(not block._forward_hooks for block in lm.blocks)  # exactly its own hooks removed
+
+
+def test_overwrite_rejects_a_vector_of_another_width():
+    lm = tiny("tiny_llama")
+    with pytest.raises(ValueError, match="width 3"):
+        with ps.overwrite(lm, {(1, -1): torch.zeros(3)}):
+            pass
+
+
+def test_affine_lens_fit_save_load_and_cache(tmp_path):
+    from patchscan.data.texts import load_texts
+
+    lm = tiny("tiny_llama")
+    texts = load_texts({"kind": "builtin", "name": "texts"})[:40]
+    lens = ps.AffineLens.fit(lm, texts, layers=[1, 3])
+    again = ps.AffineLens.fit(lm, texts, layers=[1, 3])  # from the cache
+    assert torch.equal(lens.maps[1].weight, again.maps[1].weight)
+    lens.save(tmp_path)
+    loaded = ps.AffineLens.load(lm, tmp_path)
+    assert loaded.layers == [1, 3]
+    src = ps.capture(lm, texts[0], layers=[1, 3], positions=[-1])
+    assert torch.allclose(loaded(src.at(layer=1)), lens(src.at(layer=1)))
+    # block 3 is the last: its fitted map is the identity, so the affine lens is the logit lens there
+    assert torch.allclose(lens(src.at(layer=3)), ps.LogitLens(lm)(src.at(layer=3)), atol=1e-3)
+    with pytest.raises(ValueError, match="no map for block 2"):
+        lens(src.at(layer=3).vector, layer=2)

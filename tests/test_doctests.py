@@ -15,6 +15,8 @@ API_MODULES = [
     "patchscan.targets",
     "patchscan.readouts",
     "patchscan.results",
+    "patchscan.lenses",
+    "patchscan.intervene",
 ]
 
 
