@@ -197,3 +197,14 @@ def test_affine_lens_fit_save_load_and_cache(tmp_path):
     assert torch.allclose(lens(src.at(layer=3)), ps.LogitLens(lm)(src.at(layer=3)), atol=1e-3)
     with pytest.raises(ValueError, match="no map for block 2"):
         lens(src.at(layer=3).vector, layer=2)
+
+
+def test_readme_python_api_script_runs_as_written(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    script = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(script, "README.md (Python API)", "exec"), {})
+    out = capsys.readouterr().out
+    assert "source_layer" in out and "generation" in out and "29:" in out
