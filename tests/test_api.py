@@ -208,3 +208,23 @@ def test_readme_python_api_script_runs_as_written(capsys):
     exec(compile(script, "README.md (Python API)", "exec"), {})
     out = capsys.readouterr().out
     assert "source_layer" in out and "generation" in out and "29:" in out
+
+
+def test_a_wrapped_model_without_a_pad_token_gives_what_a_loaded_one_gives():
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from patchscan.models.loading import builtin_folder
+
+    loaded = tiny("tiny_neox")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(builtin_folder())
+    tokenizer.pad_token = None
+    hf_model = AutoModelForCausalLM.from_config(loaded.model.config).eval()
+    hf_model.load_state_dict(loaded.model.state_dict())
+    lm = ps.ModelView.wrap(hf_model, tokenizer)
+    outs = []
+    for view in (lm, loaded):
+        target = ps.TargetPrompt(view, IDENTITY, placeholder="?")
+        src = ps.capture(view, ["Paris", "The Eiffel Tower"], layers=[1], positions=[-1])
+        patches = [target.patch(s.at(layer=1)) for s in src] + [target.baseline()]
+        outs.append((ps.next_token(view, patches).token_ids, ps.generate(view, patches, max_new_tokens=3).token_ids))
+    assert outs[0] == outs[1] and tokenizer.pad_token is None
