@@ -228,3 +228,18 @@ def test_a_wrapped_model_without_a_pad_token_gives_what_a_loaded_one_gives():
         patches = [target.patch(s.at(layer=1)) for s in src] + [target.baseline()]
         outs.append((ps.next_token(view, patches).token_ids, ps.generate(view, patches, max_new_tokens=3).token_ids))
     assert outs[0] == outs[1] and tokenizer.pad_token is None
+
+
+def test_bad_input_names_the_bad_value():
+    lm = tiny("tiny_llama")
+    cases = [
+        (lambda: ps.capture(lm, "Paris", layers=[9]), "layer 9 is out of range"),
+        (lambda: ps.capture(lm, "Paris", positions=[7]), "position 7 is out of range"),
+        (lambda: ps.TargetPrompt(lm, "no marker here", placeholder="?"), "does not contain the placeholder '?'"),
+        (lambda: ps.TargetPrompt(lm, "x").patch(torch.zeros(lm.width)), "pass layer="),
+        (lambda: ps.capture(lm, "Paris is big").at(layer=1), "several positions were captured"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ps.UserError, match=message) as info:
+            call()
+        assert "\n" not in str(info.value)
