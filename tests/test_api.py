@@ -243,3 +243,22 @@ def test_bad_input_names_the_bad_value():
         with pytest.raises(ps.UserError, match=message) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", THREE_ARCHS)
+def test_edit_blocks_callback_equals_overwrite(name):
+    lm = tiny(name)
+    ids = torch.tensor([lm.encode("The Eiffel Tower is in Paris")])
+    vector = torch.randn(lm.width)
+
+    def put(hidden, layer):
+        hidden = hidden.clone()
+        hidden[:, -1] = vector
+        return hidden
+
+    with torch.no_grad():
+        with ps.edit_blocks(lm, put, layers=[1]):
+            edited = lm.model(input_ids=ids).logits
+        with ps.overwrite(lm, layer=1, position=-1, vector=vector):
+            overwritten = lm.model(input_ids=ids).logits
+    assert torch.allclose(edited, overwritten) and all(not b._forward_hooks for b in lm.blocks)
