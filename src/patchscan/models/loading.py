@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from patchscan.errors import UserError
+from patchscan.models.dtypes import note_dtype
 from patchscan.models.view import ModelView
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,7 @@ def load_model(cfg: Mapping[str, Any]) -> ModelView:  # noqa: C901, PLR0915 (one
     dtype = resolve_dtype(cfg.get("dtype"))
     place = placement(cfg)
     device = resolve_device(cfg.get("device"))
+    note_dtype(dtype, device)  # one line where bf16 is asked for on a CPU without native bf16
     common = dict(dtype=dtype, revision=cfg.get("revision"), trust_remote_code=bool(cfg.get("trust_remote_code")))
     common = {k: v for k, v in common.items() if v not in (None, False)}
     if source not in SOURCES:
