@@ -67,6 +67,7 @@ TEXTS = [
     "Our neighbours planted tomatoes and",
 ]
 SUBJECTS = ["France", "Japan", "Canada", "Egypt", "Brazil", "Italy", "Peru", "Norway"]
+CAPITALS = ["Paris", "Tokyo", "Ottawa", "Cairo", "Brasília", "Rome", "Lima", "Oslo"]
 IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 ATTRIBUTE = "The capital city of x"
 CONFIGS = Path(patchscan.__file__).resolve().parents[2] / "configs"
@@ -166,11 +167,16 @@ def next_token_grid(view, args, key: str) -> Measured:
 
 
 def attribute_generation_grid(view, args) -> Measured:
+    """(c): each row stops once its subject's capital appears, as attribute_extraction runs it
+    (generation.stop_when_correct); --no-stop, or an engine without stops, generates full length."""
     from patchscan.prompts import placeholder_position
 
     ids, pos = placeholder_position(view, ATTRIBUTE, "x")
     subjects = [view.encode(s) for s in SUBJECTS[: args.examples]]
     gen_layers = list(range(view.n_blocks))[:: args.gen_layer_step]
+    stop = StopWhenFound is not None and not args.no_stop
+    answers = [CAPITALS[k] for k in range(len(subjects)) for _ in gen_layers for _ in gen_layers]
+    stops = {"stops": [StopWhenFound(a) for a in answers]} if stop else {}
 
     def run():
         caps = capture(view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=args.batch_size)
@@ -180,13 +186,15 @@ def attribute_generation_grid(view, args) -> Measured:
             for k, _ in enumerate(gen_layers)
             for t in gen_layers
         ]
-        return patches, generate(view, patches, max_new_tokens=args.new_tokens, batch_size=args.batch_size)
+        return patches, generate(view, patches, max_new_tokens=args.new_tokens, batch_size=args.batch_size, **stops)
 
     with count_work(view.model) as counts:
         (patches, gens), seconds, mem = timed(run, view.device)
     label = f"attribute-extraction generation grid, {args.new_tokens} tokens, every {args.gen_layer_step}rd block"
-    calls = [(p, args.new_tokens, g, None) for p, g in zip(patches, gens)]
-    return Measured(label, len(patches), seconds, mem, counts, outputs=gens, calls=calls, generation=True)
+    label += ", stop when correct" if stop else ", full length"
+    calls = [(p, args.new_tokens, g, s) for p, g, s in zip(patches, gens, stops.get("stops", [None] * len(gens)))]
+    metrics = [contains_answer(view.decode(g), a) for g, a in zip(gens, answers)]
+    return Measured(label, len(patches), seconds, mem, counts, gens, metrics, calls, True)
 
 
 SCOPE_WORKLOADS = {
@@ -371,6 +379,7 @@ def parse(argv):
     parser.add_argument("--gen-layer-step", type=int, default=3, help="(c-e) use every k-th block for ℓ and ℓ*")
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--workloads", default="abcdef")
+    parser.add_argument("--no-stop", action="store_true", help="(c) generates full length (issue 12's workload)")
     parser.add_argument("--quick", action="store_true", help="small sizes: about 1-2 minutes on a 2-core CPU")
     parser.add_argument(
         "--lre",

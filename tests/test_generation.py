@@ -155,3 +155,26 @@ def test_scopes_record_stop_when_correct(stop):
         scope.bind(view)
         df = scope.run_chunk(scope.examples(), lambda n: None)
         assert df["stop_when_correct"].tolist() == [stop] * len(df)
+
+
+def test_bf16_runs_the_whole_engine_on_cpu_and_says_when_the_cpu_lacks_it(caplog, monkeypatch):
+    from patchscan.engine import patched_next_token
+    from patchscan.models import dtypes, load_model
+
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2"}))
+    with caplog.at_level("WARNING"):
+        view = load_model(
+            {"source": "tiny", "arch": "llama", "name": "tiny_llama", "device": "cpu", "dtype": "bfloat16"}
+        )
+    assert [r.message for r in caplog.records if "bfloat16" in r.message] == [
+        "model.dtype=bfloat16 on CPU: this CPU has no native bf16: bf16 matmuls are emulated and usually slower "
+        "than fp32 (float32 is the CPU default)"
+    ]
+    assert view.dtype == torch.bfloat16
+    ids = tuple(view.encode("The capital city of x"))
+    cap = capture(view, [view.encode("France")], [1], [[-1]])[0]
+    patches = [Patch(target_ids=ids, target_position=-1, target_layer=t, vector=cap.at(1)) for t in (0, 2)]
+    assert cap.at(1).dtype == torch.bfloat16
+    gens = generate(view, patches, max_new_tokens=4, stops=[StopWhenFound("Paris")] * 2)
+    assert gens == [truncate_at_stop(view, naive_generate(view, p, 4), StopWhenFound("Paris")) for p in patches]
+    assert patched_next_token(view, patches, top_k=1).ids.shape == (2, 1)
