@@ -36,6 +36,8 @@ test: setup
 test-slurm: setup
 	$(PY) -m pytest -q -m cluster tests
 
+# patchscan vs the naive method in one process: ARGS="--quick" (about 2 minutes), ARGS="--dtype bfloat16"
+# (speed and agreement with float32), ARGS="--workloads cf" (pick workloads a-f).
 bench: setup
 	$(PY) scripts/bench.py $(ARGS)
 

@@ -1,21 +1,29 @@
 """Benchmark patchscan against the naive per-patch method, in one run, on one machine.
 
-Workloads (DESIGN §4, issues 8 and 12):
+Workloads (DESIGN §4, issues 8, 12 and 19):
   (a) next-token grid with ℓ* = ℓ (token identity over every block),
   (b) the full ℓ×ℓ* next-token grid,
-  (c) the attribute-extraction generation grid (greedy continuations over (ℓ, ℓ*) cells),
+  (c) the attribute-extraction generation grid (greedy continuations over (ℓ, ℓ*) cells, no stops),
   (d) multihop end to end: the scope's own chunk code on LRE two-hop candidates, the single-hop
       filter, vanilla and CoT answers and the patchscope / patchscope_code / backpatch grid,
   (e) attribute extraction end to end: the subject-in-prompt baseline, the source states and the
-      (ℓ, ℓ*) grid, through the scope's own chunk code.
-The naive method runs one HF forward (or generate call) per patch or prompt with its own hook,
-as the paper's code does. It is timed on a random subset of cells (--naive-cells) and its rate is
-compared with patchscan's rate on the whole grid; agreement is checked on that subset. In (d)
-and (e) the naive method reruns a random sample of every generation the scope asked for
-(filter, baselines and grid alike). patchscan's time includes capturing the source states;
-model loading is reported apart.
+      (ℓ, ℓ*) grid, through the scope's own chunk code,
+  (f) entity descriptions end to end: the paper's few-shot prompt, 50 tokens, ℓ* = ℓ on every
+      other block, through the scope's own chunk code (Rouge-L scored; the embedding model is off).
+The naive method runs one HF forward (or generate call, full length, no stopping) per patch or
+prompt with its own hook, as the paper's code does. It is timed on a random subset of cells
+(--naive-cells) and its rate is compared with patchscan's rate on the whole workload; agreement is
+checked on that subset: equal argmaxes, equal generations (the naive one cut where the row's stop
+holds) and equal per-row metrics (correctness, first description). Generation workloads also
+report the tokens generated per run, achieved GFLOP/s beside a matmul of the model's shapes timed
+in the same run, and how much block work sharing the blocks below ℓ* between rows with the same
+continuation would save. With --dtype other than float32, every workload also runs on a float32
+copy of the model, and the speed ratio and agreement with it are reported.
 
-    python scripts/bench.py [--model smollm2_135m] [--dtype float32] [--device auto]
+    python scripts/bench.py [--model smollm2_135m] [--dtype float32] [--device auto] [--quick]
+
+The script runs against an older engine too (PYTHONPATH=/path/to/old/src): what that engine lacks
+(stops) is left out, and configs are read from the checkout the imported patchscan belongs to.
 """
 
 from __future__ import annotations
@@ -28,16 +36,25 @@ import argparse
 import os
 import random
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+import patchscan
 from patchscan import engine
 from patchscan.engine import Patch, capture, generate, patched_next_token
-from patchscan.engine.counting import count_work
+from patchscan.engine.counting import Counts, count_work
 from patchscan.engine.naive import naive_generate, naive_logits
+from patchscan.metrics.text import contains_answer
 from patchscan.models import load_model
 from patchscan.worklog import peak_memory_mb
+
+try:  # absent from engines older than issue 19: no stops there
+    from patchscan.metrics.answers import StopAfterDescription, StopWhenFound, first_description
+except ImportError:  # pragma: no cover (older engines)
+    StopAfterDescription = StopWhenFound = None
+    from patchscan.scopes.entities import first_description
 
 TEXTS = [
     "The Eiffel Tower is located in the city of",
@@ -50,8 +67,10 @@ TEXTS = [
     "Our neighbours planted tomatoes and",
 ]
 SUBJECTS = ["France", "Japan", "Canada", "Egypt", "Brazil", "Italy", "Peru", "Norway"]
+CAPITALS = ["Paris", "Tokyo", "Ottawa", "Cairo", "Brasília", "Rome", "Lima", "Oslo"]
 IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 ATTRIBUTE = "The capital city of x"
+CONFIGS = Path(patchscan.__file__).resolve().parents[2] / "configs"
 
 
 def peak_memory_reset(device: torch.device) -> None:
@@ -78,26 +97,23 @@ def timed(fn, device):
     return out, time.perf_counter() - start, peak_memory_mb(device)
 
 
-def report(name, n_fast, t_fast, mem_fast, n_naive, t_naive, mem_naive, agree, what, startup):
-    fast_rate, naive_rate = n_fast / t_fast, n_naive / t_naive
-    with_startup = (n_fast / naive_rate) / (t_fast + startup)  # naive time for the whole grid / ours + start-up
-    print(f"\n({name})")
-    print(
-        f"  patchscan: {n_fast:6d} patched runs in {t_fast:8.2f} s = {fast_rate:9.1f} runs/s, peak {mem_fast:8.0f} MiB"
-    )
-    print(
-        f"  naive:     {n_naive:6d} patched runs in {t_naive:8.2f} s = {naive_rate:9.1f} runs/s, "
-        f"peak {mem_naive:8.0f} MiB"
-    )
-    print(
-        f"  ratio: {fast_rate / naive_rate:.1f}x  ({with_startup:.1f}x counting patchscan's {startup:.1f} s start-up "
-        f"against the naive time for the whole grid)   results agree ({what}): {agree}"
-    )
-    return fast_rate / naive_rate
+@dataclass
+class Measured:
+    """One workload on one model: its runs, time, work, per-run outputs and per-row metrics."""
+
+    label: str
+    runs: int
+    seconds: float
+    peak_mb: float
+    counts: Counts | None = None
+    outputs: list = field(default_factory=list)  # argmax ids or token lists, one per run
+    metrics: list = field(default_factory=list)  # per-row metrics (correct, description), if any
+    calls: list = field(default_factory=list)  # (patch, max_new_tokens, tokens, stop) per generated run
+    generation: bool = False
 
 
 class Recorder:
-    """The batched engine, keeping every generation it is asked for: (patch, max_new_tokens, tokens)."""
+    """The batched engine, keeping every generation it is asked for: (patch, max_new_tokens, tokens, stop)."""
 
     def __init__(self):
         self.calls = []
@@ -107,7 +123,8 @@ class Recorder:
 
     def generate(self, view, patches, max_new_tokens=20, **kwargs):
         out = engine.generate(view, patches, max_new_tokens=max_new_tokens, **kwargs)
-        self.calls += [(p, max_new_tokens, o) for p, o in zip(patches, out)]
+        stops = kwargs.get("stops") or [None] * len(patches)
+        self.calls += [(p, max_new_tokens, o, s) for p, o, s in zip(patches, out, stops)]
         return out
 
 
@@ -117,7 +134,7 @@ def scope_for(view, overrides: list[str]):
 
     from patchscan.scopes import get_scope
 
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     scope = get_scope(cfg.experiment.name)(cfg)
     scope.engine = Recorder()
@@ -125,17 +142,245 @@ def scope_for(view, overrides: list[str]):
     return scope, scope.engine
 
 
-def main(argv=None) -> int:  # noqa: C901, PLR0915 (one table of workloads; split pending, issue 19)
+# --- workloads ---------------------------------------------------------------------------------
+
+
+def next_token_grid(view, args, key: str) -> Measured:
+    layers = list(range(view.n_blocks))
+    pairs = [(b, b) for b in layers] if key == "a" else [(s, t) for s in layers for t in layers]
+    sources = [view.encode(t) for t in TEXTS[: args.examples]]
+    identity = tuple(view.encode(IDENTITY))
+
+    def run():
+        caps = capture(view, sources, layers, [[-1]] * len(sources), batch_size=args.batch_size)
+        patches = [
+            Patch(target_ids=identity, target_position=-1, target_layer=t, vector=c.states[s, 0])
+            for c in caps
+            for s, t in pairs
+        ]
+        return patches, patched_next_token(view, patches, top_k=1, batch_size=args.batch_size)
+
+    (patches, top), seconds, mem = timed(run, view.device)
+    label = "next-token grid, target block = source block" if key == "a" else "full source x target next-token grid"
+    calls = [(p, 0, None, None) for p in patches]
+    return Measured(label, len(patches), seconds, mem, outputs=top.ids[:, 0].tolist(), calls=calls)
+
+
+def attribute_generation_grid(view, args) -> Measured:
+    """(c): each row stops once its subject's capital appears, as attribute_extraction runs it
+    (generation.stop_when_correct); --no-stop, or an engine without stops, generates full length."""
+    from patchscan.prompts import placeholder_position
+
+    ids, pos = placeholder_position(view, ATTRIBUTE, "x")
+    subjects = [view.encode(s) for s in SUBJECTS[: args.examples]]
+    gen_layers = list(range(view.n_blocks))[:: args.gen_layer_step]
+    stop = StopWhenFound is not None and not args.no_stop
+    answers = [CAPITALS[k] for k in range(len(subjects)) for _ in gen_layers for _ in gen_layers]
+    stops = {"stops": [StopWhenFound(a) for a in answers]} if stop else {}
+
+    def run():
+        caps = capture(view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=args.batch_size)
+        patches = [
+            Patch(target_ids=tuple(ids), target_position=pos, target_layer=t, vector=c.states[k, 0])
+            for c in caps
+            for k, _ in enumerate(gen_layers)
+            for t in gen_layers
+        ]
+        return patches, generate(view, patches, max_new_tokens=args.new_tokens, batch_size=args.batch_size, **stops)
+
+    with count_work(view.model) as counts:
+        (patches, gens), seconds, mem = timed(run, view.device)
+    label = f"attribute-extraction generation grid, {args.new_tokens} tokens, every {args.gen_layer_step}rd block"
+    label += ", stop when correct" if stop else ", full length"
+    calls = [(p, args.new_tokens, g, s) for p, g, s in zip(patches, gens, stops.get("stops", [None] * len(gens)))]
+    metrics = [contains_answer(view.decode(g), a) for g, a in zip(gens, answers)]
+    return Measured(label, len(patches), seconds, mem, counts, gens, metrics, calls, True)
+
+
+SCOPE_WORKLOADS = {
+    "d": ("multihop", "multihop end to end"),
+    "e": ("attribute_extraction", "attribute extraction end to end"),
+    "f": ("entity_resolution", "entity descriptions end to end (paper prompt)"),
+}
+
+
+def scope_overrides(key: str, args) -> list[str]:
+    experiment = SCOPE_WORKLOADS[key][0]
+    common = [f"+experiment={experiment}", f"runner.batch_size={args.batch_size}"]
+    if key == "f":
+        return common + [f"dataset.limit={args.entities}", "similarity.embedding=false"]
+    step = f"::{args.gen_layer_step}"
+    limit = args.multihop_candidates if key == "d" else args.examples
+    return common + [
+        f"dataset.path={args.lre}",
+        f"sweep.source_layers={step}",
+        f"sweep.target_layers={step}",
+        f"generation.max_new_tokens={args.new_tokens}",
+        f"dataset.limit={limit}",
+    ]
+
+
+def scope_workload(view, args, key: str) -> Measured:
+    scope, recorder = scope_for(view, scope_overrides(key, args))
+    examples = scope.examples()
+    with count_work(view.model) as counts:
+        df, seconds, mem = timed(lambda: scope.run_chunk(examples, lambda n: None), view.device)
+    column = "description" if key == "f" else "correct"
+    methods = df["method"].value_counts().to_dict()
+    label = f"{SCOPE_WORKLOADS[key][1]}: {len(examples)} examples, rows {methods}"
+    outputs = [c[2] for c in recorder.calls]
+    return Measured(
+        label, len(recorder.calls), seconds, mem, counts, outputs, df[column].tolist(), recorder.calls, True
+    )
+
+
+# --- checks and reports -------------------------------------------------------------------------
+
+
+def row_metric(view, stop, tokens):
+    """What the scorer reads from a continuation: correctness, the first description, else the text."""
+    text = view.decode(tokens)
+    if StopWhenFound is not None and isinstance(stop, StopWhenFound):
+        return contains_answer(text, stop.answer, stop.case_sensitive)
+    if StopAfterDescription is not None and isinstance(stop, StopAfterDescription):
+        return first_description(text)
+    return text
+
+
+def cut_at_stop(view, tokens, stop):
+    if stop is None:
+        return list(tokens)
+    from patchscan.engine.decoding import truncate_at_stop
+
+    return truncate_at_stop(view, tokens, stop)
+
+
+def naive_check(view, m: Measured, args, rng) -> tuple:
+    """Naive runs on sampled cells: (n, seconds, peak MiB, agreement text)."""
+    share = args.naive_cells if not m.generation else max(args.naive_cells // 4, 1)
+    cells = rng.sample(range(len(m.calls)), min(share, len(m.calls)))
+    if not m.generation:
+        naive, seconds, mem = timed(
+            lambda: [naive_logits(view, m.calls[i][0]).argmax().item() for i in cells], view.device
+        )
+        agree = all(m.outputs[i] == p for i, p in zip(cells, naive))
+        return len(cells), seconds, mem, f"same argmax on {len(cells)} cells: {agree}"
+    naive, seconds, mem = timed(
+        lambda: [naive_generate(view, m.calls[i][0], m.calls[i][1]) for i in cells], view.device
+    )
+    same_gen = all(cut_at_stop(view, g, m.calls[i][3]) == m.calls[i][2] for i, g in zip(cells, naive))
+    same_metric = all(
+        row_metric(view, m.calls[i][3], g) == row_metric(view, m.calls[i][3], m.calls[i][2])
+        for i, g in zip(cells, naive)
+    )
+    return (
+        len(cells),
+        seconds,
+        mem,
+        f"on {len(cells)} sampled runs: same generations (naive cut at the stop) {same_gen}, "
+        f"same per-row metrics as full-length naive {same_metric}",
+    )
+
+
+def matmul_roof(view, rows: int = 256, repeat: int = 20) -> float:
+    """GFLOP/s of a (rows x width) @ (width x intermediate) matmul in the model's dtype on its device."""
+    config = view.model.config.get_text_config()
+    inner = getattr(config, "intermediate_size", None) or 4 * view.width
+    a = torch.randn(rows, view.width, dtype=view.dtype, device=view.device)
+    b = torch.randn(view.width, inner, dtype=view.dtype, device=view.device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        sync(view.device)
+        start = time.perf_counter()
+        a @ b
+        sync(view.device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * view.width * inner / best / 1e9
+
+
+def dense_flops_per_token(view) -> float:
+    """2 x (block parameters + LM head) per token run: dense matmuls, attention over the cache left out."""
+    blocks = sum(p.numel() for p in view.blocks.parameters())
+    return 2.0 * (blocks + view.vocab_size * view.width)
+
+
+def lower_block_sharing(view, calls) -> tuple[float, float]:
+    """Share of decode block work saved if rows of one target that have generated the same tokens
+    so far ran blocks 0..ℓ* once: (within one ℓ*, across ℓ* with a fan-out at each row's ℓ*)."""
+    groups: dict = {}
+    for patch, _, tokens, _ in calls:
+        if patch.vector is not None and tokens:
+            groups.setdefault(tuple(patch.target_ids), []).append((patch.target_layer, tokens))
+    n, now, per_layer, across = view.n_blocks, 0, 0, 0
+    for rows in groups.values():
+        for j in range(max(len(t) for _, t in rows) - 1):  # token j is run through the model if more follow
+            alive = [(lay, tuple(t[: j + 1])) for lay, t in rows if len(t) > j + 1]
+            now += n * len(alive)
+            per_layer += sum(lay + 1 for lay, _ in set(alive)) + sum(n - lay - 1 for lay, _ in alive)
+            across += sum(
+                len({c for lay, c in alive if lay >= b}) + sum(1 for lay, _ in alive if lay < b) for b in range(n)
+            )
+    if not now:
+        return 0.0, 0.0
+    return 1 - per_layer / now, 1 - across / now
+
+
+def report(view, m: Measured, naive: tuple, startup: float, roof: float) -> float:
+    n_naive, t_naive, mem_naive, agree = naive
+    fast_rate, naive_rate = m.runs / m.seconds, n_naive / t_naive
+    with_startup = (m.runs / naive_rate) / (m.seconds + startup)
+    print(f"\n({m.label})")
+    print(f"  patchscan: {m.runs:6d} runs in {m.seconds:8.2f} s = {fast_rate:9.1f} runs/s, peak {m.peak_mb:8.0f} MiB")
+    print(f"  naive:     {n_naive:6d} runs in {t_naive:8.2f} s = {naive_rate:9.1f} runs/s, peak {mem_naive:8.0f} MiB")
+    print(
+        f"  ratio: {fast_rate / naive_rate:.1f}x  ({with_startup:.1f}x counting patchscan's {startup:.1f} s start-up "
+        f"against the naive time for the whole workload)   agreement {agree}"
+    )
+    if m.generation and m.counts is not None:
+        full = sum(c[1] for c in m.calls)
+        gflops = m.counts.forward_tokens * dense_flops_per_token(view) / m.seconds / 1e9
+        per_layer, across = lower_block_sharing(view, m.calls)
+        print(
+            f"  tokens generated per run: {m.counts.tokens_generated / max(m.runs, 1):.1f} "
+            f"(naive: {full / max(m.runs, 1):.1f}); {m.counts.forward_passes} forward passes; "
+            f"{gflops:.1f} GFLOP/s achieved vs matmul roof {roof:.1f} GFLOP/s ({100 * gflops / roof:.0f}%)"
+        )
+        print(
+            f"  sharing blocks 0..ℓ* between rows with the same continuation would save {100 * per_layer:.0f}% "
+            f"of decode block work (same ℓ*), {100 * across:.0f}% (fan-out at each ℓ*)"
+        )
+    return fast_rate / naive_rate
+
+
+def agreement(m: Measured, ref: Measured) -> str:
+    """Share of runs with equal outputs and of rows with equal metrics, against the float32 run."""
+    same = sum(a == b for a, b in zip(m.outputs, ref.outputs)) / max(len(m.outputs), 1)
+    what = "argmaxes" if not m.generation else "generations"
+    text = f"equal {what} {100 * same:.1f}%"
+    if m.metrics:
+        rows = sum(a == b for a, b in zip(m.metrics, ref.metrics)) / max(len(m.metrics), 1)
+        text += f", equal per-row metrics {100 * rows:.1f}%"
+    return text
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2_135m", help="a config name under configs/model")
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--examples", type=int, default=8, help="source prompts per workload")
+    parser.add_argument("--entities", type=int, default=16, help="(f) entities (the run's dataset.limit)")
     parser.add_argument("--naive-cells", type=int, default=120, help="cells the naive method runs per workload")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--gen-layer-step", type=int, default=3, help="(c) uses every k-th block for ℓ and ℓ*")
+    parser.add_argument("--gen-layer-step", type=int, default=3, help="(c-e) use every k-th block for ℓ and ℓ*")
     parser.add_argument("--new-tokens", type=int, default=20)
-    parser.add_argument("--workloads", default="abcde")
+    parser.add_argument("--workloads", default="abcdef")
+    parser.add_argument("--no-stop", action="store_true", help="(c) generates full length (issue 12's workload)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: about 1-2 minutes on a 2-core CPU")
     parser.add_argument(
         "--lre",
         default=os.environ.get("PATCHSCAN_LRE", "../shared/data/lre"),
@@ -143,145 +388,64 @@ def main(argv=None) -> int:  # noqa: C901, PLR0915 (one table of workloads; spli
     )
     parser.add_argument("--multihop-candidates", type=int, default=24, help="(d) two-hop candidates before the filter")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.examples, args.entities, args.naive_cells, args.multihop_candidates = 2, 4, 12, 8
+    return args
 
+
+def load(args, dtype: str | None):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "model" / f"{args.model}.yaml")
+    cfg = OmegaConf.load(CONFIGS / "model" / f"{args.model}.yaml")
     cfg.device = args.device
-    if args.dtype:
-        cfg.dtype = args.dtype
-    start = time.perf_counter()
-    view = load_model(cfg)
-    load_s = time.perf_counter() - start
-    startup = time.perf_counter() - START
-    device = view.device
+    if dtype:
+        cfg.dtype = dtype
+    return load_model(cfg)
+
+
+def run_workload(view, args, key: str) -> Measured:
+    if key in "ab":
+        return next_token_grid(view, args, key)
+    if key == "c":
+        return attribute_generation_grid(view, args)
+    return scope_workload(view, args, key)
+
+
+def describe(view, load_s: float, startup: float) -> None:
     print(
-        f"model {view.name}: {view.n_blocks} blocks, width {view.width}, {view.dtype}, {device}; "
+        f"model {view.name}: {view.n_blocks} blocks, width {view.width}, {view.dtype}, {view.device}; "
         f"loaded in {load_s:.1f} s (start-up with imports {startup:.1f} s); torch threads {torch.get_num_threads()}"
     )
-    if device.type == "cuda":
+    if view.device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
-    rng = random.Random(0)
-    layers = list(range(view.n_blocks))
-    sources = [view.encode(t) for t in TEXTS[: args.examples]]
-    identity = tuple(view.encode(IDENTITY))
-    ratios = {}
+    else:
+        try:
+            from patchscan.models.dtypes import native_bf16_line
 
-    def grid(pairs, target):
-        def run():
-            caps = capture(view, sources, layers, [[-1]] * len(sources), batch_size=args.batch_size)
-            patches = [
-                Patch(target_ids=target, target_position=-1, target_layer=t, vector=c.states[s, 0])
-                for c in caps
-                for s, t in pairs
-            ]
-            return patches, patched_next_token(view, patches, top_k=1, batch_size=args.batch_size)
+            print(native_bf16_line())
+        except ImportError:  # pragma: no cover (older engines)
+            pass
 
-        return run
 
-    for key, pairs in (("a", [(b, b) for b in layers]), ("b", [(s, t) for s in layers for t in layers])):
-        if key not in args.workloads:
-            continue
-        (patches, top), t_fast, m_fast = timed(grid(pairs, identity), device)
-        cells = rng.sample(range(len(patches)), min(args.naive_cells, len(patches)))
-        naive, t_naive, m_naive = timed(lambda: [naive_logits(view, patches[i]).argmax().item() for i in cells], device)
-        agree = all(top.ids[i, 0].item() == p for i, p in zip(cells, naive))
-        label = (
-            "next-token grid, target block = source block"
-            if key == "a"
-            else "full source x target block next-token grid"
-        )
-        ratios[key] = report(
-            f"{key}) {label}",
-            len(patches),
-            t_fast,
-            m_fast,
-            len(cells),
-            t_naive,
-            m_naive,
-            agree,
-            f"same argmax on {len(cells)} cells",
-            startup,
-        )
-
-    if "c" in args.workloads:
-        from patchscan.prompts import placeholder_position
-
-        ids, pos = placeholder_position(view, ATTRIBUTE, "x")
-        subjects = [view.encode(s) for s in SUBJECTS[: args.examples]]
-        gen_layers = layers[:: args.gen_layer_step]
-
-        def run_gen():
-            caps = capture(view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=args.batch_size)
-            patches = [
-                Patch(target_ids=tuple(ids), target_position=pos, target_layer=t, vector=c.states[k, 0])
-                for c in caps
-                for k, _ in enumerate(gen_layers)
-                for t in gen_layers
-            ]
-            return patches, generate(view, patches, max_new_tokens=args.new_tokens, batch_size=args.batch_size)
-
-        (patches, gens), t_fast, m_fast = timed(run_gen, device)
-        cells = rng.sample(range(len(patches)), min(max(args.naive_cells // 4, 1), len(patches)))
-        naive, t_naive, m_naive = timed(
-            lambda: [naive_generate(view, patches[i], args.new_tokens) for i in cells], device
-        )
-        agree = all(gens[i] == g for i, g in zip(cells, naive))
-        ratios["c"] = report(
-            f"c) attribute-extraction generation grid, {args.new_tokens} tokens, every {args.gen_layer_step}rd block",
-            len(patches),
-            t_fast,
-            m_fast,
-            len(cells),
-            t_naive,
-            m_naive,
-            agree,
-            f"same generations on {len(cells)} cells",
-            startup,
-        )
-    for key, experiment, overrides in (
-        ("d", "multihop", [f"dataset.limit={args.multihop_candidates}"]),
-        ("e", "attribute_extraction", [f"dataset.limit={args.examples}"]),
-    ):
-        if key not in args.workloads:
-            continue
-        step = f"::{args.gen_layer_step}"
-        scope, recorder = scope_for(
-            view,
-            [
-                f"+experiment={experiment}",
-                f"dataset.path={args.lre}",
-                f"sweep.source_layers={step}",
-                f"sweep.target_layers={step}",
-                f"generation.max_new_tokens={args.new_tokens}",
-                f"runner.batch_size={args.batch_size}",
-                *overrides,
-            ],
-        )
-        examples = scope.examples()
-        with count_work(view.model) as counts:
-            df, t_fast, m_fast = timed(lambda: scope.run_chunk(examples, lambda n: None), device)
-        calls = recorder.calls
-        cells = rng.sample(range(len(calls)), min(max(args.naive_cells // 4, 1), len(calls)))
-        naive, t_naive, m_naive = timed(lambda: [naive_generate(view, calls[i][0], calls[i][1]) for i in cells], device)
-        agree = all(calls[i][2] == g for i, g in zip(cells, naive))
-        methods = df["method"].value_counts().to_dict()
-        print(
-            f"\n({key}) {experiment} end to end: {len(examples)} examples, rows {methods}; "
-            f"{counts.forward_passes} forward passes, {counts.tokens_generated} tokens generated"
-        )
-        ratios[key] = report(
-            f"{key}) {experiment} end to end, every {args.gen_layer_step}rd block, {args.new_tokens} tokens",
-            len(calls),
-            t_fast,
-            m_fast,
-            len(cells),
-            t_naive,
-            m_naive,
-            agree,
-            f"same generations on {len(cells)} sampled runs",
-            startup,
-        )
+def main(argv=None) -> int:
+    args = parse(argv)
+    start = time.perf_counter()
+    view = load(args, args.dtype)
+    load_s, startup = time.perf_counter() - start, time.perf_counter() - START
+    describe(view, load_s, startup)
+    reference = load(args, "float32") if view.dtype != torch.float32 else None
+    roof = matmul_roof(view)
+    print(f"matmul roof ({view.dtype}, 256 x width x intermediate): {roof:.1f} GFLOP/s")
+    rng, ratios = random.Random(0), {}
+    for key in args.workloads:
+        m = run_workload(view, args, key)
+        ratios[key] = report(view, m, naive_check(view, m, args, rng), startup, roof)
+        if reference is not None:
+            ref = run_workload(reference, args, key)
+            print(
+                f"  vs float32 in this run: {ref.runs / ref.seconds:.1f} runs/s, {view.dtype} is "
+                f"{ref.seconds / m.seconds:.2f}x as fast; {agreement(m, ref)}"
+            )
     print("\nsummary: " + ", ".join(f"({k}) {v:.1f}x" for k, v in ratios.items()))
     return 0
 

@@ -227,6 +227,7 @@ class PlanEngine:
         reuse_prefix: bool = True,
         progress=None,
         memory_budget_gb=None,
+        stops=None,  # rows that stop early only lower the work: the plan keeps its upper bound
     ):
         patches = [p.resolved(view) for p in patches]
         plain = sorted((i for i, p in enumerate(patches) if p.vector is None), key=lambda i: len(patches[i].target_ids))

@@ -56,8 +56,14 @@ class PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             indices = indices.to(self._keys.device)  # a model split over devices keeps each layer on its own
-            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._keys, self._values = self._kept(self._keys, indices), self._kept(self._values, indices)
             self.keys, self.values = self._keys[:, :, : self._length], self._values[:, :, : self._length]
+
+    def _kept(self, buffer: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The rows kept, in a buffer of the same room; only the positions written are copied."""
+        kept = buffer.new_empty(len(indices), *buffer.shape[1:])
+        kept[:, :, : self._length] = buffer[indices, :, : self._length]
+        return kept
 
     def reset(self) -> None:
         self._length = 0

@@ -5,20 +5,22 @@ A Patch overwrites the output of block `layer` at token `position` of `target_id
 position run once and their KV cache serves every row of the group; each micro-batch runs only
 the suffix (usually one token). For next-token read-outs of a one-token suffix, the blocks up
 to the patched one are skipped, since their work at that position would be overwritten.
-Generation continues greedily from the patched prefill; the patch is applied there only.
+Generation continues greedily from the patched prefill (the patch is applied there only), each
+row until its EOS or its stop (`engine.decoding`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from patchscan.engine.batching import FORWARD_OVERHEAD, plan_layer_chunks, rows_for_budget, run_with_backoff
-from patchscan.engine.capture import pad_batch, resolve_position
+from patchscan.engine.capture import resolve_position
 from patchscan.engine.counting import note_generated
+from patchscan.engine.decoding import Stop, greedy_decode, plain_generate
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
 from patchscan.engine.kv import PreallocatedLayer
 from patchscan.models.view import ModelView
@@ -226,8 +228,7 @@ def patched_next_token(view: ModelView, patches: list[Patch], top_k: int = 5, **
     return TopK(ids, lps)
 
 
-@torch.no_grad()
-def generate(  # noqa: C901 (decode loop; split pending, issue 19)
+def generate(
     view: ModelView,
     patches: list[Patch],
     max_new_tokens: int = 20,
@@ -235,83 +236,64 @@ def generate(  # noqa: C901 (decode loop; split pending, issue 19)
     reuse_prefix: bool = True,
     progress: Callable[[int], None] | None = None,
     memory_budget_gb: float | None = None,
+    stops: Sequence[Stop | None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of the patched target prompts (the patch acts in the prefill only).
 
-    Each continuation stops after an end-of-sequence token (kept) or `max_new_tokens`; finished
-    rows leave the batch so they cost nothing more. Unpatched rows (`vector=None`), whose prompts
-    usually all differ, run as left-padded HF generate batches with an attention mask instead.
+    Each continuation stops after an end-of-sequence token (kept), after the token that makes its
+    stop (`stops[i]`, a predicate on the decoded continuation) hold, or at `max_new_tokens`;
+    finished rows leave the batch so they cost nothing more. Unpatched rows (`vector=None`), whose
+    prompts usually all differ, run as left-padded HF generate batches with an attention mask instead.
     """
     patches = [p.resolved(view) for p in patches]
-    cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
-    eos = torch.tensor(sorted(view.eos_token_ids) or [-1], device=view.device)
+    stops = list(stops) if stops is not None else [None] * len(patches)
+    if len(stops) != len(patches):
+        raise ValueError(f"{len(stops)} stops for {len(patches)} patches")
     out: list[list[int]] = [[] for _ in patches]
-
-    def run(rows: list[int]) -> list[list[int]]:
-        logits, kv = _prefill(view, cache, patches, rows, skip=False, use_cache=True, room=max_new_tokens)
-        tokens: list[list[int]] = [[] for _ in rows]
-        alive = torch.arange(len(rows), device=logits.device)
-        for step in range(max_new_tokens):
-            token = logits.argmax(-1)
-            for r, t in zip(alive.tolist(), token.tolist()):
-                tokens[r].append(t)
-            keep = ~torch.isin(token, eos.to(token.device))
-            if step == max_new_tokens - 1 or not keep.any():
-                break
-            if not keep.all():  # finished rows leave the batch
-                alive, token = alive[keep], token[keep]
-                kv.batch_select_indices(keep.nonzero().flatten().cpu())  # each layer moves them to its device
-            logits = (
-                view.model(
-                    input_ids=token[:, None].to(view.input_device), past_key_values=kv, use_cache=True, logits_to_keep=1
-                )
-                .logits[:, -1]
-                .float()
-            )
-        return tokens
-
-    plain = sorted((i for i, p in enumerate(patches) if p.vector is None), key=lambda i: len(patches[i].target_ids))
-    if plain:  # sorted by length so each batch pads little
-        longest = len(patches[plain[-1]].target_ids)
-        size = _batch_size(view, batch_size, longest + max_new_tokens, memory_budget_gb)
-        for s in range(0, len(plain), size):
-            for rows, tokens in run_with_backoff(
-                plain[s : s + size],
-                lambda rows: _plain_generate(view, [patches[i].target_ids for i in rows], max_new_tokens),
-            ):
-                for r, t in zip(rows, tokens):
-                    out[r] = t
-                if progress:
-                    progress(len(rows))
-    for (ids, _), indices in _groups(patches, patched_only=True).items():
-        size = _batch_size(view, batch_size, len(ids) + max_new_tokens, memory_budget_gb)
-        for chunk in _micro_batches(view, indices, patches, size, skip=False):
-            for rows, tokens in run_with_backoff(chunk, run):
-                for r, t in zip(rows, tokens):
-                    out[r] = t
-                if progress:
-                    progress(len(rows))
+    sizing = (batch_size, memory_budget_gb)
+    for rows, tokens in _generate_plain(view, patches, stops, max_new_tokens, sizing):
+        _deliver(out, rows, tokens, progress)
+    for rows, tokens in _generate_patched(view, patches, stops, max_new_tokens, sizing, reuse_prefix):
+        _deliver(out, rows, tokens, progress)
     note_generated(sum(len(t) for t in out))
     return out
 
 
-@torch.no_grad()
-def _plain_generate(view: ModelView, prompts: list[tuple[int, ...]], max_new_tokens: int) -> list[list[int]]:
-    """Unpatched greedy continuations of different prompts in one HF generate call, left-padded
-    with an attention mask so padding is never attended; each cut after its first EOS."""
-    eos = view.eos_token_ids
-    pad = view.tokenizer.pad_token_id if view.tokenizer.pad_token_id is not None else 0
-    ids, mask = pad_batch([list(p) for p in prompts], pad, left=True)
-    out = view.model.generate(
-        input_ids=ids.to(view.input_device),
-        attention_mask=mask.to(view.input_device),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad,
-        eos_token_id=sorted(eos) or None,
-    )
-    tokens = []
-    for row in out[:, ids.shape[1] :].tolist():
-        cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-        tokens.append(row[:cut])
-    return tokens
+def _deliver(out: list[list[int]], rows: list[int], tokens: list[list[int]], progress) -> None:
+    for r, t in zip(rows, tokens):
+        out[r] = t
+    if progress:
+        progress(len(rows))
+
+
+def _generate_plain(view, patches, stops, max_new_tokens, sizing) -> Iterator[tuple[list[int], list[list[int]]]]:
+    """Unpatched rows, sorted by length so each batch pads little."""
+    plain = sorted((i for i, p in enumerate(patches) if p.vector is None), key=lambda i: len(patches[i].target_ids))
+    if not plain:
+        return
+    longest = len(patches[plain[-1]].target_ids)
+    size = _batch_size(view, sizing[0], longest + max_new_tokens, sizing[1])
+    for s in range(0, len(plain), size):
+        yield from run_with_backoff(
+            plain[s : s + size],
+            lambda rows: plain_generate(
+                view, [patches[i].target_ids for i in rows], max_new_tokens, [stops[i] for i in rows]
+            ),
+        )
+
+
+def _generate_patched(
+    view, patches, stops, max_new_tokens, sizing, reuse_prefix
+) -> Iterator[tuple[list[int], list[list[int]]]]:
+    """Patched rows, group by group: one prefix cache, a patched prefill, then greedy decoding."""
+    cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
+
+    @torch.no_grad()
+    def run(rows: list[int]) -> list[list[int]]:
+        logits, kv = _prefill(view, cache, patches, rows, skip=False, use_cache=True, room=max_new_tokens)
+        return greedy_decode(view, logits, kv, max_new_tokens, [stops[i] for i in rows])
+
+    for (ids, _), indices in _groups(patches, patched_only=True).items():
+        size = _batch_size(view, sizing[0], len(ids) + max_new_tokens, sizing[1])
+        for chunk in _micro_batches(view, indices, patches, size, skip=False):
+            yield from run_with_backoff(chunk, run)

@@ -19,7 +19,9 @@ def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    pairs = list(zip(predictions, references))
+    scores = {pair: scorer.score(pair[1], pair[0])["rougeL"].fmeasure for pair in set(pairs)}  # each pair once
+    return [scores[pair] for pair in pairs]
 
 
 @lru_cache(maxsize=1)
@@ -38,17 +40,24 @@ def _minilm():
 
 @torch.no_grad()
 def embed(texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Unit-norm mean-pooled embeddings. Each distinct text is embedded once, in batches of similar
+    length (a grid repeats its references and many descriptions, and padding costs as much as text)."""
     tokenizer, model = _minilm()
+    unique = sorted(set(texts), key=lambda t: (len(t), t))
     out = []
-    for s in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[s : s + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+    for s in range(0, len(unique), batch_size):
+        enc = tokenizer(unique[s : s + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
         hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         out.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(out) if out else torch.empty(0, 384)
+    if not out:
+        return torch.empty(0, 384)
+    index = {t: k for k, t in enumerate(unique)}
+    return torch.cat(out)[[index[t] for t in texts]]
 
 
 def embedding_cosine(predictions: list[str], references: list[str]) -> list[float]:
-    a, b = embed(predictions), embed(references)
+    both = embed(list(predictions) + list(references))  # one pass: a text in both lists is embedded once
+    a, b = both[: len(predictions)], both[len(predictions) :]
     return (a * b).sum(-1).tolist()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from patchscan.errors import UserError
+from patchscan.models.dtypes import note_dtype
 from patchscan.models.view import ModelView
 
 log = logging.getLogger(__name__)
@@ -365,6 +366,7 @@ def load_model(
     if source not in SOURCES:
         raise UserError(f"unknown model source {source!r} for model {name!r}; choose from {', '.join(SOURCES)}")
     dtype_, place = resolve_dtype(cfg.get("dtype")), placement(cfg)
+    note_dtype(dtype_, resolve_device(cfg.get("device")))  # one line where bf16 is asked for on a CPU without it
     try:
         model, tokenizer = _load_tiny(cfg, dtype_, place) if source == "tiny" else _load_pretrained(cfg, dtype_, place)
     except UserError:

@@ -26,6 +26,7 @@ from patchscan.data.lre import load_patchscopes_tsv, load_relations, relation_ke
 from patchscan.data.texts import read_lines
 from patchscan.engine import Patch
 from patchscan.errors import UserError
+from patchscan.metrics.answers import StopWhenFound
 from patchscan.metrics.text import contains_answer
 from patchscan.prompts import placeholder_position, span_last_token
 from patchscan.scopes.base import Scope
@@ -195,6 +196,7 @@ class AttributeScope(Scope):
         and the patched (ℓ, ℓ*) grid in one generate call."""
         view, cfg = self.view, self.cfg
         n_new, cs = int(cfg.generation.max_new_tokens), cfg.generation.case_sensitive
+        stop = bool(cfg.generation.get("stop_when_correct", True))
         placeholder = cfg.patchscope.placeholder
         texts = [fill_placeholder(e["target_prompt"], placeholder, e["subject"]) for e in examples]
         filled = [view.encode(text) for text in texts]
@@ -202,6 +204,7 @@ class AttributeScope(Scope):
             view,
             [Patch(target_ids=tuple(ids), target_position=len(ids) - 1, target_layer=0, vector=None) for ids in filled],
             max_new_tokens=n_new,
+            stops=[StopWhenFound(e["object"], cs) if stop else None for e in examples],
             **self.batching(),
         )
         rows = []
@@ -237,7 +240,10 @@ class AttributeScope(Scope):
             for s, t in self.pairs:
                 patches.append(Patch(target_ids=tuple(ids), target_position=pos, target_layer=t, vector=cap.at(s)))
                 cells.append((e, s, t, ids, pos))
-        gens = self.engine.generate(view, patches, max_new_tokens=n_new, progress=progress, **self.batching())
+        stops = [StopWhenFound(e["object"], cs) if stop else None for e, *_ in cells]
+        gens = self.engine.generate(
+            view, patches, max_new_tokens=n_new, progress=progress, stops=stops, **self.batching()
+        )
         for (e, s, t, ids, pos), gen in zip(cells, gens):
             text = view.decode(gen)
             rows.append(self._row(e, "patchscope", s, t, ids, pos, text, contains_answer(text, e["object"], cs)))
@@ -279,6 +285,7 @@ class AttributeScope(Scope):
             "correct": correct if correct is None else bool(correct),
             "filled_generation": e["filled_generation"],
             "filled_correct": bool(e["filled_correct"]),
+            "stop_when_correct": bool(self.cfg.generation.get("stop_when_correct", True)),
             "source_state": EMPTY_STATE if source_state is None else source_state,
         }
 

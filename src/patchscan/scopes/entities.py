@@ -7,7 +7,6 @@ reference description by Rouge-L and by sentence-embedding cosine similarity.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,18 +16,12 @@ from omegaconf import DictConfig
 from patchscan.data.entities import load_entities
 from patchscan.engine import Patch
 from patchscan.lenses import AffineMaps
+from patchscan.metrics.answers import StopAfterDescription, first_description
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.prompts import placeholder_position, span_last_token
 from patchscan.scopes.base import Scope
 
-_NEXT_ITEM = re.compile(r",\s*[A-Z][^,:]{0,60}:")
-
-
-def first_description(generation: str) -> str:
-    """The description the model wrote for x: up to the next line or the next 'Name:' item."""
-    text = generation.split("\n")[0].lstrip(" :")
-    match = _NEXT_ITEM.search(text)
-    return (text[: match.start()] if match else text).strip()
+__all__ = ["EntityScope", "first_description", "score_descriptions"]
 
 
 def score_descriptions(df: pd.DataFrame, embedding: bool = True) -> pd.DataFrame:
@@ -102,15 +95,17 @@ class EntityScope(Scope):
             for cap in caps
             for s, t in self.pairs
         ]
+        stop = bool(self.cfg.generation.get("stop_when_correct", True))  # stop once the description is decided
         gens = self.engine.generate(
             self.target_view,
             patches,
             max_new_tokens=int(self.cfg.generation.max_new_tokens),
             progress=progress,
+            stops=[StopAfterDescription() if stop else None] * len(patches),
             **self.batching(),
         )
         texts = iter(self.target_view.decode(g) for g in gens)
-        rows = [self._row(e, s, t, next(texts)) for e in examples for s, t in self.pairs]
+        rows = [self._row(e, s, t, next(texts)) | {"stop_when_correct": stop} for e in examples for s, t in self.pairs]
         if self.planning:  # a dry run loads no model, the embedding model included
             return self.frame(rows)
         return score_descriptions(self.frame(rows), bool(self.cfg.similarity.embedding))

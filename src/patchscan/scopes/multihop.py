@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from patchscan.data.lre import load_relations
 from patchscan.engine import Patch
 from patchscan.errors import UserError
+from patchscan.metrics.answers import StopWhenFound
 from patchscan.metrics.text import contains_answer
 from patchscan.prompts import placeholder_position, span_last_token
 from patchscan.scopes.base import Scope
@@ -126,15 +127,20 @@ class MultihopScope(Scope):
             for e in examples:
                 work.plain(e, "hop1", e["hop1_prompt"], self.view.encode(e["hop1_prompt"]))
                 work.plain(e, "hop2", e["hop2_prompt_filled"], self.view.encode(e["hop2_prompt_filled"]))
-            rows = self._rows(work, self.engine.generate(self.view, work.patches, **self._generation()))
+            rows = self._rows(work, self.engine.generate(self.view, work.patches, **self._generation(work)))
             failed = {r["example_id"] for r in rows if not r["correct"]}
             kept = [e for e in examples if self.planning or e["example_id"] not in failed]
         if kept:
             rows += self._grid(kept, progress)
         return self.frame(rows)
 
-    def _generation(self) -> dict:
-        return {"max_new_tokens": int(self.cfg.generation.max_new_tokens), **self.batching()}
+    def _generation(self, work: _Work) -> dict:
+        """generate's arguments: each row may stop once its answer appears (generation.stop_when_correct)."""
+        stops = None
+        if self.cfg.generation.get("stop_when_correct", True):
+            cs = self.cfg.generation.case_sensitive
+            stops = [StopWhenFound(e["bridge"] if m == "hop1" else e["object"], cs) for e, m, *_ in work.cells]
+        return {"max_new_tokens": int(self.cfg.generation.max_new_tokens), "stops": stops, **self.batching()}
 
     def _grid(self, examples: list[dict], progress: Callable[[int], None]) -> list[dict]:
         view, cfg = self.view, self.cfg
@@ -204,7 +210,7 @@ class MultihopScope(Scope):
                         e["question"],
                         e["question"],
                     )
-        return self._rows(work, self.engine.generate(view, work.patches, progress=progress, **self._generation()))
+        return self._rows(work, self.engine.generate(view, work.patches, progress=progress, **self._generation(work)))
 
     def _rows(self, work: _Work, gens: list[list[int]]) -> list[dict]:
         view, cs = self.view, self.cfg.generation.case_sensitive
@@ -231,6 +237,7 @@ class MultihopScope(Scope):
                     "target_layer": t,
                     "generation": text,
                     "correct": contains_answer(text, answer, cs),
+                    "stop_when_correct": bool(self.cfg.generation.get("stop_when_correct", True)),
                 }
             )
         return rows

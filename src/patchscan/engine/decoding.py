@@ -1,0 +1,112 @@
+"""Greedy decoding with per-row stops: a row leaves the batch at its EOS or once its answer is decided.
+
+A stop is a predicate on a row's decoded continuation (`patchscan.metrics.answers`), checked
+after every new token; the row keeps the token that decided it and nothing after. Rows that
+stop leave the batch exactly as EOS rows do, so they cost nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from patchscan.engine.capture import pad_batch
+from patchscan.models.view import ModelView
+
+Stop = Callable[[str], bool]
+
+
+def finished(view: ModelView, tokens: list[int], stop: Stop | None, eos: set[int]) -> bool:
+    """Is this continuation over: its last token is an EOS, or its stop holds on the decoded text?"""
+    return tokens[-1] in eos or (stop is not None and bool(stop(view.decode(tokens))))
+
+
+def truncate_at_stop(view: ModelView, tokens: Sequence[int], stop: Stop | None) -> list[int]:
+    """`tokens` cut where greedy decoding with `stop` would have stopped (the reference, for tests
+    and the bench: a full continuation cut this way equals the stopped one)."""
+    eos = set(view.eos_token_ids)
+    for k in range(1, len(tokens) + 1):
+        if finished(view, list(tokens[:k]), stop, eos):
+            return list(tokens[:k])
+    return list(tokens)
+
+
+def _step(view: ModelView, token: torch.Tensor, kv) -> torch.Tensor:
+    ids = token[:, None].to(view.input_device)
+    return view.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
+
+@torch.no_grad()
+def greedy_decode(
+    view: ModelView, logits: torch.Tensor, kv, max_new_tokens: int, stops: Sequence[Stop | None]
+) -> list[list[int]]:
+    """Continue greedily from a prefill's last logits and KV cache (one row per stop)."""
+    eos = set(view.eos_token_ids)
+    tokens: list[list[int]] = [[] for _ in stops]
+    alive = list(range(len(stops)))
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        keep = []
+        for k, (r, t) in enumerate(zip(alive, token.tolist())):
+            tokens[r].append(t)
+            if not finished(view, tokens[r], stops[r], eos):
+                keep.append(k)
+        if step == max_new_tokens - 1 or not keep:
+            break
+        if len(keep) < len(alive):  # finished rows leave the batch
+            alive = [alive[k] for k in keep]
+            index = torch.tensor(keep)
+            token = token[index.to(token.device)]
+            kv.batch_select_indices(index)  # each layer moves the indices to its device
+        logits = _step(view, token, kv)
+    return tokens
+
+
+class _RowStops(StoppingCriteria):
+    """Stops for Hugging Face `generate`: a per-row done flag, and where each row stopped."""
+
+    def __init__(self, view: ModelView, stops: Sequence[Stop | None], start: int):
+        self.view, self.stops, self.start = view, list(stops), start
+        self.lengths: list[int | None] = [None] * len(stops)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        for r, stop in enumerate(self.stops):
+            if stop is not None and self.lengths[r] is None:
+                new = input_ids[r, self.start :].tolist()
+                if stop(self.view.decode(new)):
+                    self.lengths[r] = len(new)
+        return torch.tensor([n is not None for n in self.lengths], device=input_ids.device)
+
+
+@torch.no_grad()
+def plain_generate(
+    view: ModelView, prompts: list[tuple[int, ...]], max_new_tokens: int, stops: Sequence[Stop | None] | None = None
+) -> list[list[int]]:
+    """Unpatched greedy continuations of different prompts in one HF generate call, left-padded
+    with an attention mask so padding is never attended; each cut after its first EOS or stop."""
+    eos = view.eos_token_ids
+    pad = view.tokenizer.pad_token_id if view.tokenizer.pad_token_id is not None else 0
+    ids, mask = pad_batch([list(p) for p in prompts], pad, left=True)
+    extra = {}
+    row_stops = None
+    if stops is not None and any(s is not None for s in stops):
+        row_stops = _RowStops(view, stops, ids.shape[1])
+        extra["stopping_criteria"] = StoppingCriteriaList([row_stops])
+    out = view.model.generate(
+        input_ids=ids.to(view.input_device),
+        attention_mask=mask.to(view.input_device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=sorted(eos) or None,
+        **extra,
+    )
+    tokens = []
+    for r, row in enumerate(out[:, ids.shape[1] :].tolist()):
+        cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+        if row_stops is not None and row_stops.lengths[r] is not None:
+            cut = min(cut, row_stops.lengths[r])
+        tokens.append(row[:cut])
+    return tokens
