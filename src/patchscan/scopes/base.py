@@ -34,6 +34,8 @@ class Scope:
     # sweep.source_positions kinds this experiment honours (random, last, all, list, one); others
     # are refused when it starts. None: the scope checks them itself.
     position_specs: tuple[str, ...] | None = None
+    # what `sweep.source_positions=default` means here (the paper's choice for this experiment)
+    default_source_positions = "last"
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -110,11 +112,17 @@ class Scope:
         cut = len(texts) - n_train
         return texts[cut:], texts[:cut]
 
+    def position_spec(self):
+        """`sweep.source_positions`, with `default` replaced by this experiment's own default."""
+        spec = self.cfg.get("sweep", {}).get("source_positions", "default")
+        is_default = isinstance(spec, str) and spec.strip().lower() == "default"
+        return self.default_source_positions if is_default else spec
+
     def check_source_positions(self) -> None:
         """Refuse a `sweep.source_positions` this experiment cannot honour, before any model loads."""
         if self.position_specs is None:
             return
-        spec = self.cfg.get("sweep", {}).get("source_positions", "last")
+        spec = self.position_spec()
         if isinstance(spec, str):
             kind = spec.strip().lower()
         else:
@@ -128,7 +136,7 @@ class Scope:
     def source_positions(self, length: int, index: int, low: int = 0) -> list[int]:
         """The positions `sweep.source_positions` picks in a prompt of `length` tokens: `random` is
         one position in [low, length) seeded by runner.seed and the example's index."""
-        spec = self.cfg.sweep.source_positions
+        spec = self.position_spec()
         if isinstance(spec, str) and spec.strip().lower() == "random":
             return [random.Random(f"{int(self.cfg.runner.seed)}-{index}").randint(low, length - 1)]
         return parse_positions(spec if isinstance(spec, (str, int)) else list(spec), length)

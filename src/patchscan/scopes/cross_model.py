@@ -39,6 +39,8 @@ class CrossModelScope(Scope):
             raise UserError(f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
         # the entity task takes the entity experiment's positions; next-token one aligned position
         self.position_specs = EntityScope.position_specs if cfg.task == "entity_description" else ("random", "last")
+        # the paper: a random aligned position for next-token, the name's last token for descriptions
+        self.default_source_positions = "last" if cfg.task == "entity_description" else "random"
         super().__init__(cfg)
         texts = load_texts(cfg.maps.texts)
         self.train_texts, self.eval_texts = self.held_out(texts, int(cfg.maps.train_texts), "maps.train_texts")
@@ -86,7 +88,7 @@ class CrossModelScope(Scope):
     def _aligned_choice(self, pairs: list[tuple[int, int]], index: int) -> tuple[int, int]:
         """The aligned (source, target) position pair `sweep.source_positions` picks: a seeded random
         one, or the last."""
-        spec = str(self.cfg.sweep.source_positions).strip().lower()
+        spec = str(self.position_spec()).strip().lower()
         if spec == "last":
             return pairs[-1]
         return random.Random(f"{int(self.cfg.runner.seed)}-{index}").choice(pairs)
