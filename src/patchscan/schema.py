@@ -100,6 +100,16 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# sweep.source_positions is read by next_token alone; the other experiments read their source state at one
+# position of their own, and take only the value that names it (anything else would be ignored in silence).
+FIXED_SOURCE_POSITION: dict[str, tuple[str, str]] = {
+    "attribute_extraction": ("last", "the last token of the subject"),
+    "entity_resolution": ("last", "the last token of the entity's name"),
+    "multihop": ("last", "the last token of the hop-1 phrase and of the question"),
+    "cross_model": ("random", "one seeded random position per text that both tokenizations share"),
+}
+
+
 def _show(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
@@ -117,6 +127,19 @@ def _select(cfg: DictConfig, key: str) -> tuple[bool, Any]:
     return True, node
 
 
+def _check_source_positions(cfg: DictConfig) -> None:
+    experiment = (cfg.get("experiment") or {}).get("name")
+    present, value = _select(cfg, "sweep.source_positions")
+    if not present or experiment not in FIXED_SOURCE_POSITION:
+        return
+    fixed, where = FIXED_SOURCE_POSITION[experiment]
+    if value != fixed:
+        raise UserError(
+            f"sweep.source_positions={_show(value)} does not apply to {experiment}, which reads {where}; "
+            f"use sweep.source_positions={fixed} (only next_token takes other positions)"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise one UserError for the first value of the wrong type or out of range."""
     for rule in RULES:
@@ -126,6 +149,7 @@ def validate(cfg: DictConfig) -> None:
         ok, allowed = rule.check
         if not ok(value):
             raise UserError(f"{rule.key}={_show(value)} is not valid; use {allowed}")
+    _check_source_positions(cfg)
     runner = cfg.get("runner") or {}
     if "shard" in runner and "num_shards" in runner and not runner.shard < runner.num_shards:
         raise UserError(
