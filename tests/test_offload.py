@@ -14,7 +14,7 @@ from patchscan.engine.hooks import block_hooks, patch_hook, skip_blocks
 from patchscan.models import load_model
 from patchscan.models.view import execution_device
 from tests.conftest import tiny
-from tests.test_cli import patchscan
+from tests.helpers import run_in
 from tests.test_engine import IDENTITY, SOURCES, _patches
 
 _OFFLOADED: dict = {}
@@ -186,21 +186,19 @@ def test_a_failing_call_leaves_the_model_as_it_was(name, tmp_path_factory):
 def test_offloaded_next_token_run_writes_the_same_rows(tmp_path):
     """The whole next_token experiment on the built-in model: offloaded rows equal plain rows."""
     args = [
-        "run",
-        "+experiment=next_token",
+        "experiment=next_token",
         "model=smollm2_135m",
         "dataset.limit=3",
         "methods=[token_identity,logit_lens]",
         "sweep.source_layers=0:30:3",
     ]
-    patchscan(*args, f"hydra.run.dir={tmp_path / 'plain'}", cwd=tmp_path)
-    patchscan(
+    run_in(tmp_path / "plain", *args)
+    run_in(
+        tmp_path / "split",
         *args,
         "model.device_map=auto",
         "model.max_memory={cpu: 300MiB}",
         f"model.offload_folder={tmp_path / 'offload'}",
-        f"hydra.run.dir={tmp_path / 'split'}",
-        cwd=tmp_path,
     )
     key = ["example_id", "method", "source_layer", "target_layer"]
     a = pd.read_parquet(tmp_path / "plain" / "results").sort_values(key).reset_index(drop=True)
