@@ -289,41 +289,84 @@ def dispatch_tiny(model, place: dict[str, Any]):
     return dispatched
 
 
-def load_model(cfg: Mapping[str, Any]) -> ModelView:  # noqa: C901, PLR0915 (one branch per model source; split pending, issue 15)
-    """Build a ModelView from a model config (configs/model/*.yaml)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def config_dir() -> Path:
+    """The model configs' root: $PATCHSCAN_CONFIG_DIR, else those shipped in the installed package
+    (patchscan/configs), else the checkout's top-level configs/ (the same search as the CLI)."""
+    from importlib.resources import files
 
+    if os.environ.get("PATCHSCAN_CONFIG_DIR"):
+        return Path(os.environ["PATCHSCAN_CONFIG_DIR"])
+    packaged = Path(str(files("patchscan") / "configs"))
+    if (packaged / "config.yaml").is_file():
+        return packaged
+    return Path(__file__).resolve().parents[3] / "configs"
+
+
+def model_config_names() -> list[str]:
+    """Names of the model configs (configs/model/*.yaml): smollm2_135m, tiny_llama, gpt2, ..."""
+    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def model_config(name_or_path: str) -> dict[str, Any]:
+    """The model config a string names: a config name, a GGUF file, a model folder or a hub id (ORG/NAME)."""
+    yaml = config_dir() / "model" / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and yaml.is_file():
+        return _compose_yaml(yaml)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf" or path.is_file():
+        return {"source": "gguf", "path": str(path), "name": path.stem}
+    if path.is_dir():
+        return {"source": "folder", "path": str(path), "name": path.resolve().name}
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return {"source": "hub", "id": name_or_path, "name": name_or_path.split("/")[-1]}
+    raise UserError(
+        f"unknown model {name_or_path!r}: not a model config ({', '.join(model_config_names())}), "
+        "an existing folder or GGUF file, or a hub id ORG/NAME"
+    )
+
+
+def _compose_yaml(yaml: Path) -> dict[str, Any]:
+    """A config file merged over the files its `defaults:` list names in the same folder (as Hydra
+    composes a group option that inherits from a base, e.g. `defaults: [_hub]`)."""
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(yaml)
+    merged = OmegaConf.create()
+    for base in conf.pop("defaults", None) or []:
+        if isinstance(base, str) and base != "_self_":
+            merged = OmegaConf.merge(merged, _compose_yaml(yaml.parent / f"{base}.yaml"))
+    return OmegaConf.to_container(OmegaConf.merge(merged, conf), resolve=True)
+
+
+def load_model(
+    name_or_path_or_config: str | Path | Mapping[str, Any], device: str | None = None, dtype: str | None = None
+) -> ModelView:
+    """Load a model for patching: a config name, a hub id, a folder, a GGUF file or a model config.
+
+    >>> import patchscan as ps
+    >>> lm = ps.load_model("tiny_llama", device="cpu")  # also "smollm2_135m", "ORG/NAME", a folder, a .gguf
+    >>> lm.name, lm.n_blocks
+    ('tiny_llama', 4)
+    >>> ps.load_model("no_such_model")
+    Traceback (most recent call last):
+    patchscan.errors.UserError: unknown model 'no_such_model': not a model config (...), ...
+
+    A config is a mapping like configs/model/*.yaml (`source`: builtin, tiny, hub, folder or gguf);
+    `device` and `dtype` override its own. Bad input raises `patchscan.UserError` (a ValueError) with
+    one line naming the bad value.
+    """
+    if isinstance(name_or_path_or_config, (str, Path)):
+        cfg = model_config(str(name_or_path_or_config))
+    else:
+        cfg = dict(name_or_path_or_config)
+    cfg.update({k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
     source = cfg.get("source", "hub")
     name = cfg.get("name") or cfg.get("id") or source
-    dtype = resolve_dtype(cfg.get("dtype"))
-    place = placement(cfg)
-    device = resolve_device(cfg.get("device"))
-    common = dict(dtype=dtype, revision=cfg.get("revision"), trust_remote_code=bool(cfg.get("trust_remote_code")))
-    common = {k: v for k, v in common.items() if v not in (None, False)}
     if source not in SOURCES:
         raise UserError(f"unknown model source {source!r} for model {name!r}; choose from {', '.join(SOURCES)}")
+    dtype_, place = resolve_dtype(cfg.get("dtype")), placement(cfg)
     try:
-        if source == "tiny":
-            model, tokenizer = build_tiny(cfg.get("arch", ""), int(cfg.get("seed", 0)), cfg.get("config"))
-            model = model.to(dtype)
-            if place:
-                model = dispatch_tiny(model, place)
-        else:
-            if source == "builtin":
-                path, gguf = builtin_folder(cfg.get("builtin")), None
-                tokenizer = builtin_tokenizer(cfg.get("builtin"))
-            elif source == "gguf":
-                path, gguf = Path(cfg["path"]).parent, Path(cfg["path"]).name
-                if not Path(cfg["path"]).is_file():
-                    raise UserError(f"GGUF file not found: {cfg['path']}")
-            else:
-                path, gguf = cfg.get("path") or cfg.get("id"), None
-                if source == "folder" and not Path(str(path)).is_dir():
-                    raise UserError(f"model folder not found: {path}")
-            extra = {"gguf_file": gguf} if gguf else {}
-            if source != "builtin":
-                tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-            model = AutoModelForCausalLM.from_pretrained(path, **place, **common, **extra)
+        model, tokenizer = _load_tiny(cfg, dtype_, place) if source == "tiny" else _load_pretrained(cfg, dtype_, place)
     except UserError:
         raise
     except (OSError, ValueError, struct.error, EOFError) as exc:  # struct.error: a GGUF cut short
@@ -331,9 +374,39 @@ def load_model(cfg: Mapping[str, Any]) -> ModelView:  # noqa: C901, PLR0915 (one
             f"cannot load model {name!r} ({source}: {cfg.get('id') or cfg.get('path')}): {str(exc).splitlines()[0]}"
         ) from exc
     if "device_map" not in place:
-        model = model.to(device)
+        model = model.to(resolve_device(cfg.get("device")))
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return ModelView(model=model, tokenizer=tokenizer, name=str(name))
+    view = ModelView(model=model, tokenizer=tokenizer, name=str(name))
+    _ = view.block_returns_tuple  # probed now, before any hook is set (a wrapped model: on first use)
+    return view
+
+
+def _load_tiny(cfg: Mapping[str, Any], dtype: torch.dtype, place: dict[str, Any]):
+    model, tokenizer = build_tiny(cfg.get("arch", ""), int(cfg.get("seed", 0)), cfg.get("config"))
+    model = model.to(dtype)
+    return (dispatch_tiny(model, place) if place else model), tokenizer
+
+
+def _load_pretrained(cfg: Mapping[str, Any], dtype: torch.dtype, place: dict[str, Any]):
+    """(model, tokenizer) of a built-in, GGUF, folder or hub model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = cfg.get("source", "hub")
+    common = dict(dtype=dtype, revision=cfg.get("revision"), trust_remote_code=bool(cfg.get("trust_remote_code")))
+    common = {k: v for k, v in common.items() if v not in (None, False)}
+    extra: dict[str, Any] = {}
+    if source == "builtin":
+        path, tokenizer = builtin_folder(cfg.get("builtin")), builtin_tokenizer(cfg.get("builtin"))
+    else:
+        path = cfg.get("path") or cfg.get("id")
+        if source == "gguf":
+            if not Path(str(path)).is_file():
+                raise UserError(f"GGUF file not found: {path}")
+            path, extra = Path(path).parent, {"gguf_file": Path(path).name}
+        elif source == "folder" and not Path(str(path)).is_dir():
+            raise UserError(f"model folder not found: {path}")
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    return AutoModelForCausalLM.from_pretrained(path, **place, **common, **extra), tokenizer

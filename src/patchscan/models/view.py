@@ -8,6 +8,7 @@ covers families whose layout the search would get wrong.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,14 @@ FAMILY_PATHS: dict[str, tuple[str, str | None]] = {
     "gpt_neox": ("gpt_neox.layers", "gpt_neox.final_layer_norm"),
     "opt": ("model.decoder.layers", "model.decoder.final_layer_norm"),
 }
+# Module attributes holding forward hooks, set aside while the block output is probed.
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
 NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm", "norm_f")
 
 
@@ -42,6 +51,12 @@ def execution_device(module: nn.Module) -> torch.device | None:
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         return tensor.device
     return None
+
+
+def _model_name(model: nn.Module) -> str:
+    """A short name for a wrapped model: its hub id or folder name, else its class name."""
+    path = str(getattr(model.config, "_name_or_path", "") or "")
+    return path.rstrip("/").split("/")[-1] or type(model).__name__
 
 
 def _find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
@@ -72,7 +87,6 @@ class ModelView:
     blocks: nn.ModuleList = field(init=False)
     final_norm: nn.Module | None = field(init=False)
     unembed: nn.Module = field(init=False)
-    block_returns_tuple: bool = field(init=False)
     attention_windows: list[int | None] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -93,7 +107,35 @@ class ModelView:
         self.unembed = unembed
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.attention_windows = self._attention_windows()
-        self.block_returns_tuple = self._probe_block_output()
+
+    @classmethod
+    def wrap(cls, model: nn.Module, tokenizer, name: str | None = None) -> ModelView:
+        """View a Hugging Face model you already hold, without reloading or changing it.
+
+        >>> import patchscan as ps
+        >>> tiny = ps.load_model("tiny_llama")  # stands in for a model you loaded yourself
+        >>> hf_model, tokenizer = tiny.model, tiny.tokenizer
+        >>> lm = ps.ModelView.wrap(hf_model, tokenizer)
+        >>> lm.n_blocks, lm.model is hf_model
+        (4, True)
+
+        No forward pass runs here and nothing of the model or tokenizer is modified (no eval mode,
+        no padding token): the first patched run probes what the blocks return. Call
+        `hf_model.eval()` yourself if it is in training mode (dropout would change every result).
+        """
+        if getattr(model, "training", False):
+            import logging
+
+            logging.getLogger(__name__).warning("the wrapped model is in training mode: call model.eval() first")
+        return cls(model=model, tokenizer=tokenizer, name=name or _model_name(model))
+
+    @property
+    def block_returns_tuple(self) -> bool:
+        """Whether a decoder block returns a tuple (else a bare tensor): probed by one tiny forward on
+        first use, not when the view is made."""
+        if "_block_returns_tuple" not in self.__dict__:
+            self.__dict__["_block_returns_tuple"] = self._probe_block_output()
+        return self.__dict__["_block_returns_tuple"]
 
     @property
     def n_blocks(self) -> int:
@@ -179,13 +221,23 @@ class ModelView:
 
     @torch.no_grad()
     def _probe_block_output(self) -> bool:
-        """Blocks return a tensor or a tuple depending on model and transformers version: look once."""
+        """Blocks return a tensor or a tuple depending on model and transformers version: look once.
+
+        The blocks' own hooks are set aside meanwhile, since the first use may come while patch
+        hooks are registered."""
         seen: list[bool] = []
+        saved = [{name: getattr(block, name) for name in _HOOK_DICTS} for block in self.blocks]
+        for block in self.blocks:
+            for name in _HOOK_DICTS:
+                setattr(block, name, OrderedDict())
         handle = self.blocks[0].register_forward_hook(lambda m, i, o: seen.append(isinstance(o, tuple)))
         try:
             self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.input_device), use_cache=False)
         finally:
             handle.remove()
+            for block, hooks in zip(self.blocks, saved):
+                for name, value in hooks.items():
+                    setattr(block, name, value)
         return seen[0]
 
     def encode(self, text: str) -> list[int]:

@@ -17,15 +17,16 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from patchscan.data.texts import load_texts
-from patchscan.engine import Patch, capture, patched_next_token
-from patchscan.engine.alignment import aligned_positions, fit_cross_model_maps
+from patchscan.engine import Patch
+from patchscan.engine.alignment import aligned_positions
 from patchscan.errors import UserError
+from patchscan.lenses import AffineMaps
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.models import load_model
 from patchscan.models.loading import cache_root
+from patchscan.rows import next_token_columns
 from patchscan.scopes.base import Scope
 from patchscan.scopes.entities import EntityScope
-from patchscan.sweep import layer_pairs
 
 TASKS = ("next_token", "entity_description")
 
@@ -34,50 +35,42 @@ class CrossModelScope(Scope):
     name = "cross_model"
 
     def __init__(self, cfg: DictConfig):
-        super().__init__(cfg)
         if cfg.task not in TASKS:
             raise UserError(f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
+        # the entity task takes the entity experiment's positions; next-token one aligned position
+        self.position_specs = EntityScope.position_specs if cfg.task == "entity_description" else ("random", "last")
+        super().__init__(cfg)
         texts = load_texts(cfg.maps.texts)
-        n_train = int(cfg.maps.train_texts)
-        if n_train >= len(texts):
-            raise UserError(f"maps.train_texts={n_train} leaves no text to evaluate (the dataset has {len(texts)})")
-        self.train_texts, self.eval_texts = texts[len(texts) - n_train :], texts[: len(texts) - n_train]
+        self.train_texts, self.eval_texts = self.held_out(texts, int(cfg.maps.train_texts), "maps.train_texts")
         self.entity_scope = EntityScope(cfg) if cfg.task == "entity_description" else None
 
-    def bind(self, view) -> None:
-        super().bind(view)
-        self.target_view = load_model(self.cfg.target_model)
-        self.pairs = layer_pairs(
-            self.cfg.sweep.source_layers, self.cfg.sweep.target_layers, view.n_blocks, self.target_view.n_blocks
-        )
-        self.source_layers = sorted({s for s, _ in self.pairs})
-        self.maps = fit_cross_model_maps(
+    def bind(self, view, target_view=None) -> None:
+        super().bind(view, target_view or load_model(self.cfg.target_model))
+        self.set_layer_pairs()
+        self.maps = AffineMaps.fit_between(
             view,
             self.target_view,
             self.train_texts,
             self.pairs,
-            cache_root() / "maps" / "cross_model",
             ridge=float(self.cfg.maps.ridge),
             max_positions=int(self.cfg.maps.max_positions),
             batch_size=self.capture_batch_size(),
+            cache_dir=cache_root() / "maps" / "cross_model",
         )
         if self.entity_scope is not None:
-            self.entity_scope.bind(view, self.target_view)
-            self.entity_scope.map_state = lambda state, s, t: self.maps[(s, t)](state)
-
-    def common_columns(self) -> dict:
-        return {"model": self.view.name, "target_model": self.target_view.name}
+            self.entity_scope.engine = self.engine  # a dry run's counting engine counts its work too
+            self.entity_scope.bind(view, self.target_view, maps=self.maps)
 
     def examples(self) -> list[dict]:
         if self.entity_scope is not None:
             return self.entity_scope.examples()
-        out, seed = [], int(self.cfg.runner.seed)
+        out = []
         for i, text in enumerate(self.eval_texts):
             s_ids, t_ids, pairs = aligned_positions(self.view, self.target_view, text)
             pairs = [(a, b) for a, b in pairs if a >= 1]
             if not pairs:
                 continue
-            i_s, i_t = random.Random(f"{seed}-{i}").choice(pairs)
+            i_s, i_t = self._aligned_choice(pairs, i)
             out.append(
                 {
                     "example_id": str(i),
@@ -88,59 +81,52 @@ class CrossModelScope(Scope):
                     "target_position": i_t,
                 }
             )
-        limit = self.cfg.dataset.get("limit")
-        return out[: int(limit)] if limit else out
+        return self.limited(out)
+
+    def _aligned_choice(self, pairs: list[tuple[int, int]], index: int) -> tuple[int, int]:
+        """The aligned (source, target) position pair `sweep.source_positions` picks: a seeded random
+        one, or the last."""
+        spec = str(self.cfg.sweep.source_positions).strip().lower()
+        if spec == "last":
+            return pairs[-1]
+        return random.Random(f"{int(self.cfg.runner.seed)}-{index}").choice(pairs)
+
+    def _row(self, e: dict, s: int, t: int, ref: int, pred: int) -> dict:
+        """A next-token row; precision@1 compares tokens as text (the tokenizers may differ)."""
+        pred_token, ref_token = self.target_view.tokenizer.decode([pred]), self.view.tokenizer.decode([ref])
+        return {
+            **self.run_columns(e, "cross_model", s, e["target_ids"], e["target_position"], t),
+            **next_token_columns(
+                source_text=e["text"],
+                target_prompt=None,
+                pred_token_id=pred,
+                ref_token_id=ref,
+                pred_token=pred_token,
+                ref_token=ref_token,
+                precision_at_1=pred_token.strip() == ref_token.strip(),
+            ),
+        }
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
         if self.entity_scope is not None:
             return self.entity_scope.run_chunk(examples, progress)
-        caps = capture(
-            self.view,
-            [e["ids"] for e in examples],
-            self.source_layers,
-            [[e["position"]] for e in examples],
-            batch_size=self.capture_batch_size(),
-            with_logprobs=True,
-        )
+        caps = self.capture_sources(examples, with_logprobs=True)
         patches = [
             Patch(
                 target_ids=tuple(e["target_ids"]),
                 target_position=e["target_position"],
                 target_layer=t,
-                vector=self.maps[(s, t)](cap.at(s)),
+                vector=self.maps.apply(cap.at(s), s, t),
             )
             for e, cap in zip(examples, caps)
             for s, t in self.pairs
         ]
-        top = patched_next_token(self.target_view, patches, top_k=1, progress=progress, **self.batching())
-        rows, k = [], 0
-        decode_s, decode_t = self.view.tokenizer.decode, self.target_view.tokenizer.decode
-        for e, cap in zip(examples, caps):
-            ref = int(cap.logprobs[0].argmax())
-            for s, t in self.pairs:
-                pred = int(top.ids[k, 0])
-                k += 1
-                rows.append(
-                    {
-                        "example_id": e["example_id"],
-                        "method": "cross_model",
-                        **self.common_columns(),
-                        "source_text": e["text"],
-                        "source_token_ids": e["ids"],
-                        "source_position": e["position"],
-                        "source_layer": s,
-                        "target_prompt": None,
-                        "target_token_ids": e["target_ids"],
-                        "target_position": e["target_position"],
-                        "target_layer": t,
-                        "pred_token_id": pred,
-                        "ref_token_id": ref,
-                        "pred_token": decode_t([pred]),
-                        "ref_token": decode_s([ref]),
-                        "precision_at_1": decode_t([pred]).strip() == decode_s([ref]).strip(),
-                    }
-                )
-        return pd.DataFrame(rows)
+        top = self.engine.patched_next_token(self.target_view, patches, top_k=1, progress=progress, **self.batching())
+        preds = iter(top.ids[:, 0].tolist())
+        refs = [int(cap.logprobs[0].argmax()) for cap in caps]
+        return self.frame(
+            [self._row(e, s, t, ref, next(preds)) for e, ref in zip(examples, refs) for s, t in self.pairs]
+        )
 
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:

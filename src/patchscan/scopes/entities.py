@@ -16,10 +16,10 @@ from omegaconf import DictConfig
 
 from patchscan.data.entities import load_entities
 from patchscan.engine import Patch
+from patchscan.lenses import AffineMaps
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.prompts import placeholder_position, span_last_token
 from patchscan.scopes.base import Scope
-from patchscan.sweep import layer_pairs
 
 _NEXT_ITEM = re.compile(r",\s*[A-Z][^,:]{0,60}:")
 
@@ -43,44 +43,55 @@ def score_descriptions(df: pd.DataFrame, embedding: bool = True) -> pd.DataFrame
 
 
 class EntityScope(Scope):
+    """Entity descriptions; with `maps` (cross-model patching) each state is mapped into the target
+    model's block before it is patched."""
+
     name = "entity_resolution"
+    position_specs = ("last", "random", "all", "list")
 
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
         self.entities = load_entities(cfg.dataset.get("path"))
 
-    def bind(self, view, target_view=None) -> None:
-        super().bind(view)
-        self.target_view = target_view or view
-        self.pairs = layer_pairs(
-            self.cfg.sweep.source_layers, self.cfg.sweep.target_layers, view.n_blocks, self.target_view.n_blocks
-        )
-        self.source_layers = sorted({s for s, _ in self.pairs})
+    def bind(self, view, target_view=None, maps: AffineMaps | None = None) -> None:
+        super().bind(view, target_view)
+        self.maps = maps
+        self.set_layer_pairs()
         self.prompt = self.cfg.patchscope.target_prompt
         self.target_ids, self.target_position = placeholder_position(
             self.target_view, self.prompt, self.cfg.patchscope.placeholder
         )
 
     def examples(self) -> list[dict]:
+        """One example per entity and source position (`sweep.source_positions` among the name's
+        tokens; the default, `last`, is the name's last token as in the paper)."""
         out = []
-        for i, entity in enumerate(self.entities):
-            ids, position = span_last_token(self.view, entity["name"], entity["name"])
-            out.append({"example_id": str(i), **entity, "ids": ids[: position + 1], "position": position})
-        limit = self.cfg.dataset.get("limit")
-        return out[: int(limit)] if limit else out
+        for i, entity in enumerate(self.limited(self.entities)):
+            ids, last = span_last_token(self.view, entity["name"], entity["name"])
+            positions = self.source_positions(last + 1, i)
+            for position in positions:
+                example_id = str(i) if len(positions) == 1 else f"{i}@{position}"
+                out.append({"example_id": example_id, **entity, "ids": ids[: position + 1], "position": position})
+        return out
 
     def map_state(self, state, source_layer: int, target_layer: int):
-        """Identity within one model; cross-model patching maps the state first."""
-        return state
+        """Identity within one model; mapped by the fitted affine map between two models."""
+        return state if self.maps is None else self.maps.apply(state, source_layer, target_layer)
+
+    def _row(self, e: dict, source_layer: int, target_layer: int, text: str) -> dict:
+        return {
+            **self.run_columns(e, "patchscope", source_layer, self.target_ids, self.target_position, target_layer),
+            "subject": e["name"],
+            "object": e["description"],
+            "popularity": e["popularity"],
+            "source_text": e["name"],
+            "target_prompt": self.prompt,
+            "generation": text,
+            "description": first_description(text),
+        }
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
-        caps = self.engine.capture(
-            self.view,
-            [e["ids"] for e in examples],
-            self.source_layers,
-            [[e["position"]] for e in examples],
-            batch_size=self.capture_batch_size(),
-        )
+        caps = self.capture_sources(examples)
         patches = [
             Patch(
                 target_ids=tuple(self.target_ids),
@@ -98,35 +109,11 @@ class EntityScope(Scope):
             progress=progress,
             **self.batching(),
         )
-        rows, k = [], 0
-        for e in examples:
-            for s, t in self.pairs:
-                text = self.target_view.decode(gens[k])
-                k += 1
-                rows.append(
-                    {
-                        "example_id": e["example_id"],
-                        "method": "patchscope",
-                        "model": self.view.name,
-                        "target_model": self.target_view.name,
-                        "subject": e["name"],
-                        "object": e["description"],
-                        "popularity": e["popularity"],
-                        "source_text": e["name"],
-                        "source_token_ids": e["ids"],
-                        "source_position": e["position"],
-                        "source_layer": s,
-                        "target_prompt": self.prompt,
-                        "target_token_ids": list(self.target_ids),
-                        "target_position": self.target_position,
-                        "target_layer": t,
-                        "generation": text,
-                        "description": first_description(text),
-                    }
-                )
+        texts = iter(self.target_view.decode(g) for g in gens)
+        rows = [self._row(e, s, t, next(texts)) for e in examples for s, t in self.pairs]
         if self.planning:  # a dry run loads no model, the embedding model included
-            return pd.DataFrame(rows)
-        return score_descriptions(pd.DataFrame(rows), bool(self.cfg.similarity.embedding))
+            return self.frame(rows)
+        return score_descriptions(self.frame(rows), bool(self.cfg.similarity.embedding))
 
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:

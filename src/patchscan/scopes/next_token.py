@@ -10,7 +10,6 @@ next-token distribution there; each method predicts that token from block ℓ's 
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -19,17 +18,15 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from patchscan.caches import map_cache_key, model_fingerprint
 from patchscan.data.texts import load_texts
-from patchscan.engine import Affine, Identity, Patch, capture, load_mapping
+from patchscan.engine import Identity, Patch
 from patchscan.errors import UserError
+from patchscan.lenses import AffineLens, LogitLens
 from patchscan.metrics.stats import grouped_mean_se
-from patchscan.models.loading import cache_root
 from patchscan.prompts import placeholder_position
+from patchscan.rows import next_token_columns
 from patchscan.scopes.base import Scope
-from patchscan.sweep import layer_pairs, parse_positions
 
-log = logging.getLogger(__name__)
 METHODS = ("token_identity", "logit_lens", "affine_lens")
 
 
@@ -59,6 +56,7 @@ def identity_prompt(view, cfg) -> str:
 
 class NextTokenScope(Scope):
     name = "next_token"
+    position_specs = ("random", "last", "one")
 
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
@@ -68,43 +66,45 @@ class NextTokenScope(Scope):
             raise UserError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
         self.texts = load_texts(cfg.dataset)
 
-    def bind(self, view) -> None:
+    def bind(self, view, target_view=None) -> None:
         super().bind(view)
         cfg = self.cfg
         self.prompt = identity_prompt(view, cfg.patchscope)
         self.target_ids, self.target_position = placeholder_position(view, self.prompt, cfg.patchscope.placeholder)
-        self.pairs = layer_pairs(cfg.sweep.source_layers, cfg.sweep.target_layers, view.n_blocks, view.n_blocks)
-        self.source_layers = sorted({s for s, _ in self.pairs})
+        self.set_layer_pairs()
         n_train = int(cfg.affine_lens.train_texts) if "affine_lens" in self.methods else 0
-        if n_train >= len(self.texts):
-            raise UserError(
-                f"affine_lens.train_texts={n_train} leaves no text to evaluate (the dataset has {len(self.texts)})"
-            )
-        self.train_texts = self.texts[len(self.texts) - n_train :] if n_train else []
-        self.eval_texts = self.texts[: len(self.texts) - n_train]
-        self.maps = self._affine_maps() if n_train and not self.planning else {}
-        if self.planning and n_train:  # a dry run fits nothing (and must not cache maps)
-            self.maps = {layer: Identity() for layer in self.source_layers}
+        self.train_texts, self.eval_texts = self.held_out(self.texts, n_train, "affine_lens.train_texts")
+        self.lenses = {"logit_lens": LogitLens(view)}
+        if n_train:
+            self.lenses["affine_lens"] = self._affine_lens()
+        self.maps = self.lenses["affine_lens"].maps if n_train else {}
+
+    def _affine_lens(self) -> AffineLens:
+        """Block ℓ -> last block maps fitted on the held-out texts (cached by content); a dry run fits
+        nothing and must not cache maps, so it gets identity maps."""
+        if self.planning:
+            return AffineLens(self.view, {layer: Identity() for layer in self.source_layers})
+        acfg = self.cfg.affine_lens
+        return AffineLens.fit(
+            self.view,
+            self.train_texts,
+            layers=self.source_layers,
+            positions_per_text=int(acfg.positions_per_text),
+            max_positions=int(acfg.max_positions),
+            ridge=float(acfg.ridge),
+            batch_size=self.capture_batch_size(),
+        )
 
     def examples(self) -> list[dict]:
         src = self.cfg.source
-        limit = self.cfg.dataset.get("limit")
-        seed = int(self.cfg.runner.seed)
         out = []
         for i, text in enumerate(self.eval_texts):
             ids = self.view.encode(text)[: int(src.max_tokens)]
             if len(ids) < max(int(src.min_tokens), int(src.min_position) + 1):
                 continue
-            spec = self.cfg.sweep.source_positions
-            if spec == "random":
-                position = random.Random(f"{seed}-{i}").randint(int(src.min_position), len(ids) - 1)
-            else:
-                positions = parse_positions(spec if isinstance(spec, (str, int)) else list(spec), len(ids))
-                if len(positions) != 1:
-                    raise UserError(f"sweep.source_positions={spec!r}: next_token takes random, last or one position")
-                position = positions[0]
+            position = self.source_positions(len(ids), i, low=int(src.min_position))[0]
             out.append({"example_id": str(i), "text": text, "ids": ids[: position + 1], "position": position})
-            if limit and len(out) >= int(limit):
+            if self.limit_reached(out):
                 break
         if not out:
             raise UserError(
@@ -113,99 +113,61 @@ class NextTokenScope(Scope):
             )
         return out
 
-    def _affine_maps(self) -> dict[int, Affine]:
-        """Least-squares maps from each block's output to the last block's output, cached on disk."""
-        view, acfg = self.view, self.cfg.affine_lens
-        ids = [view.encode(t)[: int(acfg.positions_per_text)] for t in self.train_texts]
-        key = map_cache_key(
-            "affine_lens", model_fingerprint(view), str(view.dtype), ids, int(acfg.max_positions), float(acfg.ridge)
-        )
-        folder = cache_root() / "maps" / view.name / f"affine-lens-{key}"
-        last = view.n_blocks - 1
-        if all((folder / f"block{b}.pt").exists() for b in self.source_layers):
-            return {b: load_mapping(folder / f"block{b}.pt") for b in self.source_layers}
-        log.info("fitting affine-lens maps on %d held-out texts", len(ids))
-        caps = capture(
-            view,
-            ids,
-            self.source_layers + [last],
-            [list(range(len(x))) for x in ids],
-            batch_size=self.capture_batch_size(),
-        )
-        states = torch.cat([c.states for c in caps], dim=1)[:, : int(acfg.max_positions)]
-        if states.shape[1] <= view.width // 4:
-            raise UserError(
-                f"affine_lens: only {states.shape[1]} training positions; add texts or raise affine_lens.train_texts"
+    def _row(self, e: dict, cap, method: str, source_layer: int, target: tuple, pred: int) -> dict:
+        """One row: the run's columns, then the prediction scored against p_L (DESIGN §2)."""
+        target_ids, target_position, target_layer, prompt = target
+        p_l, decode = cap.logprobs[0], self.view.tokenizer.decode
+        ref = int(p_l.argmax())
+        return {
+            **self.run_columns(e, method, source_layer, target_ids, target_position, target_layer),
+            **next_token_columns(
+                source_text=e["text"],
+                target_prompt=prompt,
+                pred_token_id=pred,
+                ref_token_id=ref,
+                pred_token=decode([pred]),
+                ref_token=decode([ref]),
+                precision_at_1=pred == ref,
+                surprisal=-p_l[pred],
+            ),
+        }
+
+    def _lens_rows(self, method: str, examples: list[dict], caps) -> list[dict]:
+        """Rows of a lens: each source block's states read out directly (ℓ* is the last block)."""
+        rows, last = [], self.view.n_blocks - 1
+        for layer in self.source_layers:
+            h = torch.stack([c.at(layer) for c in caps])
+            preds = self.lenses[method](h, layer).argmax(-1).tolist()
+            for e, cap, pred in zip(examples, caps, preds):
+                rows.append(self._row(e, cap, method, layer, (e["ids"], e["position"], last, None), int(pred)))
+        return rows
+
+    def _identity_rows(self, examples: list[dict], caps, progress: Callable[[int], None]) -> list[dict]:
+        """Rows of token identity: every (ℓ, ℓ*) pair patched into the identity prompt."""
+        patches = [
+            Patch(
+                target_ids=tuple(self.target_ids), target_position=self.target_position, target_layer=t, vector=c.at(s)
             )
-        maps = {}
-        for k, layer in enumerate(self.source_layers):
-            maps[layer] = Affine.fit(states[k], states[-1], ridge=float(acfg.ridge))
-            maps[layer].save(folder / f"block{layer}.pt")
-        return maps
+            for c in caps
+            for s, t in self.pairs
+        ]
+        top = self.engine.patched_next_token(self.view, patches, top_k=1, progress=progress, **self.batching())
+        preds = iter(top.ids[:, 0].tolist())
+        return [
+            self._row(e, c, "token_identity", s, (self.target_ids, self.target_position, t, self.prompt), next(preds))
+            for e, c in zip(examples, caps)
+            for s, t in self.pairs
+        ]
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
-        view, last = self.view, self.view.n_blocks - 1
-        caps = self.engine.capture(
-            view,
-            [e["ids"] for e in examples],
-            self.source_layers,
-            [[e["position"]] for e in examples],
-            batch_size=self.capture_batch_size(),
-            with_logprobs=True,
-        )
+        caps = self.capture_sources(examples, with_logprobs=True)
         rows: list[dict] = []
-
-        def add(e, cap, method, source_layer, target_ids, target_position, target_layer, prompt, pred):
-            p_l = cap.logprobs[0]
-            rows.append(
-                {
-                    "example_id": e["example_id"],
-                    "method": method,
-                    **self.common_columns(),
-                    "source_text": e["text"],
-                    "source_token_ids": e["ids"],
-                    "source_position": e["position"],
-                    "source_layer": source_layer,
-                    "target_prompt": prompt,
-                    "target_token_ids": list(target_ids),
-                    "target_position": target_position,
-                    "target_layer": target_layer,
-                    "pred_token_id": int(pred),
-                    "ref_token_id": int(p_l.argmax()),
-                    "pred_token": view.tokenizer.decode([int(pred)]),
-                    "ref_token": view.tokenizer.decode([int(p_l.argmax())]),
-                    "precision_at_1": bool(int(pred) == int(p_l.argmax())),
-                    "surprisal": float(-p_l[int(pred)]),
-                }
-            )
-
         for method in self.methods:
-            if method in ("logit_lens", "affine_lens"):
-                for layer in self.source_layers:
-                    h = torch.stack([c.at(layer) for c in caps])
-                    if method == "affine_lens":
-                        h = self.maps[layer](h)
-                    preds = view.readout(h).argmax(-1).tolist()
-                    for e, cap, pred in zip(examples, caps, preds):
-                        add(e, cap, method, layer, e["ids"], e["position"], last, None, pred)
+            if method == "token_identity":
+                rows += self._identity_rows(examples, caps, progress)
             else:
-                patches = [
-                    Patch(
-                        target_ids=tuple(self.target_ids),
-                        target_position=self.target_position,
-                        target_layer=t,
-                        vector=cap.at(s),
-                    )
-                    for cap in caps
-                    for s, t in self.pairs
-                ]
-                top = self.engine.patched_next_token(view, patches, top_k=1, progress=progress, **self.batching())
-                k = 0
-                for e, cap in zip(examples, caps):
-                    for s, t in self.pairs:
-                        add(e, cap, method, s, self.target_ids, self.target_position, t, self.prompt, top.ids[k, 0])
-                        k += 1
-        return pd.DataFrame(rows)
+                rows += self._lens_rows(method, examples, caps)
+        return self.frame(rows)
 
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:

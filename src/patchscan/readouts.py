@@ -1,0 +1,109 @@
+"""Run lists of patches through the batched engine and read out what the model says.
+
+`next_token` and `generate` take any mix of patches (different blocks, prompts, baselines): the
+engine groups rows that share a target prompt, computes the prefix before i* once, and skips
+the blocks a next-token read-out does not need. Results come back in the order of the patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from patchscan import engine
+from patchscan.engine.capture import pad_batch
+from patchscan.engine.hooks import block_hooks, grouped_patch_hooks
+from patchscan.errors import UserError
+from patchscan.models.view import ModelView
+from patchscan.results import GenerationResult, NextTokenResult
+from patchscan.targets import Patch
+
+
+def _checked(patches: Sequence[Patch]) -> list[Patch]:
+    patches = list(patches)
+    if not patches:
+        raise UserError("no patches to run: pass a list of patches (TargetPrompt.patch, .baseline or .grid)")
+    bad = [p for p in patches if not isinstance(p, engine.Patch)]
+    if bad:
+        raise UserError(f"expected Patch objects (TargetPrompt.patch), got {type(bad[0]).__name__}")
+    return patches
+
+
+def next_token(
+    lm: ModelView, patches: Sequence[Patch], top_k: int = 5, batch_size: int | str | None = 256
+) -> NextTokenResult:
+    """The next token at the end of each patched target prompt (top-k, with log-probs).
+
+    >>> import patchscan as ps
+    >>> lm = ps.load_model("tiny_llama", device="cpu")
+    >>> target = ps.TargetPrompt(lm, "cat -> cat\\n1135 -> 1135\\nhello -> hello\\n?", placeholder="?")
+    >>> src = ps.capture(lm, "The Eiffel Tower", layers=[1, 2], positions=[-1])
+    >>> result = ps.next_token(lm, target.grid(src) + [target.baseline()])
+    >>> len(result), result.to_frame()["patched"].tolist()
+    (3, [True, True, False])
+
+    `batch_size` rows run per forward ("auto": from free GPU memory); the outcome does not depend
+    on it.
+    """
+    patches = _checked(patches)
+    top = engine.patched_next_token(lm, patches, top_k=top_k, batch_size=batch_size)
+    return NextTokenResult(lm, patches, top.ids, top.logprobs)
+
+
+def generate(
+    lm: ModelView, patches: Sequence[Patch], max_new_tokens: int = 20, batch_size: int | str | None = 256
+) -> GenerationResult:
+    """Greedy continuations of the patched target prompts (the patch acts in the prefill only).
+
+    >>> import patchscan as ps
+    >>> lm = ps.load_model("tiny_llama", device="cpu")
+    >>> desc = ps.TargetPrompt(lm, "Syria: Country in the Middle East, x", placeholder="x")
+    >>> src = ps.capture(lm, "Diana, Princess of Wales", layers=[1], positions=[-1])
+    >>> result = ps.generate(lm, [desc.patch(src.at(layer=1), layer=1), desc.baseline()], max_new_tokens=5)
+    >>> [len(ids) for ids in result.token_ids]
+    [5, 5]
+
+    A row stops after an end-of-sequence token (kept) or `max_new_tokens` tokens.
+    """
+    patches = _checked(patches)
+    tokens = engine.generate(lm, patches, max_new_tokens=int(max_new_tokens), batch_size=batch_size)
+    return GenerationResult(lm, patches, tokens)
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    lm: ModelView, patches: Sequence[Patch], continuations: Sequence[Sequence[int]], batch_size: int = 8
+) -> list[list[float]]:
+    """Log-probabilities of given continuations of patched target prompts, by one plain forward per
+    batch over prompt + continuation with each patch hooked in (right padding: positions exact).
+
+    >>> import patchscan as ps
+    >>> lm = ps.load_model("tiny_llama", device="cpu")
+    >>> p = ps.TargetPrompt(lm, "hello x", placeholder="x").baseline()
+    >>> [round(x, 3) <= 0 for x in ps.readouts.continuation_logprobs(lm, [p], [[42, 7]])[0]]
+    [True, True]
+
+    The same patch at the same position in a full forward gives what generation computed with the
+    patch in its prefill, since later positions see it only through attention.
+    """
+    resolved = [p.resolved(lm) for p in patches]
+    out: list[list[float]] = []
+    pad = lm.tokenizer.pad_token_id or 0
+    for start in range(0, len(resolved), batch_size):
+        batch = resolved[start : start + batch_size]
+        conts = [list(c) for c in continuations[start : start + batch_size]]
+        ids, mask = pad_batch([list(p.target_ids) + c for p, c in zip(batch, conts)], pad)
+        patched = [k for k, p in enumerate(batch) if p.vector is not None]
+        hooks = {}
+        if patched:
+            vectors = torch.stack([batch[k].vector.to(lm.device) for k in patched])
+            layers = [batch[k].target_layer for k in patched]
+            hooks = grouped_patch_hooks(layers, patched, [batch[k].target_position for k in patched], vectors)
+        with block_hooks(lm.blocks, hooks):
+            logits = lm.model(input_ids=ids.to(lm.input_device), attention_mask=mask.to(lm.input_device)).logits
+        for k, (p, c) in enumerate(zip(batch, conts)):
+            first = len(p.target_ids) - 1
+            rows = torch.log_softmax(logits[k, first : first + len(c)].float(), dim=-1)
+            out.append(rows.gather(1, torch.tensor(c, device=rows.device)[:, None]).squeeze(1).tolist())
+    return out

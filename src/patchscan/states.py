@@ -1,0 +1,146 @@
+"""Source states from text: `capture` runs a prompt once and keeps block outputs at chosen positions.
+
+The engine's `capture` takes token ids and nested position lists; this is its face for people:
+strings in, negative positions allowed, and states indexed by (layer, position) that remember
+where they came from, so patches made from them can say so in result frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from patchscan.engine.capture import capture as capture_ids
+from patchscan.engine.capture import resolve_position
+from patchscan.errors import UserError
+from patchscan.models.view import ModelView
+
+
+@dataclass(frozen=True)
+class State:
+    """One hidden state: the output of block `layer` at token `position` of `text`.
+
+    >>> import patchscan as ps
+    >>> lm = ps.load_model("tiny_llama", device="cpu")
+    >>> state = ps.capture(lm, "Hello world", layers=[1], positions=[-1]).at(layer=1)
+    >>> state.layer, state.position, tuple(state.vector.shape)
+    (1, 1, (64,))
+
+    `position` is resolved (0-based, counted from the start). `map(fn)` gives the same state with
+    its vector mapped, e.g. by an affine map before a cross-model patch.
+    """
+
+    vector: torch.Tensor
+    layer: int
+    position: int
+    text: str | None = None
+    token_ids: tuple[int, ...] = ()
+
+    def map(self, fn) -> State:
+        """This state with `fn(vector)` as its vector (the provenance stays)."""
+        return State(fn(self.vector), self.layer, self.position, self.text, self.token_ids)
+
+
+@dataclass
+class States:
+    """Block outputs of one prompt at the captured layers and positions.
+
+    >>> import patchscan as ps
+    >>> lm = ps.load_model("tiny_llama", device="cpu")
+    >>> import torch
+    >>> src = ps.capture(lm, "The Eiffel Tower is in", layers=[0, 3], positions=[0, -1])
+    >>> src.layers, src.positions, tuple(src.tensor.shape)
+    ([0, 3], [0, 5], (2, 2, 64))
+    >>> torch.equal(src[3, -1], src.at(layer=3, position=5).vector)
+    True
+
+    `at(layer, position)` returns a `State`; `states[layer, position]` the bare tensor. Positions
+    may be given as captured (negative ones too) or resolved. With `logprobs=True` at capture,
+    `next_token_logprobs(position)` is the model's own next-token distribution there (p_L).
+    """
+
+    text: str | None
+    token_ids: list[int]
+    layers: list[int]
+    positions: list[int]
+    tensor: torch.Tensor  # (n_layers, n_positions, width)
+    logprobs: torch.Tensor | None = None  # (n_positions, vocab)
+    n_blocks: int = 0  # of the model, for negative layers
+
+    def _position_index(self, position: int | None) -> int:
+        if position is None:
+            if len(self.positions) != 1:
+                raise UserError(f"several positions were captured ({self.positions}); name one with position=")
+            return 0
+        resolved = resolve_position(position, len(self.token_ids), "position")
+        if resolved not in self.positions:
+            raise UserError(f"position {position} was not captured; captured positions: {self.positions}")
+        return self.positions.index(resolved)
+
+    def _layer_index(self, layer: int) -> int:
+        resolved = self.n_blocks + layer if layer < 0 else layer
+        if resolved not in self.layers:
+            raise UserError(f"layer {layer} was not captured; captured layers: {self.layers}")
+        return self.layers.index(resolved)
+
+    def at(self, layer: int, position: int | None = None) -> State:
+        """The state of block `layer` at `position` (may be omitted when one position was captured)."""
+        j = self._position_index(position)
+        vector = self.tensor[self._layer_index(layer), j]
+        return State(vector, self.layers[self._layer_index(layer)], self.positions[j], self.text, tuple(self.token_ids))
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        layer, position = key
+        return self.tensor[self._layer_index(layer), self._position_index(position)]
+
+    def next_token_logprobs(self, position: int | None = None) -> torch.Tensor:
+        """The model's own next-token log-probabilities at a captured position (needs logprobs=True)."""
+        if self.logprobs is None:
+            raise UserError("next-token log-probabilities were not captured; call capture(..., logprobs=True)")
+        return self.logprobs[self._position_index(position)]
+
+    def tokens(self, lm: ModelView) -> list[str]:
+        """The prompt's tokens as strings, one per position."""
+        return [lm.tokenizer.decode([t]) for t in self.token_ids]
+
+
+def capture(
+    lm: ModelView,
+    text_or_texts: str | Sequence[str],
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    logprobs: bool = False,
+    batch_size: int = 32,
+) -> States | list[States]:
+    """Run text(s) once and keep the outputs of blocks `layers` at token `positions`.
+
+    >>> import patchscan as ps
+    >>> lm = ps.load_model("tiny_llama", device="cpu")
+    >>> src = ps.capture(lm, "The Eiffel Tower is located in the city of", layers=[1, 2], positions=[-1])
+    >>> tuple(src.at(layer=2).vector.shape)
+    (64,)
+    >>> [s.positions for s in ps.capture(lm, ["a b", "a b c d"], positions=[-1])]
+    [[1], [3]]
+
+    A string gives one `States`, a list of strings a list of them (run in batches; padding never
+    shifts positions). `layers` default to every block, `positions` to every token; negative
+    values count from the end (of the tokenized text, BOS included where the tokenizer adds one).
+    """
+    single = isinstance(text_or_texts, str)
+    texts = [text_or_texts] if single else list(text_or_texts)
+    if not texts:
+        raise UserError("capture needs at least one text")
+    layers = [lm.check_layer(int(layer)) for layer in (range(lm.n_blocks) if layers is None else layers)]
+    ids = [lm.encode(t) for t in texts]
+    empty = [t for t, x in zip(texts, ids) if not x]
+    if empty:
+        raise UserError(f"the text {empty[0]!r} has no tokens")
+    wanted = [list(range(len(x))) if positions is None else [int(p) for p in positions] for x in ids]
+    caps = capture_ids(lm, ids, layers, wanted, batch_size=batch_size, with_logprobs=logprobs)
+    out = [
+        States(text, x, list(c.layers), list(c.positions), c.states, c.logprobs, lm.n_blocks)
+        for text, x, c in zip(texts, ids, caps)
+    ]
+    return out[0] if single else out
