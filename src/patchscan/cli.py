@@ -32,6 +32,8 @@ CONFIG_DIR = config_dir()
 USAGE = """usage: patchscan run experiment=NAME [group=option ...] [key=value ...]    (Hydra; -m for multirun)
        patchscan eval RUN_DIR [--out DIR]                              (recompute metrics.json and plots)
        patchscan plan experiment=NAME [...]                            (dry run: the work and memory, no weights)
+       patchscan inspect --text TEXT [--model M] [--scope S | --target T] [--layers 0:10]   (one line per block)
+       patchscan show RUN_DIR --example ID [--method M] [--layers 0:10]  (the same view from a run's rows)
 experiments: next_token, attribute_extraction, entity_resolution, cross_model, multihop"""
 
 
@@ -339,11 +341,15 @@ def main(argv: list[str] | None = None) -> None:
             run_main(rest)
         elif command == "plan":
             plan_main(rest)
+        elif command in ("inspect", "show"):
+            from patchscan.inspection import inspect_main, show_main
+
+            (inspect_main if command == "inspect" else show_main)(rest)
         elif command == "eval":
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             eval_main(rest)
         else:
-            raise UserError(f"unknown command {command!r}; use run, eval or plan")
+            raise UserError(f"unknown command {command!r}; use run, eval, plan, inspect or show")
     except UserError as exc:
         fail(f"error: {exc}")
     except KeyboardInterrupt:
