@@ -17,6 +17,7 @@ API_MODULES = [
     "patchscan.results",
     "patchscan.lenses",
     "patchscan.intervene",
+    "patchscan.rows",
 ]
 
 

@@ -100,13 +100,12 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-# sweep.source_positions is read by next_token alone; the other experiments read their source state at one
-# position of their own, and take only the value that names it (anything else would be ignored in silence).
+# sweep.source_positions: next_token, entity_resolution and cross_model honour it (their scopes check
+# it, `Scope.position_specs`). These experiments read their source state at one position of their own
+# and take only the value that names it: anything else would be ignored in silence.
 FIXED_SOURCE_POSITION: dict[str, tuple[str, str]] = {
     "attribute_extraction": ("last", "the last token of the subject"),
-    "entity_resolution": ("last", "the last token of the entity's name"),
     "multihop": ("last", "the last token of the hop-1 phrase and of the question"),
-    "cross_model": ("random", "one seeded random position per text that both tokenizations share"),
 }
 
 
@@ -132,11 +131,15 @@ def _check_source_positions(cfg: DictConfig) -> None:
     present, value = _select(cfg, "sweep.source_positions")
     if not present or experiment not in FIXED_SOURCE_POSITION:
         return
+    from patchscan.scopes import get_scope
+
+    if getattr(get_scope(experiment), "position_specs", None) is not None:
+        return  # the scope says which positions it honours and checks them itself
     fixed, where = FIXED_SOURCE_POSITION[experiment]
     if value != fixed:
         raise UserError(
             f"sweep.source_positions={_show(value)} does not apply to {experiment}, which reads {where}; "
-            f"use sweep.source_positions={fixed} (only next_token takes other positions)"
+            f"use sweep.source_positions={fixed}"
         )
 
 

@@ -15,7 +15,6 @@ from patchscan import engine as batched_engine
 from patchscan import rows as row_contract
 from patchscan.errors import UserError
 from patchscan.models.view import ModelView
-from patchscan.rows import INDEX_COLUMNS  # noqa: F401 (re-exported: older imports read it here)
 from patchscan.sweep import layer_pairs, parse_positions
 
 
