@@ -70,6 +70,8 @@ def test_inspect_with_a_target_of_ones_own(capsys):
         (["--scope", "token_identity", "--target", "The x"], "--scope or --target, not both"),
         (["--target", "no placeholder"], "does not contain the placeholder 'x'"),
         (["--max-new-tokens", "0"], "--max-new-tokens=0"),
+        (["--position", "9"], "--position=9 is out of range for 'Paris'"),
+        (["--layers"], "--layers: expected one argument"),
         (["--model", "no_such_model"], "unknown model 'no_such_model'"),
     ],
 )

@@ -125,7 +125,10 @@ def inspect_main(argv: Sequence[str]) -> str:
     lm = ps.load_model(args.model, device=args.device, dtype=args.dtype)
     layers = parse_block_list(args.layers, lm.n_blocks)
     target = target_prompt(lm, args.scope, args.target, args.placeholder)
-    token = lm.tokenizer.decode([lm.encode(args.text)[args.position]]) if lm.encode(args.text) else ""
+    ids = lm.encode(args.text)
+    if not -len(ids) <= args.position < len(ids):
+        raise UserError(f"--position={args.position} is out of range for {args.text!r} ({len(ids)} tokens)")
+    token = lm.tokenizer.decode([ids[args.position]])
     header = [
         f"{lm.name} ({lm.n_blocks} blocks): {args.text!r}, token {args.position} ({token!r}), block ℓ",
         f"  -> {shorten(target.text)!r} at {target.placeholder!r}, block ℓ* = ℓ; {args.max_new_tokens} tokens",
