@@ -15,6 +15,8 @@ from patchscan import runner
 ROOT = Path(__file__).resolve().parents[1]
 LRE = ROOT / "tests" / "fixtures" / "lre"  # small relation files the team wrote; ../shared/data/lre has the real ones
 KEY = ["example_id", "method", "source_layer", "target_layer"]
+SOURCES = ["The quick brown fox jumps over the lazy dog", "Hello", "Paris is the capital of France"]
+IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 
 
 def compose(*overrides: str):
@@ -91,3 +93,26 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def rows(results: Path) -> pd.DataFrame:
     """A results dir's rows in a fixed order, to compare two runs."""
     return runner.read_results(results).sort_values(KEY).reset_index(drop=True)
+
+
+def grid_patches(view):
+    """Patches of three captured sources into two target prompts, over every (ℓ, ℓ*) pair and a middle
+    target position: the grid that fast paths are checked against the naive engine on."""
+    from patchscan.engine import Patch, capture
+
+    caps = capture(view, [view.encode(s) for s in SOURCES], list(range(view.n_blocks)), [[-1, 2], [0], [3, -1]])
+    target = tuple(view.encode(IDENTITY))
+    other = tuple(view.encode("The capital city of x"))
+    patches = []
+    for c in caps:
+        for j in range(len(c.positions)):
+            for s in range(view.n_blocks):
+                for t in range(view.n_blocks):
+                    patches.append(Patch(target_ids=target, target_position=-1, target_layer=t, vector=c.states[s, j]))
+                patches.append(
+                    Patch(target_ids=other, target_position=2, target_layer=s, vector=c.states[s, j])
+                )  # a middle position: a 3-token suffix
+                patches.append(
+                    Patch(target_ids=other, target_position=0, target_layer=s, vector=c.states[s, j])
+                )  # position 0: no prefix at all
+    return patches

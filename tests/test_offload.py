@@ -14,8 +14,7 @@ from patchscan.engine.hooks import block_hooks, patch_hook, skip_blocks
 from patchscan.models import load_model
 from patchscan.models.view import execution_device
 from tests.conftest import tiny
-from tests.helpers import run_in
-from tests.test_engine import IDENTITY, SOURCES, _patches
+from tests.helpers import IDENTITY, SOURCES, grid_patches, run_in
 
 _OFFLOADED: dict = {}
 
@@ -97,7 +96,7 @@ def _grid(view) -> list[Patch]:
     one of each kind: last target position (block skipping) below and on the disk blocks, a middle
     position (prefix cache) and position 0."""
     if view.n_blocks <= 4:
-        return _patches(view)[::2]
+        return grid_patches(view)[::2]
     cap = capture(view, [view.encode(SOURCES[0])], [2, 27], [[-1]])[0]
     target, other = tuple(view.encode(IDENTITY)), tuple(view.encode("The capital city of x"))
     return [
