@@ -4,6 +4,7 @@ small readers of what a run leaves behind."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -49,11 +50,41 @@ def cli(*args, cwd: Path, check: bool = True, timeout: int = 600, **kwargs) -> s
     return proc
 
 
+@contextlib.contextmanager
+def _plain_logging():
+    """Hydra's start configures logging with `dictConfig`, which closes every handler alive, pytest's
+    among them (a later test then writes to a closed file). In this process one plain handler to
+    stdout stands in for Hydra's `stdout` job logging, and is removed afterwards."""
+    import logging
+
+    import hydra._internal.hydra as hydra_internal
+    import hydra.core.utils as hydra_utils
+
+    root, added = logging.getLogger(), []
+
+    def configure_log(log_config, verbose_config=False):
+        if not added:
+            added.append(logging.StreamHandler(sys.stdout))
+            added[0].setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+            root.addHandler(added[0])
+
+    saved = hydra_utils.configure_log, hydra_internal.configure_log, root.level
+    hydra_utils.configure_log = hydra_internal.configure_log = configure_log
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        hydra_utils.configure_log, hydra_internal.configure_log = saved[:2]
+        root.setLevel(saved[2])
+        for handler in added:
+            root.removeHandler(handler)
+
+
 def cli_here(*args: str) -> subprocess.CompletedProcess:
     """`patchscan ARGS` through the same `main` in this process: its exit code, stdout and stderr as a
     subprocess would give them (an uncaught exception: code 1 and its traceback on stderr). Hydra's own
-    start-up runs too, so only the interpreter's start is saved."""
-    import contextlib
+    start-up runs too (its logging set-up replaced, see `_plain_logging`): only the interpreter's
+    start is saved."""
     import io
     import traceback
 
@@ -62,7 +93,7 @@ def cli_here(*args: str) -> subprocess.CompletedProcess:
     out, err, code = io.StringIO(), io.StringIO(), 0
     argv = sys.argv
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _plain_logging():
             try:
                 main(list(args))
             except SystemExit as exc:
