@@ -208,3 +208,57 @@ def test_readme_python_api_script_runs_as_written(capsys):
     exec(compile(script, "README.md (Python API)", "exec"), {})
     out = capsys.readouterr().out
     assert "source_layer" in out and "generation" in out and "29:" in out
+
+
+def test_a_wrapped_model_without_a_pad_token_gives_what_a_loaded_one_gives():
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from patchscan.models.loading import builtin_folder
+
+    loaded = tiny("tiny_neox")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(builtin_folder())
+    tokenizer.pad_token = None
+    hf_model = AutoModelForCausalLM.from_config(loaded.model.config).eval()
+    hf_model.load_state_dict(loaded.model.state_dict())
+    lm = ps.ModelView.wrap(hf_model, tokenizer)
+    outs = []
+    for view in (lm, loaded):
+        target = ps.TargetPrompt(view, IDENTITY, placeholder="?")
+        src = ps.capture(view, ["Paris", "The Eiffel Tower"], layers=[1], positions=[-1])
+        patches = [target.patch(s.at(layer=1)) for s in src] + [target.baseline()]
+        outs.append((ps.next_token(view, patches).token_ids, ps.generate(view, patches, max_new_tokens=3).token_ids))
+    assert outs[0] == outs[1] and tokenizer.pad_token is None
+
+
+def test_bad_input_names_the_bad_value():
+    lm = tiny("tiny_llama")
+    cases = [
+        (lambda: ps.capture(lm, "Paris", layers=[9]), "layer 9 is out of range"),
+        (lambda: ps.capture(lm, "Paris", positions=[7]), "position 7 is out of range"),
+        (lambda: ps.TargetPrompt(lm, "no marker here", placeholder="?"), "does not contain the placeholder '?'"),
+        (lambda: ps.TargetPrompt(lm, "x").patch(torch.zeros(lm.width)), "pass layer="),
+        (lambda: ps.capture(lm, "Paris is big").at(layer=1), "several positions were captured"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ps.UserError, match=message) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", THREE_ARCHS)
+def test_edit_blocks_callback_equals_overwrite(name):
+    lm = tiny(name)
+    ids = torch.tensor([lm.encode("The Eiffel Tower is in Paris")])
+    vector = torch.randn(lm.width)
+
+    def put(hidden, layer):
+        hidden = hidden.clone()
+        hidden[:, -1] = vector
+        return hidden
+
+    with torch.no_grad():
+        with ps.edit_blocks(lm, put, layers=[1]):
+            edited = lm.model(input_ids=ids).logits
+        with ps.overwrite(lm, layer=1, position=-1, vector=vector):
+            overwritten = lm.model(input_ids=ids).logits
+    assert torch.allclose(edited, overwritten) and all(not b._forward_hooks for b in lm.blocks)

@@ -36,6 +36,7 @@ _EXPORTS = {
     "AffineLens": "patchscan.lenses",
     "AffineMaps": "patchscan.lenses",
     "overwrite": "patchscan.intervene",
+    "edit_blocks": "patchscan.intervene",
     "UserError": "patchscan.errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -3,11 +3,12 @@
 For what `next_token` and `generate` do not cover (sampling, beam search, a custom loss, another
 library's loop): inside `with ps.overwrite(lm, ...)` every call of `lm.model` sees the block
 outputs replaced. One hook per block, removed on exit (exactly the handles it registered).
+`edit_blocks` is the callback form (baukit's `edit_output`): a function of each block's output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -81,4 +82,33 @@ def overwrite(
         by_block.setdefault(lm.check_layer(int(block)), []).append((int(pos), vec))
     hooks = {block: _edit_hook(block_edits, every_call) for block, block_edits in by_block.items()}
     with block_hooks(lm.blocks, hooks):
+        yield
+
+
+@contextmanager
+def edit_blocks(
+    lm: ModelView, edit: Callable[[torch.Tensor, int], torch.Tensor], layers: Sequence[int] | None = None
+) -> Iterator[None]:
+    """Replace block outputs by `edit(hidden, layer)` during plain calls (every call, every position).
+
+    >>> import patchscan as ps, torch
+    >>> lm = ps.load_model("tiny_llama", device="cpu")
+    >>> ids = torch.tensor([lm.encode("The Eiffel Tower is in")])
+    >>> with ps.edit_blocks(lm, lambda hidden, layer: 0 * hidden, layers=[3]):
+    ...     logits = lm.model(input_ids=ids).logits
+    >>> torch.allclose(logits[0, 0], logits[0, -1])  # the last block's output zeroed: one read-out for all
+    True
+
+    `hidden` is the block's output of shape (rows, tokens, width), before the final norm; return a
+    tensor of the same shape. `layers` default to every block.
+    """
+
+    def hook_for(layer: int):
+        def hook(module, inputs, output):
+            return with_hidden(output, edit(hidden_of(output), layer))
+
+        return hook
+
+    blocks = range(lm.n_blocks) if layers is None else [lm.check_layer(int(b)) for b in layers]
+    with block_hooks(lm.blocks, {b: hook_for(b) for b in blocks}):
         yield

@@ -74,9 +74,9 @@ class TargetPrompt:
     >>> target.position == len(target.token_ids) - 1
     True
     >>> src = ps.capture(lm, "The Eiffel Tower", layers=[2], positions=[-1])
-    >>> patch = target.patch(src.at(layer=2), layer=2)
-    >>> patch.target_layer, patch.source.layer
-    (2, 2)
+    >>> patch = target.patch(src.at(layer=2), layer=3)
+    >>> patch.target_layer, patch.source.layer, target.patch(src.at(layer=2)).target_layer
+    (3, 2, 2)
 
     The placeholder (one token; its last occurrence counts) is the text `x` of the paper's prompts
     or `?` of the identity prompt. `TargetPrompt.named(lm, "entity_description")` reads the
@@ -110,13 +110,16 @@ class TargetPrompt:
     def __repr__(self) -> str:
         return f"TargetPrompt({self.text!r}, placeholder={self.placeholder!r}, position={self.position})"
 
-    def patch(self, state: State | torch.Tensor, layer: int, position: int | None = None) -> Patch:
-        """Patch `state` into block `layer` (ℓ*) at the placeholder (or at `position`)."""
+    def patch(self, state: State | torch.Tensor, layer: int | None = None, position: int | None = None) -> Patch:
+        """Patch `state` into block `layer` (ℓ*; default: the State's own block, ℓ* = ℓ) at the
+        placeholder (or at `position`)."""
         vector, source = _vector(state)
+        if layer is None and source is None:
+            raise UserError("a bare tensor has no block of its own: pass layer= (the target block ℓ*)")
         return Patch(
             target_ids=self.token_ids,
             target_position=self.position if position is None else position,
-            target_layer=self.lm.check_layer(layer, "target layer"),
+            target_layer=self.lm.check_layer(source.layer if layer is None else layer, "target layer"),
             vector=vector,
             source=source,
             target_prompt=self.text,
