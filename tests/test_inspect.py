@@ -19,6 +19,14 @@ def view_lines(view: str) -> list[list[str]]:
     return [line.split(None, 2 if "ℓ*" in view.splitlines()[2] else 1) for line in body]
 
 
+def test_long_prompts_are_shortened_at_word_boundaries():
+    from patchscan.inspection import shorten
+
+    long = "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: South Korean corporation, x"
+    assert shorten(long) == "Syria: Country in the Middle ... South Korean corporation, x"
+    assert shorten("a\nb") == "a\\nb"
+
+
 def test_block_lists_take_slices_lists_and_names():
     assert parse_block_list("0:10", 30) == list(range(10))
     assert parse_block_list("::10", 30) == [0, 10, 20]

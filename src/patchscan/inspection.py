@@ -49,7 +49,12 @@ def one_line(text: str) -> str:
 def shorten(text: str, width: int = 72) -> str:
     """One line of at most about `width` characters: its start and its end (where the placeholder is)."""
     text = one_line(text)
-    return text if len(text) <= width else f"{text[: width // 2 - 3]} ... {text[-(width // 2 - 2) :]}"
+    if len(text) <= width:
+        return text
+    head, tail = text[: width // 2 - 3], text[-(width // 2 - 2) :]
+    head = head[: head.rfind(" ")] if " " in head else head  # whole words on both sides
+    tail = tail[tail.find(" ") + 1 :] if " " in tail else tail
+    return f"{head} ... {tail}"
 
 
 def render(header: Sequence[str], cells: Sequence[tuple[int, int, str]]) -> str:
