@@ -71,6 +71,8 @@ CAPITALS = ["Paris", "Tokyo", "Ottawa", "Cairo", "Brasília", "Rome", "Lima", "O
 IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 ATTRIBUTE = "The capital city of x"
 CONFIGS = Path(patchscan.__file__).resolve().parents[2] / "configs"
+# The tree under test may predate the `experiment` slot in the root config (then it is appended with +).
+EXPERIMENT_KEY = "experiment" if "experiment: null" in (CONFIGS / "config.yaml").read_text() else "+experiment"
 
 
 def peak_memory_reset(device: torch.device) -> None:
@@ -206,7 +208,7 @@ SCOPE_WORKLOADS = {
 
 def scope_overrides(key: str, args) -> list[str]:
     experiment = SCOPE_WORKLOADS[key][0]
-    common = [f"+experiment={experiment}", f"runner.batch_size={args.batch_size}"]
+    common = [f"{EXPERIMENT_KEY}={experiment}", f"runner.batch_size={args.batch_size}"]
     if key == "f":
         return common + [f"dataset.limit={args.entities}", "similarity.embedding=false"]
     step = f"::{args.gen_layer_step}"
@@ -394,12 +396,17 @@ def parse(argv):
 
 
 def load(args, dtype: str | None):
-    from omegaconf import OmegaConf
+    try:  # a model config with the keys it inherits (_hub, _tiny); older trees have no bases
+        from patchscan.models.loading import model_config
 
-    cfg = OmegaConf.load(CONFIGS / "model" / f"{args.model}.yaml")
-    cfg.device = args.device
+        cfg = model_config(args.model)
+    except ImportError:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / f"{args.model}.yaml"))
+    cfg["device"] = args.device
     if dtype:
-        cfg.dtype = dtype
+        cfg["dtype"] = dtype
     return load_model(cfg)
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,6 +52,34 @@ def builtin_view():
     return load_model({"source": "builtin", "name": "smollm2_135m", "device": "cpu"})
 
 
+# A fresh clone converts Gemma 3 270M once (about 70 s, mostly its 262k-token tokenizer read from the
+# GGUF): when the session will need it, a background process converts it while the other tests run.
+_CONVERTING: dict[str, subprocess.Popen] = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    from patchscan.models.loading import builtin_cache_folder
+
+    wanted = any("gemma_view" in getattr(item, "fixturenames", ()) for item in items)
+    if wanted and not (builtin_cache_folder("gemma3_270m") / "config.json").exists():
+        code = "from patchscan.models.loading import builtin_folder; builtin_folder('gemma3_270m')"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+        _CONVERTING["gemma3_270m"] = subprocess.Popen([sys.executable, "-c", code], env=env)
+
+
+def pytest_unconfigure(config):
+    for proc in _CONVERTING.values():  # a session cut short leaves no converter behind (SIGINT: it cleans up)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture(scope="session")
 def gemma_view():
+    if "gemma3_270m" in _CONVERTING:
+        _CONVERTING.pop("gemma3_270m").wait()  # failed or not: load_model converts if no copy exists
     return load_model({"source": "builtin", "builtin": "gemma3_270m", "name": "gemma3_270m", "device": "cpu"})

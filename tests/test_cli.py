@@ -1,4 +1,7 @@
-"""The command line end to end: Parquet contract, eval, resume after SIGKILL, shards, bad input."""
+"""The command line end to end: Parquet contract, eval, resume after SIGKILL, shards, bad input.
+
+A subprocess where the process is the contract (a run as a user types it, SIGKILL, -m multirun, a
+bad value's exit code and line); elsewhere the same `main` or job function in this process."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from tests.helpers import cli, cli_here, run_in
 
 TINY = ["+experiment=next_token", "model=tiny_llama", "dataset.limit=6", "affine_lens.train_texts=40"]
 BASE_COLUMNS = {
@@ -29,18 +34,10 @@ BASE_COLUMNS = {
 NEXT_TOKEN_COLUMNS = {"source_text", "target_prompt", "pred_token_id", "ref_token_id", "precision_at_1", "surprisal"}
 
 
-def patchscan(*args, cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "patchscan.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return proc
-
-
 def test_run_writes_the_parquet_contract_and_eval_recomputes(tmp_path):
+    """`patchscan run experiment=...` as a user types it (no `+`: the root config has an experiment slot)."""
     run = tmp_path / "run"
-    out = patchscan("run", *TINY, f"hydra.run.dir={run}", cwd=tmp_path)
+    out = cli("run", "experiment=next_token", *TINY[1:], f"hydra.run.dir={run}", cwd=tmp_path)
     assert "token_identity" in out.stdout
     df = pd.read_parquet(run / "results")
     assert BASE_COLUMNS | NEXT_TOKEN_COLUMNS <= set(df.columns)
@@ -59,7 +56,7 @@ def test_run_writes_the_parquet_contract_and_eval_recomputes(tmp_path):
     meta = json.loads((run / "results" / "_run.json").read_text())
     assert meta["model"]["n_blocks"] == 4 and meta["versions"]["torch"]
     (run / "metrics.json").unlink()
-    patchscan("eval", str(run), cwd=tmp_path)
+    assert cli_here("eval", str(run)).returncode == 0
     assert json.loads((run / "metrics.json").read_text())["by_layer"] == metrics["by_layer"]
 
 
@@ -69,6 +66,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         "model=smollm2_135m",
         "dataset.limit=24",
         "methods=[token_identity,logit_lens]",
+        "sweep.source_layers=::3",  # 10 of the 30 blocks: three runs of the built-in model stay short
         "runner.examples_per_part=1",
     ]
     killed = tmp_path / "killed"
@@ -86,32 +84,31 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     written = len(list((killed / "results").glob("part-*.parquet")))
     assert 3 <= written < 24, "the run must be killed mid-way"
     assert not (killed / "metrics.json").exists()
-    patchscan("run", *args, f"hydra.run.dir={killed}", cwd=tmp_path)
-    whole = tmp_path / "whole"
-    patchscan("run", *args, f"hydra.run.dir={whole}", cwd=tmp_path)
+    run_in(killed, *args)  # the resume and the uninterrupted run: the same job, in this process
+    whole = run_in(tmp_path / "whole", *args)
     key = ["example_id", "method", "source_layer", "target_layer"]
     a = pd.read_parquet(killed / "results").sort_values(key).reset_index(drop=True)
     b = pd.read_parquet(whole / "results").sort_values(key).reset_index(drop=True)
-    assert not a.duplicated(key).any() and len(a) == len(b) == 24 * 2 * 30
+    assert not a.duplicated(key).any() and len(a) == len(b) == 24 * 2 * 10
     pd.testing.assert_frame_equal(a.drop(columns="surprisal"), b.drop(columns="surprisal"))
     assert (a["surprisal"] - b["surprisal"]).abs().max() < 1e-3
 
 
-def test_resume_flag_finds_the_unfinished_run(tmp_path):
+def test_resume_flag_finds_the_unfinished_run(tmp_path, monkeypatch):
     args = [*TINY, "methods=[logit_lens]", "runner.examples_per_part=2"]
-    first = tmp_path / "outputs" / "next_token" / "first"
-    patchscan("run", *args, f"hydra.run.dir={first}", cwd=tmp_path)
+    first = run_in(tmp_path / "outputs" / "next_token" / "first", *args)
     (first / "metrics.json").unlink()
     parts = sorted((first / "results").glob("part-*.parquet"))
     parts[-1].unlink()  # as if killed before the last part
-    out = patchscan("run", *args, "runner.resume=true", cwd=tmp_path)
-    assert str(first) in out.stdout
+    monkeypatch.chdir(tmp_path)  # the default run dir, outputs/next_token/DATE, is a sibling of the first
+    out = cli_here("run", *args, "runner.resume=true")
+    assert out.returncode == 0 and str(first) in out.stdout
     assert pd.read_parquet(first / "results")["example_id"].nunique() == 6
 
 
 def test_submitit_local_multirun_shards_read_back_as_one_dataset(tmp_path):
     shared = tmp_path / "shared_results"
-    patchscan(
+    cli(
         "run",
         "-m",
         "hydra/launcher=local",
@@ -150,12 +147,18 @@ def _bad_cases(tmp: Path):
     }
 
 
+# a subprocess for one error found before Hydra starts and one found inside the job; the others run the
+# same `main` in this process (exit code, stderr and traceback checks alike)
+IN_A_SUBPROCESS = ("model", "source layer")
+
+
 @pytest.mark.parametrize("case", list(_bad_cases(Path("/tmp")).keys()))
 def test_bad_input_gives_one_clear_line(tmp_path, case):
     extra, needle = _bad_cases(tmp_path)[case]
     base = [a for a in TINY if not (case == "experiment" and a.startswith("+experiment"))]
     run = tmp_path / "run"
-    proc = patchscan("run", *base, *extra, f"hydra.run.dir={run}", cwd=tmp_path, check=False)
+    args = ["run", *base, *extra, f"hydra.run.dir={run}"]
+    proc = cli(*args, cwd=tmp_path, check=False) if case in IN_A_SUBPROCESS else cli_here(*args)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
@@ -166,15 +169,12 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
 @pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_neox"])
 def test_next_token_rows_match_a_plain_hf_recomputation(tmp_path, model):
     """scripts/crosscheck_next_token.py shares no engine code: it must reproduce every stored prediction."""
-    run = tmp_path / "run"
-    patchscan(
-        "run",
-        "+experiment=next_token",
+    run = run_in(
+        tmp_path / "run",
+        "experiment=next_token",
         f"model={model}",
         "dataset.limit=8",
         "methods=[token_identity,logit_lens]",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
     )
     script = Path(__file__).resolve().parents[1] / "scripts" / "crosscheck_next_token.py"
     proc = subprocess.run(

@@ -15,32 +15,11 @@ from patchscan.engine.patching import _batch_size, bytes_per_row
 from patchscan.errors import UserError
 from patchscan.models.loading import BuiltinModel, _package_folder, builtin_spec
 from tests.conftest import tiny
-
-SOURCES = ["The quick brown fox jumps over the lazy dog", "Hello", "Paris is the capital of France"]
-IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
-
-
-def _patches(view):
-    caps = capture(view, [view.encode(s) for s in SOURCES], list(range(view.n_blocks)), [[-1, 2], [0], [3, -1]])
-    target = tuple(view.encode(IDENTITY))
-    other = tuple(view.encode("The capital city of x"))
-    patches = []
-    for c in caps:
-        for j in range(len(c.positions)):
-            for s in range(view.n_blocks):
-                for t in range(view.n_blocks):
-                    patches.append(Patch(target_ids=target, target_position=-1, target_layer=t, vector=c.states[s, j]))
-                patches.append(
-                    Patch(target_ids=other, target_position=2, target_layer=s, vector=c.states[s, j])
-                )  # a middle position: a 3-token suffix
-                patches.append(
-                    Patch(target_ids=other, target_position=0, target_layer=s, vector=c.states[s, j])
-                )  # position 0: no prefix at all
-    return patches
+from tests.helpers import IDENTITY, SOURCES, grid_patches
 
 
 def test_patched_logits_equal_naive(view):
-    patches = _patches(view)
+    patches = grid_patches(view)
     fast = patched_logits(view, patches, batch_size=7)
     ref = torch.stack([naive_logits(view, p) for p in patches])
     assert torch.allclose(fast, ref, atol=1e-4), (fast - ref).abs().max()
@@ -48,14 +27,14 @@ def test_patched_logits_equal_naive(view):
 
 
 def test_fast_paths_off_equal_on(view):
-    patches = _patches(view)[:40]
+    patches = grid_patches(view)[:40]
     fast = patched_logits(view, patches, batch_size=16)
     plain = patched_logits(view, patches, batch_size=1, reuse_prefix=False, skip_blocks_below=False)
     assert torch.allclose(fast, plain, atol=1e-4)
 
 
 def test_generate_equals_naive(view):
-    patches = _patches(view)
+    patches = grid_patches(view)
     chosen = patches[:: max(1, len(patches) // 24)]
     fast = generate(view, chosen, max_new_tokens=8, batch_size=5)
     ref = [naive_generate(view, p, max_new_tokens=8) for p in chosen]
@@ -65,13 +44,13 @@ def test_generate_equals_naive(view):
 def test_unpatched_rows_of_different_prompts_equal_one_at_a_time(view):
     prompts = [view.encode(s) for s in SOURCES + ["One", "The capital city of France is"]]
     patches = [Patch(target_ids=tuple(p), target_position=len(p) - 1, target_layer=0, vector=None) for p in prompts]
-    mixed = patches + _patches(view)[:3]  # unpatched and patched rows in one call
+    mixed = patches + grid_patches(view)[:3]  # unpatched and patched rows in one call
     fast = generate(view, mixed, max_new_tokens=7, batch_size=3)
     assert fast == [naive_generate(view, p, max_new_tokens=7) for p in mixed]
 
 
 def test_top_k_log_probabilities_are_normalised(view):
-    patches = _patches(view)[:20]
+    patches = grid_patches(view)[:20]
     top = patched_next_token(view, patches, top_k=3)
     full = torch.log_softmax(patched_logits(view, patches), dim=-1)
     assert torch.equal(top.ids, full.topk(3).indices)

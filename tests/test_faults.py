@@ -22,52 +22,7 @@ import pytest
 
 from patchscan import runner
 from patchscan.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "configs")
-KEY = ["example_id", "method", "source_layer", "target_layer"]
-
-
-def cli(*args, cwd: Path, check: bool = True, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "patchscan.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kwargs,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return proc
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == code, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert lines and lines[-1].startswith("patchscan: "), proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[-1], (needle, lines[-1])
-    return lines[-1]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def rows(results: Path) -> pd.DataFrame:
-    df = runner.read_results(results)
-    return df.sort_values(KEY).reset_index(drop=True)
-
-
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
-
+from tests.helpers import ROOT, cli, cli_here, compose, one_line_error, rows, run_in, snapshot
 
 # ---------------------------------------------------------------- one shared small run
 
@@ -169,14 +124,14 @@ def test_eval_of_a_results_dir_writes_beside_it_and_runs_twice(base, tmp_path):
     run = copy_run(base, tmp_path / "run")
     (run / "metrics.json").unlink()
     for _ in range(2):
-        cli("eval", str(run / "results"), cwd=tmp_path)
+        assert cli_here("eval", str(run / "results")).returncode == 0
     assert {p.name for p in (run / "results").iterdir()} <= {"_run.json", "_shard-000.json", ".lock-shard-000"} | {
         p.name for p in (run / "results").glob("part-*.parquet")
     }
     assert json.loads((run / "metrics.json").read_text())["complete"] is True
     assert len(pd.read_parquet(run / "results")) == len(base["rows"])
     out = tmp_path / "elsewhere"
-    cli("eval", str(run), "--out", str(out), cwd=tmp_path)
+    assert cli_here("eval", str(run), "--out", str(out)).returncode == 0
     assert (out / "metrics.json").exists() and (out / "next_token.png").exists()
 
 
@@ -227,10 +182,10 @@ def test_resume_compares_content_and_refuses_changed_data(base, tmp_path):
         base["texts"].write_text(
             "\n".join([lines[0], "A completely different second text, edited later on."] + lines[2:]) + "\n"
         )
-        proc = cli("run", *base["args"], f"hydra.run.dir={run}", cwd=tmp_path, check=False)
+        proc = cli_here("run", *base["args"], f"hydra.run.dir={run}")
         one_line_error(proc, "example '1'", "other data", "hydra.run.dir")
         base["texts"].write_text("\n".join(lines[3:]) + "\n")  # lines removed: every stored id moved
-        proc = cli("run", *base["args"], f"hydra.run.dir={run}", cwd=tmp_path, check=False)
+        proc = cli_here("run", *base["args"], f"hydra.run.dir={run}")
         one_line_error(proc, "example '0'")
     finally:
         base["texts"].write_text(original)
@@ -286,9 +241,9 @@ def test_eval_of_an_unfinished_run_is_marked_partial_and_resume_still_finds_it(b
 def test_a_refused_run_leaves_the_run_dir_byte_identical(base, tmp_path):
     """Case 6, and runner.seed in the fingerprint: a second seed into the same dir is refused, nothing changes."""
     before = snapshot(base["run"])
-    proc = cli("run", *base["args"], "runner.seed=1", f"hydra.run.dir={base['run']}", cwd=tmp_path, check=False)
+    proc = cli_here("run", *base["args"], "runner.seed=1", f"hydra.run.dir={base['run']}")
     one_line_error(proc, "runner.seed=0 there, 1 here")
-    proc = cli("run", *base["args"], "dataset.limit=abc", f"hydra.run.dir={base['run']}", cwd=tmp_path, check=False)
+    proc = cli_here("run", *base["args"], "dataset.limit=abc", f"hydra.run.dir={base['run']}")
     one_line_error(proc, "dataset.limit='abc'")
     assert snapshot(base["run"]) == before
 
@@ -302,11 +257,11 @@ def test_a_damaged_part_is_named_and_repair_recomputes_it(base, tmp_path):
     run = copy_run(base, tmp_path / "run")
     part = sorted((run / "results").glob("part-*.parquet"))[1]
     part.write_bytes(part.read_bytes()[:200])
-    proc = cli("run", *base["args"], f"hydra.run.dir={run}", cwd=tmp_path, check=False)
+    proc = cli_here("run", *base["args"], f"hydra.run.dir={run}")
     one_line_error(proc, part.name, "runner.repair=true")
-    proc = cli("eval", str(run), cwd=tmp_path, check=False)
+    proc = cli_here("eval", str(run))
     one_line_error(proc, part.name)
-    cli("run", *base["args"], "runner.repair=true", f"hydra.run.dir={run}", cwd=tmp_path)
+    run_in(run, *base["args"], "runner.repair=true")
     assert (run / "results" / ".quarantine" / part.name).exists()
     pd.testing.assert_frame_equal(rows(run / "results"), base["rows"])
 
@@ -369,18 +324,27 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
     return cases
 
 
+# in a subprocess: a run dir Hydra cannot create and a model file the loader cannot read (errors from
+# outside patchscan's code); the other cases run the same `main` in this process, one after another
+IN_A_SUBPROCESS = ("unwritable dir", "gguf cut")
+
+
 def test_bad_inputs_give_one_line_each(tmp_path):
-    """Each bad value: exit 2, one `patchscan: error:` line naming the key and value (run 3 at a time)."""
+    """Each bad value: exit 2, one `patchscan: error:` line naming the key and value."""
     cases = _bad_inputs(tmp_path)
 
-    def attempt(name):
+    def args(name):
         run = tmp_path / name.replace(" ", "_")
-        where = [] if "unwritable" in name else [f"hydra.run.dir={run}"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # three at a time: one thread each, no oversubscription
-        return cli("run", *cases[name][0], *where, cwd=tmp_path, check=False, env=env)
+        return ["run", *cases[name][0], *([] if "unwritable" in name else [f"hydra.run.dir={run}"])]
 
-    with ThreadPoolExecutor(3) as pool:
-        results = dict(zip(cases, pool.map(attempt, cases)))
+    def attempt(name):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return cli(*args(name), cwd=tmp_path, check=False, env=env)
+
+    with ThreadPoolExecutor(len(IN_A_SUBPROCESS)) as pool:
+        outside = pool.map(attempt, IN_A_SUBPROCESS)  # started first; the in-process cases run meanwhile
+        results = {name: cli_here(*args(name)) for name in cases if name not in IN_A_SUBPROCESS}
+        results.update(zip(IN_A_SUBPROCESS, outside))
     failures = []
     for name, proc in results.items():
         try:
@@ -563,16 +527,13 @@ def test_folder_model_as_the_readme_writes_it(tmp_path):
     folder = tmp_path / "my-local-llama"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    run = tmp_path / "run"
-    cli(
-        "run",
-        "+experiment=next_token",
+    run = run_in(
+        tmp_path / "run",
+        "experiment=next_token",
         "model.source=folder",
         f"model.path={folder}",
         "dataset.limit=2",
         "methods=[logit_lens]",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
     )
     df = pd.read_parquet(run / "results")
     assert set(df["model"]) == {"my-local-llama"}
@@ -639,7 +600,7 @@ def test_writer_faults_then_rerun_give_the_uninterrupted_rows(base, tmp_path, fa
         one_line_error(proc, "No space left on device", "rerun the same command")
         assert not list((run / "results").glob(".part-*.tmp"))
     assert len(list((run / "results").glob("part-*.parquet"))) == 1
-    cli("run", *base["args"], f"hydra.run.dir={run}", cwd=tmp_path)
+    run_in(run, *base["args"])
     assert not list((run / "results").glob(".part-*.tmp"))
     pd.testing.assert_frame_equal(rows(run / "results"), base["rows"])
 

@@ -14,8 +14,7 @@ from patchscan.engine.hooks import block_hooks, patch_hook, skip_blocks
 from patchscan.models import load_model
 from patchscan.models.view import execution_device
 from tests.conftest import tiny
-from tests.test_cli import patchscan
-from tests.test_engine import IDENTITY, SOURCES, _patches
+from tests.helpers import IDENTITY, SOURCES, grid_patches, run_in
 
 _OFFLOADED: dict = {}
 
@@ -97,7 +96,7 @@ def _grid(view) -> list[Patch]:
     one of each kind: last target position (block skipping) below and on the disk blocks, a middle
     position (prefix cache) and position 0."""
     if view.n_blocks <= 4:
-        return _patches(view)[::2]
+        return grid_patches(view)[::2]
     cap = capture(view, [view.encode(SOURCES[0])], [2, 27], [[-1]])[0]
     target, other = tuple(view.encode(IDENTITY)), tuple(view.encode("The capital city of x"))
     return [
@@ -186,21 +185,19 @@ def test_a_failing_call_leaves_the_model_as_it_was(name, tmp_path_factory):
 def test_offloaded_next_token_run_writes_the_same_rows(tmp_path):
     """The whole next_token experiment on the built-in model: offloaded rows equal plain rows."""
     args = [
-        "run",
-        "+experiment=next_token",
+        "experiment=next_token",
         "model=smollm2_135m",
         "dataset.limit=3",
         "methods=[token_identity,logit_lens]",
         "sweep.source_layers=0:30:3",
     ]
-    patchscan(*args, f"hydra.run.dir={tmp_path / 'plain'}", cwd=tmp_path)
-    patchscan(
+    run_in(tmp_path / "plain", *args)
+    run_in(
+        tmp_path / "split",
         *args,
         "model.device_map=auto",
         "model.max_memory={cpu: 300MiB}",
         f"model.offload_folder={tmp_path / 'offload'}",
-        f"hydra.run.dir={tmp_path / 'split'}",
-        cwd=tmp_path,
     )
     key = ["example_id", "method", "source_layer", "target_layer"]
     a = pd.read_parquet(tmp_path / "plain" / "results").sort_values(key).reset_index(drop=True)

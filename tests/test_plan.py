@@ -4,18 +4,14 @@ loading weights, and its counts equal what a real run records."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from patchscan.planning import make_plan
 from patchscan.scopes import get_scope
 from patchscan.worklog import read_shard_logs
-from tests.test_cli import patchscan
+from tests.helpers import LRE, cli_here, compose, run_in
 
-ROOT = Path(__file__).resolve().parents[1]
-LRE = str(ROOT / "tests" / "fixtures" / "lre")
 LLAMA2_13B = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -54,8 +50,7 @@ CASES = {
 
 
 def plan_in_process(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose(*overrides)
     return make_plan(cfg, get_scope(cfg.experiment.name)(cfg))
 
 
@@ -79,10 +74,10 @@ def no_weights(monkeypatch):
 
 
 @pytest.mark.parametrize("experiment", sorted(CASES))
-def test_plan_counts_equal_the_real_run(tmp_path, no_weights, experiment):
+def test_plan_counts_equal_the_real_run(tmp_path, monkeypatch, no_weights, experiment):
     plan = plan_in_process(CASES[experiment])
-    run = tmp_path / "run"
-    patchscan("run", *CASES[experiment], f"hydra.run.dir={run}", cwd=tmp_path)
+    monkeypatch.undo()  # weights from here on: the real run
+    run = run_in(tmp_path / "run", *CASES[experiment])
     real = read_shard_logs(run / "results")[0]["totals"]
     import pandas as pd
 
@@ -96,16 +91,14 @@ def test_plan_counts_equal_the_real_run(tmp_path, no_weights, experiment):
     assert plan.counts.tokens_generated == real["tokens_generated"]  # random tiny models never stop early
 
 
-def test_plan_command_on_tiny_and_builtin_models(tmp_path):
+def test_plan_command_on_tiny_and_builtin_models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     for model in ("tiny_llama", "smollm2_135m"):
-        out = patchscan(
-            "plan",
-            "+experiment=next_token",
-            f"model={model}",
-            "dataset.limit=20",
-            "methods=[token_identity]",
-            cwd=tmp_path,
-        ).stdout
+        proc = cli_here(
+            "plan", "+experiment=next_token", f"model={model}", "dataset.limit=20", "methods=[token_identity]"
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout
         assert "forward passes:" in out and "no weights loaded" in out
         assert "cells (patched runs): " + str(20 * (4 if model == "tiny_llama" else 30)) in out
     assert not list(tmp_path.iterdir()), "a plan writes no run dir"
@@ -128,17 +121,18 @@ def test_plan_13b_from_its_config_alone(tmp_path):
     config = tmp_path / "llama2-13b" / "config.json"
     config.parent.mkdir()
     config.write_text(json.dumps(LLAMA2_13B))
-    out = patchscan(
+    proc = cli_here(
         "plan",
-        "+experiment=attribute_extraction",
+        "experiment=attribute_extraction",
         "model=llama2_13b",
         f"model.config_path={config}",
         "model.device=cuda",
         f"dataset.path={LRE}",
         "runner.memory_budget_gb=null",
         "runner.gpu_memory_gb=80",
-        cwd=tmp_path,
-    ).stdout
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     print(out)
     assert "13.016 B parameters" in out and "bfloat16 on cuda" in out
     assert "stand-in" in out  # no tokenizer beside the config

@@ -23,7 +23,7 @@ def compose(*overrides: str):
 def bound(scope_name: str, *overrides: str, model: str = "tiny_llama"):
     from patchscan.scopes import get_scope
 
-    cfg = compose(f"+experiment={scope_name}", f"model={model}", *overrides)
+    cfg = compose(f"experiment={scope_name}", f"model={model}", *overrides)
     scope = get_scope(scope_name)(cfg)
     scope.bind(tiny(model))
     return scope
@@ -61,7 +61,7 @@ def test_entity_positions_follow_the_sweep():
 def test_source_positions_that_cannot_apply_are_refused(experiment, spec, message):
     from patchscan.scopes import get_scope
 
-    cfg = compose(f"+experiment={experiment}", "model=tiny_llama", f"sweep.source_positions={spec}")
+    cfg = compose(f"experiment={experiment}", "model=tiny_llama", f"sweep.source_positions={spec}")
     with pytest.raises(ValueError, match=message):
         get_scope(experiment)(cfg)
 

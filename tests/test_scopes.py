@@ -12,25 +12,20 @@ from patchscan.metrics.similarity import embedding_cosine, rouge_l
 from patchscan.metrics.text import contains_answer
 from patchscan.scopes.entities import first_description
 from tests.conftest import tiny
-from tests.test_cli import patchscan
-
-LRE = "tests/fixtures/lre"  # small relation files the team wrote; ../shared/data/lre has the real ones
+from tests.helpers import LRE, run_in
 
 
-def run_on_fixture_relations(tmp_path, root, experiment: str, relations: str, *overrides: str):
+def run_on_fixture_relations(tmp_path, experiment: str, relations: str, *overrides: str):
     """tiny_llama runs `experiment` on the fixture relations, source blocks 1 and 3, target blocks 0 and 2."""
-    run = tmp_path / "run"
-    patchscan(
-        "run",
-        f"+experiment={experiment}",
+    run = run_in(
+        tmp_path / "run",
+        f"experiment={experiment}",
         "model=tiny_llama",
-        f"dataset.path={root / LRE}",
+        f"dataset.path={LRE}",
         f"dataset.relations=[{relations}]",
         "sweep.source_layers=[1,3]",
         "sweep.target_layers=[0,2]",
         *overrides,
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
     )
     return run, pd.read_parquet(run / "results")
 
@@ -49,10 +44,9 @@ def test_first_description_and_similarity():
     assert close > 0.7 and far < close
 
 
-def test_attribute_extraction_rows_rerun_alone(tmp_path, request):
+def test_attribute_extraction_rows_rerun_alone(tmp_path):
     run, df = run_on_fixture_relations(
         tmp_path,
-        request.config.rootpath,
         "attribute_extraction",
         "country_capital_city,fruit_inside_color",
         "dataset.per_relation_limit=4",
@@ -91,18 +85,15 @@ def test_unseen_relation_file_and_tsv_run_without_code_change(tmp_path):
         ],
     }
     (tmp_path / "animal_sound.json").write_text(json.dumps(relation))
-    run = tmp_path / "run"
-    patchscan(
-        "run",
-        "+experiment=attribute_extraction",
+    run = run_in(
+        tmp_path / "run",
+        "experiment=attribute_extraction",
         "model=tiny_gpt2",
         f"dataset.path={tmp_path / 'animal_sound.json'}",
         "sweep.source_layers=[0]",
         "sweep.target_layers=[1]",
         "generation.max_new_tokens=4",
         "source.kind=template",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
     )
     df = pd.read_parquet(run / "results").query("method == 'patchscope'")
     assert set(df["relation"]) == {"animal_sound"}
@@ -115,18 +106,15 @@ def test_unseen_relation_file_and_tsv_run_without_code_change(tmp_path):
         "1\t0\tThe capital city of x\t-1\tParis\tFrance\t\t0\n"
         '2\t1\tThe capital city of x\t-1\tRome\tItaly\t" wine from Italy"\t2\n'
     )
-    run2 = tmp_path / "run2"
-    patchscan(
-        "run",
-        "+experiment=attribute_extraction",
+    run2 = run_in(
+        tmp_path / "run2",
+        "experiment=attribute_extraction",
         "model=tiny_gpt2",
         f"dataset.tsv={tsv}",
         "probe.enabled=false",
         "sweep.source_layers=[0]",
         "sweep.target_layers=[1]",
         "generation.max_new_tokens=4",
-        f"hydra.run.dir={run2}",
-        cwd=tmp_path,
     )
     df2 = pd.read_parquet(run2 / "results").query("method == 'patchscope'")
     assert sorted(df2["subject"]) == ["France", "France", "Italy"] and df2["example_id"].nunique() == 3
@@ -134,16 +122,13 @@ def test_unseen_relation_file_and_tsv_run_without_code_change(tmp_path):
 
 
 def test_entity_resolution_scores_and_plot(tmp_path):
-    run = tmp_path / "run"
-    patchscan(
-        "run",
-        "+experiment=entity_resolution",
+    run = run_in(
+        tmp_path / "run",
+        "experiment=entity_resolution",
         "model=tiny_neox",
         "dataset.limit=3",
         "sweep.source_layers=[0,3]",
         "generation.max_new_tokens=8",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
     )
     df = pd.read_parquet(run / "results")
     assert len(df) == 6 and (df["source_layer"] == df["target_layer"]).all()
@@ -153,27 +138,23 @@ def test_entity_resolution_scores_and_plot(tmp_path):
 
 
 def test_cross_model_between_models_of_different_widths(tmp_path):
-    run = tmp_path / "run"
-    patchscan(
-        "run",
-        "+experiment=cross_model",
+    run = run_in(
+        tmp_path / "run",
+        "experiment=cross_model",
         "model=tiny_llama",
         "target_model=tiny_llama_wide",
         "dataset.limit=5",
         "maps.train_texts=60",
         "sweep.source_layers=[0,3]",
         "sweep.target_layers=[1,5]",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
     )
     df = pd.read_parquet(run / "results")
     assert set(df["model"]) == {"tiny_llama"} and set(df["target_model"]) == {"tiny_llama_wide"}
     assert len(df) == 5 * 4 and set(df["target_layer"]) == {1, 5}
     assert (run / "cross_model_heatmap.png").exists()
-    run2 = tmp_path / "run2"
-    patchscan(
-        "run",
-        "+experiment=cross_model",
+    run2 = run_in(
+        tmp_path / "run2",
+        "experiment=cross_model",
         "task=entity_description",
         "model=tiny_llama",
         "target_model=tiny_llama_wide",
@@ -183,8 +164,6 @@ def test_cross_model_between_models_of_different_widths(tmp_path):
         "sweep.target_layers=[5]",
         "generation.max_new_tokens=5",
         "dataset=builtin_texts",
-        f"hydra.run.dir={run2}",
-        cwd=tmp_path,
     )
     assert "rouge_l" in pd.read_parquet(run2 / "results")
 
@@ -208,10 +187,9 @@ def test_cross_model_maps_recover_the_same_model(tmp_path, monkeypatch):
     assert int(top.ids[0, 0]) == int(cap.logprobs[0].argmax())
 
 
-def test_multihop_methods_and_directions(tmp_path, request):
+def test_multihop_methods_and_directions(tmp_path):
     run, df = run_on_fixture_relations(
         tmp_path,
-        request.config.rootpath,
         "multihop",
         "city_in_country,country_capital_city",
         "multihop.require_single_hops=false",

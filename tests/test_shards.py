@@ -12,14 +12,13 @@ import pandas as pd
 import pytest
 
 from patchscan.worklog import read_shard_logs
-from tests.test_cli import patchscan
+from tests.helpers import LRE, run_in
 
-LRE = "tests/fixtures/lre"
 GRID = ["model=tiny_llama", "sweep.source_layers=[1,3]", "sweep.target_layers=[0,2]", "generation.max_new_tokens=4"]
 EXPERIMENTS = {
     # 8 samples; the filled-prompt baseline and the probe's stored states run per chunk
     "attribute_extraction": [
-        "+experiment=attribute_extraction",
+        "experiment=attribute_extraction",
         "dataset.relations=[country_capital_city,fruit_inside_color]",
         "dataset.per_relation_limit=4",
         "runner.examples_per_part=2",
@@ -27,7 +26,7 @@ EXPERIMENTS = {
     # 4 two-hop samples, the single-hop filter per chunk (a random model answers no hop: a second run
     # below switches the filter off so that the grid runs too)
     "multihop": [
-        "+experiment=multihop",
+        "experiment=multihop",
         "dataset.relations=[city_in_country,country_capital_city]",
         "runner.examples_per_part=1",
     ],
@@ -35,26 +34,25 @@ EXPERIMENTS = {
 
 
 def run_shards(tmp_path, experiment: str, n: int, *extra: str):
+    """The N jobs of `patchscan run -m ... runner.shard=0,..,N-1` (the basic launcher runs them one after
+    another in one process; test_cli runs a real multirun), here in this process."""
     results = tmp_path / f"{experiment}-{n}" / "results"
-    patchscan(
-        "run",
-        "-m",
-        *EXPERIMENTS[experiment],
-        *GRID,
-        f"dataset.path={tmp_path.parent / 'lre'}",
-        *extra,
-        f"runner.num_shards={n}",
-        "runner.shard=" + ",".join(map(str, range(n))),
-        f"runner.results_dir={results}",
-        f"hydra.sweep.dir={tmp_path / f'sweep-{experiment}-{n}'}",
-        cwd=tmp_path,
-    )
+    for shard in range(n):
+        run_in(
+            tmp_path / f"sweep-{experiment}-{n}" / str(shard),
+            *EXPERIMENTS[experiment],
+            *GRID,
+            f"dataset.path={LRE}",
+            *extra,
+            f"runner.num_shards={n}",
+            f"runner.shard={shard}",
+            f"runner.results_dir={results}",
+        )
     return results, read_shard_logs(results)
 
 
 @pytest.fixture
-def lre(tmp_path, request):
-    (tmp_path / "lre").symlink_to(request.config.rootpath / LRE)
+def lre(tmp_path):
     (tmp_path / "w").mkdir()
     return tmp_path / "w"
 
@@ -97,16 +95,14 @@ def test_resume_redoes_only_the_missing_chunk(lre):
     first = logs[1]["sessions"][0]["parts"]
     lost = first[1]
     (results / lost["part"]).unlink()
-    patchscan(
-        "run",
+    run_in(
+        lre / "resume",
         *EXPERIMENTS["attribute_extraction"],
         *GRID,
-        f"dataset.path={lre.parent / 'lre'}",
+        f"dataset.path={LRE}",
         "runner.num_shards=2",
         "runner.shard=1",
         f"runner.results_dir={results}",
-        f"hydra.run.dir={lre / 'resume'}",
-        cwd=lre,
     )
     log = read_shard_logs(results)[1]
     again = log["sessions"][-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import logging
 import os
@@ -28,9 +29,11 @@ def config_dir() -> str:
 
 
 CONFIG_DIR = config_dir()
-USAGE = """usage: patchscan run +experiment=NAME [group=option ...] [key=value ...]   (Hydra; -m for multirun)
+USAGE = """usage: patchscan run experiment=NAME [group=option ...] [key=value ...]    (Hydra; -m for multirun)
        patchscan eval RUN_DIR [--out DIR]                              (recompute metrics.json and plots)
-       patchscan plan +experiment=NAME [...]                           (dry run: the work and memory, no weights)
+       patchscan plan experiment=NAME [...]                            (dry run: the work and memory, no weights)
+       patchscan inspect --text TEXT [--model M] [--scope S | --target T] [--layers 0:10]   (one line per block)
+       patchscan show RUN_DIR --example ID [--method M] [--layers 0:10]  (the same view from a run's rows)
 experiments: next_token, attribute_extraction, entity_resolution, cross_model, multihop"""
 
 
@@ -73,7 +76,7 @@ def run_job(cfg) -> dict:
     name = cfg.get("experiment", {}).get("name")
     if not name or name == "???":
         raise UserError(
-            "no experiment chosen; add +experiment=NAME (next_token, attribute_extraction, "
+            "no experiment chosen; add experiment=NAME (next_token, attribute_extraction, "
             "entity_resolution, cross_model, multihop)"
         )
     hydra_cfg = HydraConfig.get()
@@ -184,7 +187,7 @@ def check_group_choices(argv: list[str]) -> None:
         if not sep or key not in GROUPS:
             continue
         folder = Path(CONFIG_DIR) / key
-        choices = sorted(p.stem for p in folder.glob("*.yaml"))
+        choices = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))  # _hub: bases
         if key == "hydra/launcher":
             choices = sorted(set(choices) | set(PLUGIN_LAUNCHERS))
         for option in value.split(","):
@@ -223,16 +226,69 @@ def _check_output_dirs(argv: list[str]) -> None:
         ) from exc
 
 
+def _experiment_override(argv: list[str]) -> list[str]:
+    """`+experiment=NAME` (the older spelling) means `experiment=NAME`: the root config now holds an
+    `experiment: null` slot, and Hydra refuses to add a second one."""
+    return [a.lstrip("+") if a.lstrip("+").startswith("experiment=") else a for a in argv]
+
+
+def hydra_overrides(argv: list[str]) -> list[str]:
+    """The overrides Hydra gets for a command line (flags such as -m dropped): unknown config options
+    named in one line first, `model.path=DIR` opened, `+experiment=` accepted."""
+    check_group_choices(argv)
+    return _open_model_keys(_experiment_override([a for a in argv if a not in ("-m", "--multirun")]))
+
+
 def run_main(argv: list[str]) -> None:
     import hydra
 
-    check_group_choices(argv)
+    overrides = hydra_overrides(argv)
     _check_output_dirs(argv)
     # Hydra reads flags only before the overrides; accept -m anywhere on the line.
     flags = [a for a in argv if a in ("-m", "--multirun")]
-    argv = flags + _open_model_keys([a for a in argv if a not in flags])
-    sys.argv = [sys.argv[0]] + argv
+    sys.argv = [sys.argv[0]] + flags + overrides
     hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_hydra_task)()
+
+
+def compose_config(argv: list[str], run_dir: str | Path | None = None):
+    """The config `patchscan run ARGV` would run, composed in this process with Hydra's compose API;
+    with `run_dir`, Hydra's own config is kept (and made current) so that `run_job` can run it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    overrides = hydra_overrides(argv)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=run_dir is not None)
+    if run_dir is None:
+        return cfg
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.name = "cli"  # the name `python -m patchscan.cli` gets: the log file is cli.log
+    HydraConfig.instance().set_config(cfg)
+    task = copy.deepcopy(cfg)  # as Hydra's own run_job: the job sees its config without the hydra node
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
+
+
+def model_config(name: str):
+    """The composed config of model NAME (configs/model/NAME.yaml with its base, `_hub` or `_tiny`): what
+    `model=NAME` gives a run. Reading the YAML file alone would miss the keys it inherits."""
+    return compose_config([f"model={name}"]).model
+
+
+def run_in_process(argv: list[str], run_dir: str | Path) -> dict:
+    """`patchscan run ARGV hydra.run.dir=RUN_DIR` in this process (tests): the same job function, whose
+    UserError is raised rather than printed. Returns the job's metrics (or a dry run's plan)."""
+    cfg = compose_config(argv, run_dir)
+    try:
+        return run_job(cfg)
+    finally:
+        for handler in _LOG_HANDLERS:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        _LOG_HANDLERS.clear()
 
 
 def plan_main(argv: list[str]) -> None:
@@ -285,11 +341,15 @@ def main(argv: list[str] | None = None) -> None:
             run_main(rest)
         elif command == "plan":
             plan_main(rest)
+        elif command in ("inspect", "show"):
+            from patchscan.inspection import inspect_main, show_main
+
+            (inspect_main if command == "inspect" else show_main)(rest)
         elif command == "eval":
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             eval_main(rest)
         else:
-            raise UserError(f"unknown command {command!r}; use run, eval or plan")
+            raise UserError(f"unknown command {command!r}; use run, eval, plan, inspect or show")
     except UserError as exc:
         fail(f"error: {exc}")
     except KeyboardInterrupt:

@@ -101,6 +101,15 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# sweep.source_positions: next_token, entity_resolution and cross_model honour it (their scopes check
+# it, `Scope.position_specs`). These experiments read their source state at one position of their own
+# and take only the value that names it: anything else would be ignored in silence.
+FIXED_SOURCE_POSITION: dict[str, tuple[str, str]] = {
+    "attribute_extraction": ("last", "the last token of the subject"),
+    "multihop": ("last", "the last token of the hop-1 phrase and of the question"),
+}
+
+
 def _show(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
@@ -118,6 +127,23 @@ def _select(cfg: DictConfig, key: str) -> tuple[bool, Any]:
     return True, node
 
 
+def _check_source_positions(cfg: DictConfig) -> None:
+    experiment = (cfg.get("experiment") or {}).get("name")
+    present, value = _select(cfg, "sweep.source_positions")
+    if not present or experiment not in FIXED_SOURCE_POSITION:
+        return
+    from patchscan.scopes import get_scope
+
+    if getattr(get_scope(experiment), "position_specs", None) is not None:
+        return  # the scope says which positions it honours and checks them itself
+    fixed, where = FIXED_SOURCE_POSITION[experiment]
+    if value != fixed:
+        raise UserError(
+            f"sweep.source_positions={_show(value)} does not apply to {experiment}, which reads {where}; "
+            f"use sweep.source_positions={fixed}"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise one UserError for the first value of the wrong type or out of range."""
     for rule in RULES:
@@ -127,6 +153,7 @@ def validate(cfg: DictConfig) -> None:
         ok, allowed = rule.check
         if not ok(value):
             raise UserError(f"{rule.key}={_show(value)} is not valid; use {allowed}")
+    _check_source_positions(cfg)
     runner = cfg.get("runner") or {}
     if "shard" in runner and "num_shards" in runner and not runner.shard < runner.num_shards:
         raise UserError(
