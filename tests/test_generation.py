@@ -15,6 +15,7 @@ from patchscan.metrics.answers import StopAfterDescription, StopWhenFound, descr
 from patchscan.metrics.text import contains_answer
 from patchscan.prompts import placeholder_position
 from tests.conftest import tiny
+from tests.helpers import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTITY_PROMPT = (
@@ -131,12 +132,9 @@ def test_attribute_correctness_equal_with_and_without_stopping(builtin_view):
 
 
 def _scope(overrides):
-    from hydra import compose, initialize_config_dir
-
     from patchscan.scopes import get_scope
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose(*overrides)
     return get_scope(cfg.experiment.name)(cfg)
 
 
@@ -151,7 +149,7 @@ def test_scopes_record_stop_when_correct(stop):
         ),
         ("entity_resolution", ["dataset.limit=2", "similarity.embedding=false"]),
     ):
-        scope = _scope([f"+experiment={experiment}", *common, *extra])
+        scope = _scope([f"experiment={experiment}", *common, *extra])
         scope.bind(view)
         df = scope.run_chunk(scope.examples(), lambda n: None)
         assert df["stop_when_correct"].tolist() == [stop] * len(df)
