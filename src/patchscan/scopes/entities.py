@@ -15,7 +15,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from patchscan.data.entities import load_entities
-from patchscan.engine import Patch
+from patchscan.engine import Patch, Scale
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.prompts import placeholder_position, span_last_token
 from patchscan.scopes.base import Scope
@@ -70,8 +70,9 @@ class EntityScope(Scope):
         return out[: int(limit)] if limit else out
 
     def map_state(self, state, source_layer: int, target_layer: int):
-        """Identity within one model; cross-model patching maps the state first."""
-        return state
+        """Identity within one model, times `patchscope.scale` (1.0; Superscopes' amplification);
+        cross-model patching maps the state first."""
+        return Scale(self.cfg.patchscope.get("scale") or 1.0)(state)
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
         caps = self.engine.capture(
