@@ -98,9 +98,9 @@ def draw(root: Path, default_placeholder: str = "x") -> list[Path]:
 
 def _scale_figure(runs: list[dict], attr: pd.DataFrame, root: Path) -> list[Path]:
     entity = [
-        {"scale": r["scale"], "similarity": float(np.nanmean([v.get(_sim(r), np.nan) for v in r["metrics"]["by_layer_all"]]))}
+        {"scale": r["scale"], "similarity": float(np.nanmean([v.get(_sim(r), np.nan) for v in by_layer]))}
         for r in runs
-        if r["experiment"] == "entity_resolution"
+        if r["experiment"] == "entity_resolution" and (by_layer := r["metrics"]["by_layer_all"])
     ]
     scaled_attr = attr[attr["placeholder"] == attr["placeholder"].mode()[0]] if len(attr) else attr
     if (len(scaled_attr) == 0 or scaled_attr["scale"].nunique() < 2) and len({e["scale"] for e in entity}) < 2:
