@@ -69,6 +69,8 @@ fig-controls: setup
 	$(VENV)/bin/patchscan run -m +experiment=entity_resolution model=$(MODEL) patchscope.scale=$(SCALES) \
 	  dataset.limit=12 sweep.source_layers=::6 generation.max_new_tokens=20 \
 	  hydra.sweep.dir=outputs/fig-controls/$(MODEL)/scale_entity
+	$(VENV)/bin/patchscan run -m +experiment=next_token model=$(MODEL) methods=[token_identity] dataset.limit=100 \
+	  patchscope.single_token_prompt=false,true hydra.sweep.dir=outputs/fig-controls/$(MODEL)/single_token
 	$(PY) scripts/fig_controls.py outputs/fig-controls/$(MODEL)
 
 fig-entity: setup

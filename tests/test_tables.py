@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from scipy.stats import ttest_rel
 
 from patchscan.data.patchscopes_tsv import cropped_source, tsv_samples
-from patchscan.engine import Patch
+from patchscan.engine import Patch, capture, patched_next_token
 from patchscan.engine.naive import naive_generate
 from patchscan.metrics.stats import any_target_block, bonferroni, over_blocks, paired_ttest, significance_mark
 from patchscan.metrics.table2 import attribute_table, format_table
@@ -194,7 +194,6 @@ def test_controls_are_computed_as_defined(tmp_path):
     assert pd.isna(emb.source_layer) and view.decode(naive_generate(view, patch, 4)) == emb.generation
     sh = df[df["method"] == "shuffled_source"]
     assert (sh["source_subject"] != sh["subject"]).all() and set(sh["relation"]) == {"country_capital_city"}
-    from patchscan.engine import capture
 
     row = sh.iloc[3]  # another sample's subject state (same relation), scored against this sample's object
     state = capture(view, [list(row.source_token_ids)], [int(row.source_layer)], [[int(row.source_position)]])
@@ -265,7 +264,6 @@ def test_multihop_fix_rates_and_paper_numbers(tmp_path):
 
 
 def test_multihop_cot_patchscope_patches_pi1_alone_into_pi2_alone(tmp_path):
-    from patchscan.engine import capture
     from patchscan.scopes.multihop import MultihopScope
 
     cfg = compose(
@@ -293,3 +291,26 @@ def test_multihop_cot_patchscope_patches_pi1_alone_into_pi2_alone(tmp_path):
     )
     assert view.decode(naive_generate(view, patch, 4)) == row.generation
     assert np.array_equal(row.target_token_ids, view.encode("The capital city of"))
+
+
+def test_single_token_prompt_ablation_keeps_the_token_at_its_source_position():
+    from patchscan.scopes.next_token import NextTokenScope
+
+    cfg = compose(
+        "+experiment=next_token",
+        "model=tiny_llama",
+        "dataset.limit=2",
+        "methods=[token_identity]",
+        "patchscope.single_token_prompt=true",
+        "sweep.source_layers=[2]",
+    )
+    scope, view = NextTokenScope(cfg), tiny("tiny_llama")
+    scope.bind(view)
+    df = scope.run_chunk(scope.examples(), lambda n: None)
+    pad = view.tokenizer.pad_token_id
+    for _, row in df.iterrows():
+        ids, pos = list(row.target_token_ids), int(row.source_position)
+        assert int(row.target_position) == pos and ids == [pad] * pos + [int(row.source_token_ids[pos])]
+        state = capture(view, [list(row.source_token_ids)], [2], [[pos]])
+        patch = Patch(target_ids=tuple(ids), target_position=pos, target_layer=2, vector=state[0].states[0, 0])
+        assert int(patched_next_token(view, [patch], top_k=1).ids[0, 0]) == int(row.pred_token_id)

@@ -6,7 +6,9 @@
 - placeholder.png: per task, the Patchscope's mean accuracy for each placeholder text (`x`, `?`, a
   random token, several tokens: the paper's "placeholder contamination");
 - scale.png: accuracy (attribute runs) and description similarity (entity runs) against α, the
-  factor the patched state is multiplied by (Superscopes' amplification).
+  factor the patched state is multiplied by (Superscopes' amplification);
+- single_token.png: next-token precision@1 by source block, the few-shot identity prompt against the
+  single-token prompt of the paper's appendix B.3 ([PAD] ... [PAD] + the token at its position).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def collect(root: Path) -> list[dict]:
                 "experiment": str(cfg.experiment.name),
                 "placeholder": str(cfg.patchscope.get("placeholder_text") or cfg.patchscope.placeholder),
                 "scale": float(cfg.patchscope.get("scale") or 1.0),
+                "single_token": bool(cfg.patchscope.get("single_token_prompt")),
                 "metrics": json.loads(metrics_file.read_text()),
             }
         )
@@ -93,7 +96,33 @@ def draw(root: Path, default_placeholder: str = "x") -> list[Path]:
             table = at_one.pivot_table(index="task", columns="placeholder", values="patchscope_mean")
             out.append(_bars(table, root / "placeholder.png", "Patchscope accuracy by placeholder", "accuracy"))
     out += _scale_figure(runs, attr, root)
+    out += _single_token_figure(runs, root)
     return out
+
+
+def _single_token_figure(runs: list[dict], root: Path) -> list[Path]:
+    lines = []
+    for run in runs:
+        if run["experiment"] != "next_token":
+            continue
+        by = pd.DataFrame(run["metrics"]["by_layer"])
+        by = by[(by["method"] == "token_identity") & (by["source_layer"] == by["target_layer"])]
+        label = "single-token prompt (B.3)" if run["single_token"] else "identity prompt"
+        lines.append((label, by.sort_values("source_layer")))
+    if len(lines) < 2:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, by in lines:
+        ax.plot(by["source_layer"], by["precision_at_1"], marker="o", ms=3, label=label)
+    ax.set_xlabel("source block ℓ (= ℓ*)")
+    ax.set_ylabel("precision@1")
+    ax.set_title("Token identity: few-shot prompt vs single-token prompt", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "single_token.png", dpi=110)
+    plt.close(fig)
+    return [root / "single_token.png"]
 
 
 def _scale_figure(runs: list[dict], attr: pd.DataFrame, root: Path) -> list[Path]:

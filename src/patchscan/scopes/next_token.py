@@ -189,23 +189,28 @@ class NextTokenScope(Scope):
                     for e, cap, pred in zip(examples, caps, preds):
                         add(e, cap, method, layer, e["ids"], e["position"], last, None, pred)
             else:
+                targets = [self._identity_target(e) for e in examples]
                 patches = [
-                    Patch(
-                        target_ids=tuple(self.target_ids),
-                        target_position=self.target_position,
-                        target_layer=t,
-                        vector=cap.at(s),
-                    )
-                    for cap in caps
+                    Patch(target_ids=tuple(ids), target_position=pos, target_layer=t, vector=cap.at(s))
+                    for cap, (ids, pos, _) in zip(caps, targets)
                     for s, t in self.pairs
                 ]
                 top = self.engine.patched_next_token(view, patches, top_k=1, progress=progress, **self.batching())
                 k = 0
-                for e, cap in zip(examples, caps):
+                for e, cap, (ids, pos, prompt) in zip(examples, caps, targets):
                     for s, t in self.pairs:
-                        add(e, cap, method, s, self.target_ids, self.target_position, t, self.prompt, top.ids[k, 0])
+                        add(e, cap, method, s, ids, pos, t, prompt, top.ids[k, 0])
                         k += 1
         return pd.DataFrame(rows)
+
+    def _identity_target(self, e: dict) -> tuple[list[int], int, str]:
+        """The token-identity target: the few-shot prompt, or with `patchscope.single_token_prompt` the
+        paper's B.3 ablation, pad tokens with the source token kept at its source position."""
+        if not self.cfg.patchscope.get("single_token_prompt"):
+            return self.target_ids, self.target_position, self.prompt
+        pad = self.view.tokenizer.pad_token_id
+        ids = [int(pad)] * e["position"] + [int(e["ids"][e["position"]])]
+        return ids, e["position"], "[PAD] ... [PAD] " + self.view.decode(ids[-1:])
 
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:
