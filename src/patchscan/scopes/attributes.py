@@ -284,12 +284,15 @@ class AttributeScope(Scope):
         placeholder = cfg.patchscope.placeholder
         texts = [fill_placeholder(e["target_prompt"], placeholder, e["subject"]) for e in examples]
         filled = [view.encode(text) for text in texts]
-        gens = self.engine.generate(
+        unique = list(dict.fromkeys(tuple(ids) for ids in filled))  # a sample's windows share one filled prompt
+        answers = self.engine.generate(
             view,
-            [Patch(target_ids=tuple(ids), target_position=len(ids) - 1, target_layer=0, vector=None) for ids in filled],
+            [Patch(target_ids=ids, target_position=len(ids) - 1, target_layer=0, vector=None) for ids in unique],
             max_new_tokens=int(cfg.generation.max_new_tokens),
             **self.batching(),
         )
+        by_prompt = dict(zip(unique, answers))
+        gens = [by_prompt[tuple(ids)] for ids in filled]
         rows = []
         for e, text, ids, gen in zip(examples, texts, filled, gens):
             e["filled_generation"] = view.decode(gen)
