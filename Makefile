@@ -12,7 +12,7 @@ DATA ?=
 N ?= 300
 ARGS ?=
 
-.PHONY: setup demo test test-slurm bench crosscheck-next-token fig-next-token table-attributes fig-entity table-multihop clean
+.PHONY: setup demo test test-slurm bench crosscheck-next-token fig-next-token table-attributes fig-entity table-multihop fig-controls clean
 
 setup: $(STAMP)
 
@@ -51,9 +51,29 @@ RUN ?= outputs/fig-next-token/$(MODEL)
 crosscheck-next-token: setup
 	$(PY) scripts/crosscheck_next_token.py $(RUN) $(ARGS)
 
+# Table 2 on the paper's samples (the Patchscopes TSVs), with the paper's filter and the controls. CPU default:
+# every 3rd block, 10 source windows a relation. GPU recipe (all samples, every (l, l*)):
+#   make table-attributes ARGS="sweep=full_grid dataset.per_relation_limit=null"
 table-attributes: setup
-	$(VENV)/bin/patchscan run +experiment=attribute_extraction model=$(MODEL) \
+	$(VENV)/bin/patchscan run +experiment=attribute_extraction model=$(MODEL) dataset=patchscopes_tsv filter=true \
 	  hydra.run.dir=outputs/table-attributes/$(MODEL) $(ARGS)
+
+# Placeholder choice, scaled patches (attribute and entity) and the controls, small runs, then the figures.
+CONTROLS_ARGS ?= dataset.relations=[substance_phase,object_superclass,country_currency,food_from_country] \
+  dataset.per_relation_limit=8 sweep.source_layers=::6 sweep.target_layers=::6 generation.max_new_tokens=10
+SCALES ?= 0.5,1.0,2.0,4.0
+fig-controls: setup
+	$(VENV)/bin/patchscan run -m +experiment=attribute_extraction model=$(MODEL) dataset=patchscopes_tsv filter=true \
+	  'patchscope.placeholder_text=x,"?",random,"x x x"' $(CONTROLS_ARGS) \
+	  hydra.sweep.dir=outputs/fig-controls/$(MODEL)/placeholder $(ARGS)
+	$(VENV)/bin/patchscan run -m +experiment=attribute_extraction model=$(MODEL) dataset=patchscopes_tsv filter=true \
+	  patchscope.scale=$(SCALES) controls=[] $(CONTROLS_ARGS) hydra.sweep.dir=outputs/fig-controls/$(MODEL)/scale $(ARGS)
+	$(VENV)/bin/patchscan run -m +experiment=entity_resolution model=$(MODEL) patchscope.scale=$(SCALES) \
+	  dataset.limit=12 sweep.source_layers=::6 generation.max_new_tokens=20 \
+	  hydra.sweep.dir=outputs/fig-controls/$(MODEL)/scale_entity
+	$(VENV)/bin/patchscan run -m +experiment=next_token model=$(MODEL) methods=[token_identity] dataset.limit=100 \
+	  patchscope.single_token_prompt=false,true hydra.sweep.dir=outputs/fig-controls/$(MODEL)/single_token
+	$(PY) scripts/fig_controls.py outputs/fig-controls/$(MODEL)
 
 fig-entity: setup
 	$(VENV)/bin/patchscan run +experiment=entity_resolution model=$(MODEL) \

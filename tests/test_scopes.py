@@ -53,7 +53,10 @@ def test_attribute_extraction_rows_rerun_alone(tmp_path):
         "generation.max_new_tokens=6",
     )
     patch = df[df["method"] == "patchscope"]
-    assert len(patch) == 8 * 2 * 2 and set(df["method"]) == {"patchscope", "subject_in_prompt", "source_state"}
+    controls = {"prompt_only", "embedding_only", "shuffled_source"}  # on by default (tests/test_tables.py checks them)
+    assert (
+        len(patch) == 8 * 2 * 2 and set(df["method"]) == {"patchscope", "subject_in_prompt", "source_state"} | controls
+    )
     assert len(df[df["method"] == "source_state"]) == 8 * 2 and len(df[df["method"] == "subject_in_prompt"]) == 8
     assert all(str(df[c].dtype) == "Int64" for c in ("source_layer", "target_layer", "target_position"))
     assert all(patch["correct"] == [contains_answer(g, o) for g, o in zip(patch["generation"], patch["object"])])
@@ -69,7 +72,7 @@ def test_attribute_extraction_rows_rerun_alone(tmp_path):
         assert view.decode(naive_generate(view, patch_, 6)) == row.generation
     metrics = json.loads((run / "metrics.json").read_text())
     assert {t["task"] for t in metrics["tasks"]} == {"country_capital_city", "fruit_inside_color"}
-    assert all(t["probe_layer"] in (1, 3) for t in metrics["tasks"])  # fitted from the stored states
+    assert all(t["probe_mean"] == t["probe_mean"] for t in metrics["tasks"])  # fitted from the stored states
     assert (run / "attribute_heatmap.png").exists()
 
 
@@ -196,7 +199,7 @@ def test_multihop_methods_and_directions(tmp_path):
         "multihop.per_pair_limit=2",
         "generation.max_new_tokens=4",
     )
-    assert set(df["method"]) == {"vanilla", "cot", "patchscope", "patchscope_code", "backpatch"}
+    assert set(df["method"]) == {"vanilla", "cot", "patchscope", "patchscope_code", "patchscope_cot", "backpatch"}
     assert str(df["source_layer"].dtype) == "Int64" and str(df["target_layer"].dtype) == "Int64"
     back = df[df["method"] == "backpatch"]
     assert (back["target_layer"] < back["source_layer"]).all()

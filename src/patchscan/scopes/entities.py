@@ -14,7 +14,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from patchscan.data.entities import load_entities
-from patchscan.engine import Patch
+from patchscan.engine import Patch, Scale
 from patchscan.lenses import AffineMaps
 from patchscan.metrics.answers import StopAfterDescription, first_description
 from patchscan.metrics.stats import grouped_mean_se
@@ -68,8 +68,10 @@ class EntityScope(Scope):
         return out
 
     def map_state(self, state, source_layer: int, target_layer: int):
-        """Identity within one model; mapped by the fitted affine map between two models."""
-        return state if self.maps is None else self.maps.apply(state, source_layer, target_layer)
+        """Identity within one model, mapped by the fitted affine map between two models; then times
+        `patchscope.scale` (1.0; Superscopes' amplification)."""
+        state = state if self.maps is None else self.maps.apply(state, source_layer, target_layer)
+        return Scale(self.cfg.patchscope.get("scale") or 1.0)(state)
 
     def _row(self, e: dict, source_layer: int, target_layer: int, text: str) -> dict:
         return {

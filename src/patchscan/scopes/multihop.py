@@ -7,6 +7,10 @@ A two-hop query composes two LRE relations whose hop-1 object is the hop-2 subje
   last position of the hop-2 prompt ("The capital city of x") at block ℓ*;
 - patchscope_code (the released code's direction): the last state of the hop-2 prompt, patched at
   the end of the hop-1 phrase, generating from there;
+- patchscope_cot (the paper's CoT Patchscope configuration, §5 and appendix F): source = the hop-1
+  phrase π1 alone, i = its last token; target = the question's text before π1 (π2, "The capital
+  city of") alone, i* = its last token; equivalent to one query [π2][π1] with the two parts masked
+  from each other. Pairs whose question does not start with text before π1 get no such rows;
 - backpatch: the question's last-position state at block ℓ patched back into block ℓ* < ℓ.
 A sample is corrected by a method when its answer appears for some (ℓ, ℓ*).
 With `multihop.require_single_hops`, each chunk first asks both single hops (`hop1` / `hop2` rows,
@@ -33,7 +37,8 @@ from patchscan.scopes.base import Scope
 from patchscan.sweep import layer_pairs
 
 log = logging.getLogger(__name__)
-GRID_METHODS = ("patchscope", "patchscope_code", "backpatch")
+GRID_METHODS = ("patchscope", "patchscope_code", "patchscope_cot", "backpatch")
+DIRECTIONS = ("paper", "code", "cot")
 HOP_METHODS = ("hop1", "hop2")  # the single-hop filter's answers, for every candidate sample
 
 
@@ -60,6 +65,18 @@ class _Work:
         self.add(e, method, None, None, ids, len(ids) - 1, None, ids, None, prompt, prompt)
 
 
+def paper_pairs(path) -> dict[str, int]:
+    """The paper's Table 8 (two-hop samples kept per relation pair), keyed like our rows' `relation`."""
+    if not path:
+        return {}
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        log.warning("paper table %s not found: the paper_samples column stays blank", path)
+        return {}
+    table = pd.read_csv(path)
+    return {f"{a} -> {b}": int(n) for a, b, n in zip(table["hop1_relation"], table["hop2_relation"], table["samples"])}
+
+
 class MultihopScope(Scope):
     name = "multihop"
 
@@ -71,7 +88,7 @@ class MultihopScope(Scope):
         self.samples = []
         for a in relations.values():
             for b in relations.values():
-                if a.key == b.key:
+                if a.key == b.key and (a.key, b.key) not in explicit:  # a self-chain only when configured
                     continue
                 subjects_b = {s["subject"]: s["object"] for s in b.samples}
                 joined = [(s, subjects_b[s["object"]]) for s in a.samples if s["object"] in subjects_b]
@@ -100,9 +117,9 @@ class MultihopScope(Scope):
         if not self.samples:
             raise UserError(f"no two relations in {cfg.dataset.path} chain (no hop-1 object is a hop-2 subject)")
         directions = list(cfg.multihop.directions)
-        bad = [d for d in directions if d not in ("paper", "code")]
+        bad = [d for d in directions if d not in DIRECTIONS]
         if bad:
-            raise UserError(f"unknown multihop.directions value {bad[0]!r}; choose from paper, code")
+            raise UserError(f"unknown multihop.directions value {bad[0]!r}; choose from {', '.join(DIRECTIONS)}")
 
     def bind(self, view) -> None:
         super().bind(view)
@@ -160,13 +177,15 @@ class MultihopScope(Scope):
             sources.append(
                 (q_ids, hop2_ids, hop2_pos, src_ids[: src_pos + 1], src_pos, head, head_ids, view.encode(e["phrase"]))
             )
-            prompts += [src_ids[: src_pos + 1], head_ids, q_ids]
-            positions += [[src_pos], [-1], [-1]]
+            prompts += [src_ids[: src_pos + 1], head_ids, q_ids, view.encode(e["phrase"])]
+            positions += [[src_pos], [-1], [-1], [-1]]
         caps = self.engine.capture(view, prompts, self.layers, positions, batch_size=self.capture_batch_size())
         for k, (e, (q_ids, hop2_ids, hop2_pos, src_ids, src_pos, head, head_ids, phrase_ids)) in enumerate(
             zip(examples, sources)
         ):
-            phrase_state, head_state, question_state = caps[3 * k : 3 * k + 3]
+            phrase_state, head_state, question_state, alone_state = caps[4 * k : 4 * k + 4]
+            if "cot" in cfg.multihop.directions:
+                self._cot_cells(work, e, phrase_ids, alone_state)
             for s, t in self.pairs:
                 if "paper" in cfg.multihop.directions:
                     add(
@@ -211,6 +230,30 @@ class MultihopScope(Scope):
                         e["question"],
                     )
         return self._rows(work, self.engine.generate(view, work.patches, progress=progress, **self._generation(work)))
+
+    def _cot_cells(self, work: _Work, e: dict, phrase_ids: list[int], phrase_state) -> None:
+        """The paper's CoT Patchscope: π1 (the hop-1 phrase) alone at its last token, block ℓ, patched
+        into π2 (the question's text before π1) alone at its last token, block ℓ*."""
+        at = e["question"].find(e["phrase"])
+        head = e["question"][:at].rstrip() if at > 0 else ""
+        if not head:
+            return
+        head_ids = self.view.encode(head)
+        for s, t in self.pairs:
+            vector = phrase_state.at(s)
+            work.add(
+                e,
+                "patchscope_cot",
+                s,
+                t,
+                head_ids,
+                len(head_ids) - 1,
+                vector,
+                phrase_ids,
+                len(phrase_ids) - 1,
+                e["phrase"],
+                head,
+            )
 
     def _rows(self, work: _Work, gens: list[list[int]]) -> list[dict]:
         view, cs = self.view, self.cfg.generation.case_sensitive
@@ -284,11 +327,15 @@ class MultihopScope(Scope):
         failed_ids = set(per_sample.index[vanilla_fail.values].get_level_values("example_id"))
         grid = df[df["method"].isin(GRID_METHODS) & df["example_id"].isin(failed_ids)]
         cells = grid.groupby(["method", "source_layer", "target_layer"])["correct"].sum().reset_index()
+        table8 = paper_pairs(cfg.multihop.get("paper_table8"))
+        for record in pairs:
+            record["paper_samples"] = table8.get(record["relation"])
         return {
             "experiment": "multihop",
             "single_hop": single,
             "overall": overall,
             "pairs": pairs,
+            "paper": {k: float(v) for k, v in (cfg.multihop.get("paper") or {}).items()},
             "fixing_cells": cells.to_dict("records"),
         }
 
@@ -301,9 +348,23 @@ class MultihopScope(Scope):
             if "candidates" in single
             else ""
         )
+        paper = metrics.get("paper") or {}
+        ours = metrics["overall"]
+        beside = (
+            "paper (Vicuna 13B, 46 samples, %) beside ours (%): "
+            + ", ".join(
+                f"{m} {v:.2f} vs {100 * ours[m]:.2f}" if m in ours else f"{m} {v:.2f} vs -" for m, v in paper.items()
+            )
+            + "\n"
+            if paper
+            else ""
+        )
         return (
-            kept + "multi-hop accuracy (a grid method counts if any (ℓ, ℓ*) gives the answer); *_fixes = share of "
-            "vanilla failures fixed\n" + table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
+            kept
+            + beside
+            + "multi-hop accuracy (a grid method counts if any (ℓ, ℓ*) gives the answer); *_fixes = share of "
+            "vanilla failures fixed; paper_samples = the pair's samples in the paper's Table 8\n"
+            + table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
         )
 
     @staticmethod

@@ -144,18 +144,17 @@ class NextTokenScope(Scope):
 
     def _identity_rows(self, examples: list[dict], caps, progress: Callable[[int], None]) -> list[dict]:
         """Rows of token identity: every (ℓ, ℓ*) pair patched into the identity prompt."""
+        targets = [self._identity_target(e) for e in examples]
         patches = [
-            Patch(
-                target_ids=tuple(self.target_ids), target_position=self.target_position, target_layer=t, vector=c.at(s)
-            )
-            for c in caps
+            Patch(target_ids=tuple(ids), target_position=pos, target_layer=t, vector=c.at(s))
+            for c, (ids, pos, _) in zip(caps, targets)
             for s, t in self.pairs
         ]
         top = self.engine.patched_next_token(self.view, patches, top_k=1, progress=progress, **self.batching())
         preds = iter(top.ids[:, 0].tolist())
         return [
-            self._row(e, c, "token_identity", s, (self.target_ids, self.target_position, t, self.prompt), next(preds))
-            for e, c in zip(examples, caps)
+            self._row(e, c, "token_identity", s, (ids, pos, t, prompt), next(preds))
+            for e, c, (ids, pos, prompt) in zip(examples, caps, targets)
             for s, t in self.pairs
         ]
 
@@ -168,6 +167,15 @@ class NextTokenScope(Scope):
             else:
                 rows += self._lens_rows(method, examples, caps)
         return self.frame(rows)
+
+    def _identity_target(self, e: dict) -> tuple[list[int], int, str]:
+        """The token-identity target: the few-shot prompt, or with `patchscope.single_token_prompt` the
+        paper's B.3 ablation, pad tokens with the source token kept at its source position."""
+        if not self.cfg.patchscope.get("single_token_prompt"):
+            return self.target_ids, self.target_position, self.prompt
+        pad = self.view.tokenizer.pad_token_id
+        ids = [int(pad)] * e["position"] + [int(e["ids"][e["position"]])]
+        return ids, e["position"], "[PAD] ... [PAD] " + self.view.decode(ids[-1:])
 
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:
