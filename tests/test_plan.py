@@ -37,6 +37,7 @@ CASES = {
     ],
     "attribute_extraction": [
         "+experiment=attribute_extraction",
+        "generation.stop_when_correct=false",  # stops make the plan an upper bound; without them it is exact
         "model=tiny_llama",
         f"dataset.path={LRE}",
         "dataset.relations=[country_capital_city,fruit_inside_color]",
@@ -88,7 +89,7 @@ def test_plan_counts_equal_the_real_run(tmp_path, monkeypatch, no_weights, exper
     assert plan.cells == len(patched)
     assert plan.counts.forward_passes == real["forward_passes"]
     assert plan.counts.forward_tokens == real["forward_tokens"]
-    assert plan.counts.tokens_generated == real["tokens_generated"]  # random tiny models never stop early
+    assert plan.counts.tokens_generated == real["tokens_generated"]
 
 
 def test_plan_command_on_tiny_and_builtin_models(tmp_path, monkeypatch):

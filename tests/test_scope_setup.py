@@ -8,16 +8,11 @@ import torch
 
 from patchscan.rows import NEXT_TOKEN_COLUMNS, RUN_COLUMNS
 from tests.conftest import tiny
+from tests.helpers import compose as shared_compose
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from patchscan.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=["model.device=cpu", *overrides])
+    return shared_compose("model.device=cpu", *overrides)
 
 
 def bound(scope_name: str, *overrides: str, model: str = "tiny_llama"):

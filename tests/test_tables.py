@@ -19,20 +19,12 @@ from patchscan.engine.naive import naive_generate
 from patchscan.metrics.stats import any_target_block, bonferroni, over_blocks, paired_ttest, significance_mark
 from patchscan.metrics.table2 import attribute_table, format_table
 from tests.conftest import tiny
+from tests.helpers import compose
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 HEADER = (
     "\tsample_id\tprompt_target\tposition_target\ttarget_baseline\tobject\tsubject\tprompt_source\t"
     "position_source\tsource_cropped_toks\n"
 )
-
-
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def grid_rows(task: str, correct: dict, method: str = "patchscope") -> list[dict]:
@@ -155,7 +147,7 @@ def control_run(tmp_path):
         + "0\t0\tThe color of the inside of x\t-1\tb\twhite\tbanana\t ate a banana\t2\t[' ate', ' a', ' banana']\n"
     )
     cfg = compose(
-        "+experiment=attribute_extraction",
+        "experiment=attribute_extraction",
         "model=tiny_llama",
         "dataset=patchscopes_tsv",
         f"dataset.tsv={tmp_path / 'tsv'}",
@@ -216,7 +208,7 @@ def test_controls_are_computed_as_defined(tmp_path):
 
 def test_placeholder_text_and_scale_change_the_patch(tmp_path):
     cfg = compose(
-        "+experiment=attribute_extraction",
+        "experiment=attribute_extraction",
         "model=tiny_gpt2",
         f"dataset.path={Path(__file__).parent / 'fixtures' / 'lre'}",
         "dataset.relations=[country_capital_city]",
@@ -231,7 +223,7 @@ def test_placeholder_text_and_scale_change_the_patch(tmp_path):
     word = placeholder_text(view, "random", 0)
     assert word == placeholder_text(view, "random", 0) and len(view.encode(" " + word)) == 1
     assert scope.scale(torch.ones(3)).tolist() == [1.0, 1.0, 1.0]
-    scaled = AttributeScope(compose("+experiment=attribute_extraction", "patchscope.scale=2.5",
+    scaled = AttributeScope(compose("experiment=attribute_extraction", "patchscope.scale=2.5",
                                     f"dataset.path={Path(__file__).parent / 'fixtures' / 'lre'}"))  # fmt: skip
     assert scaled.scale(torch.ones(2)).tolist() == [2.5, 2.5]
 
@@ -267,7 +259,7 @@ def test_multihop_cot_patchscope_patches_pi1_alone_into_pi2_alone(tmp_path):
     from patchscan.scopes.multihop import MultihopScope
 
     cfg = compose(
-        "+experiment=multihop",
+        "experiment=multihop",
         "model=tiny_llama",
         f"dataset.path={Path(__file__).parent / 'fixtures' / 'lre'}",
         "dataset.relations=[city_in_country,country_capital_city]",
@@ -297,7 +289,7 @@ def test_single_token_prompt_ablation_keeps_the_token_at_its_source_position():
     from patchscan.scopes.next_token import NextTokenScope
 
     cfg = compose(
-        "+experiment=next_token",
+        "experiment=next_token",
         "model=tiny_llama",
         "dataset.limit=2",
         "methods=[token_identity]",
