@@ -342,20 +342,12 @@ class AttributeScope(Scope):
 
     def _row(self, e, method, s, t, ids, pos, generation, correct, target_prompt=None, source_state=None) -> dict:
         return {
-            "example_id": e["example_id"],
-            "method": method,
-            **self.common_columns(),
+            **self.run_columns(e, method, s, ids, pos, t),
             "relation": e["relation"],
             "subject": e["subject"],
             "object": e["object"],
             "source_text": e["source_text"],
-            "source_token_ids": e["ids"],
-            "source_position": e["position"],
-            "source_layer": s,
             "target_prompt": target_prompt or e["target_prompt"],
-            "target_token_ids": list(ids),
-            "target_position": pos,
-            "target_layer": t,
             "generation": generation,
             "correct": correct if correct is None else bool(correct),
             "filled_generation": e["filled_generation"],

@@ -263,21 +263,13 @@ class MultihopScope(Scope):
             answer = e["bridge"] if method == "hop1" else e["object"]
             rows.append(
                 {
-                    "example_id": e["example_id"],
-                    "method": method,
-                    **self.common_columns(),
+                    **self.run_columns({**e, "ids": s_ids, "position": s_pos}, method, s, t_ids, t_pos, t),
                     "relation": e["relation"],
                     "subject": e["subject"],
                     "bridge": e["bridge"],
                     "object": e["object"],
                     "source_text": s_text,
-                    "source_token_ids": list(s_ids),
-                    "source_position": s_pos,
-                    "source_layer": s,
                     "target_prompt": prompt,
-                    "target_token_ids": list(t_ids),
-                    "target_position": t_pos,
-                    "target_layer": t,
                     "generation": text,
                     "correct": contains_answer(text, answer, cs),
                     "stop_when_correct": bool(self.cfg.generation.get("stop_when_correct", True)),
