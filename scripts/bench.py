@@ -50,6 +50,10 @@ from patchscan.metrics.text import contains_answer
 from patchscan.models import load_model
 from patchscan.worklog import peak_memory_mb
 
+try:  # absent from engines older than issue 19 part 2: no shared decoding there
+    from patchscan.engine import sharing
+except ImportError:  # pragma: no cover (older engines)
+    sharing = None
 try:  # absent from engines older than issue 19: no stops there
     from patchscan.metrics.answers import StopAfterDescription, StopWhenFound, first_description
 except ImportError:  # pragma: no cover (older engines)
@@ -177,6 +181,8 @@ def attribute_generation_grid(view, args) -> Measured:
     stop = StopWhenFound is not None and not args.no_stop
     answers = [CAPITALS[k] for k in range(len(subjects)) for _ in gen_layers for _ in gen_layers]
     stops = {"stops": [StopWhenFound(a) for a in answers]} if stop else {}
+    if args.sharing is not None:
+        stops["share_lower_blocks"] = args.sharing
 
     def run():
         caps = capture(view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=args.batch_size)
@@ -192,7 +198,7 @@ def attribute_generation_grid(view, args) -> Measured:
         (patches, gens), seconds, mem = timed(run, view.device)
     label = f"attribute-extraction generation grid, {args.new_tokens} tokens, every {args.gen_layer_step}rd block"
     label += ", stop when correct" if stop else ", full length"
-    calls = [(p, args.new_tokens, g, s) for p, g, s in zip(patches, gens, stops.get("stops", [None] * len(gens)))]
+    calls = [(p, args.new_tokens, g, s) for p, g, s in zip(patches, gens, stops.get("stops") or [None] * len(gens))]
     metrics = [contains_answer(view.decode(g), a) for g, a in zip(gens, answers)]
     return Measured(label, len(patches), seconds, mem, counts, gens, metrics, calls, True)
 
@@ -207,6 +213,8 @@ SCOPE_WORKLOADS = {
 def scope_overrides(key: str, args) -> list[str]:
     experiment = SCOPE_WORKLOADS[key][0]
     common = [f"+experiment={experiment}", f"runner.batch_size={args.batch_size}"]
+    if args.sharing is not None:
+        common.append(f"++generation.share_lower_blocks={str(args.sharing).lower()}")
     if key == "f":
         return common + [f"dataset.limit={args.entities}", "similarity.embedding=false"]
     step = f"::{args.gen_layer_step}"
@@ -353,6 +361,25 @@ def report(view, m: Measured, naive: tuple, startup: float, roof: float) -> floa
     return fast_rate / naive_rate
 
 
+def compare_sharing(view, args, key: str, shared: Measured, rows_before: dict | None) -> None:
+    """Run the workload again without sharing blocks 0..ℓ*: speed ratio, equal generations, block work."""
+    run = {k: sharing.BLOCK_ROWS[k] - rows_before[k] for k in rows_before} if sharing else {"run": 0, "plain": 0}
+    args.sharing = False
+    try:
+        plain = run_workload(view, args, key)
+    finally:
+        args.sharing = True
+    same = sum(a == b for a, b in zip(shared.outputs, plain.outputs))
+    metrics = sum(a == b for a, b in zip(shared.metrics, plain.metrics))
+    saved = 1 - run["run"] / run["plain"] if run["plain"] else 0.0
+    print(
+        f"  sharing blocks 0..ℓ*: {shared.seconds:.2f} s vs {plain.seconds:.2f} s without = "
+        f"{plain.seconds / shared.seconds:.2f}x as fast; decode block rows run {run['run']} of {run['plain']} "
+        f"({100 * saved:.0f}% saved); equal generations {same}/{len(plain.outputs)}, "
+        f"equal per-row metrics {metrics}/{len(plain.metrics)}"
+    )
+
+
 def agreement(m: Measured, ref: Measured) -> str:
     """Share of runs with equal outputs and of rows with equal metrics, against the float32 run."""
     same = sum(a == b for a, b in zip(m.outputs, ref.outputs)) / max(len(m.outputs), 1)
@@ -382,6 +409,12 @@ def parse(argv):
     parser.add_argument("--no-stop", action="store_true", help="(c) generates full length (issue 12's workload)")
     parser.add_argument("--quick", action="store_true", help="small sizes: about 1-2 minutes on a 2-core CPU")
     parser.add_argument(
+        "--share",
+        choices=["default", "on", "off", "both"],
+        default="default",
+        help="(c, e, f) share blocks 0..ℓ* while decoding; both: run each with it, then without, and compare",
+    )
+    parser.add_argument(
         "--lre",
         default=os.environ.get("PATCHSCAN_LRE", "../shared/data/lre"),
         help="LRE relation files for (d) and (e)",
@@ -390,6 +423,7 @@ def parse(argv):
     args = parser.parse_args(argv)
     if args.quick:
         args.examples, args.entities, args.naive_cells, args.multihop_candidates = 2, 4, 12, 8
+    args.sharing = {"default": None, "on": True, "off": False, "both": True}[args.share]
     return args
 
 
@@ -438,8 +472,11 @@ def main(argv=None) -> int:
     print(f"matmul roof ({view.dtype}, 256 x width x intermediate): {roof:.1f} GFLOP/s")
     rng, ratios = random.Random(0), {}
     for key in args.workloads:
+        rows_before = dict(sharing.BLOCK_ROWS) if sharing else None
         m = run_workload(view, args, key)
         ratios[key] = report(view, m, naive_check(view, m, args, rng), startup, roof)
+        if args.share == "both" and m.generation:
+            compare_sharing(view, args, key, m, rows_before)
         if reference is not None:
             ref = run_workload(reference, args, key)
             print(

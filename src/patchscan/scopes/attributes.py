@@ -205,7 +205,7 @@ class AttributeScope(Scope):
             [Patch(target_ids=tuple(ids), target_position=len(ids) - 1, target_layer=0, vector=None) for ids in filled],
             max_new_tokens=n_new,
             stops=[StopWhenFound(e["object"], cs) if stop else None for e in examples],
-            **self.batching(),
+            **self.generating(),
         )
         rows = []
         for e, text, ids, gen in zip(examples, texts, filled, gens):
@@ -242,7 +242,7 @@ class AttributeScope(Scope):
                 cells.append((e, s, t, ids, pos))
         stops = [StopWhenFound(e["object"], cs) if stop else None for e, *_ in cells]
         gens = self.engine.generate(
-            view, patches, max_new_tokens=n_new, progress=progress, stops=stops, **self.batching()
+            view, patches, max_new_tokens=n_new, progress=progress, stops=stops, **self.generating()
         )
         for (e, s, t, ids, pos), gen in zip(cells, gens):
             text = view.decode(gen)
