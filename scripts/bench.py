@@ -17,10 +17,11 @@ checked on that subset: equal argmaxes, equal generations (the naive one cut whe
 holds) and equal per-row metrics (correctness, first description). Generation workloads also
 report the tokens generated per run, achieved GFLOP/s beside a matmul of the model's shapes timed
 in the same run, and how much block work sharing the blocks below ℓ* between rows with the same
-continuation would save. With --dtype other than float32, every workload also runs on a float32
-copy of the model, and the speed ratio and agreement with it are reported.
+continuation saves (generation.share_lower_blocks; --share both runs each workload with and without
+it and compares time, generations and the block rows run). With --dtype other than float32, every
+workload also runs on a float32 copy of the model, and the speed ratio and agreement with it are reported.
 
-    python scripts/bench.py [--model smollm2_135m] [--dtype float32] [--device auto] [--quick]
+    python scripts/bench.py [--model smollm2_135m] [--dtype float32] [--device auto] [--quick] [--share both]
 
 The script runs against an older engine too (PYTHONPATH=/path/to/old/src): what that engine lacks
 (stops) is left out, and configs are read from the checkout the imported patchscan belongs to.
@@ -114,6 +115,7 @@ class Measured:
     metrics: list = field(default_factory=list)  # per-row metrics (correct, description), if any
     calls: list = field(default_factory=list)  # (patch, max_new_tokens, tokens, stop) per generated run
     generation: bool = False
+    block_rows: dict = field(default_factory=dict)  # decode block rows run with sharing, and a plain run's
 
 
 class Recorder:
@@ -313,6 +315,11 @@ def dense_flops_per_token(view) -> float:
     return 2.0 * (blocks + view.vocab_size * view.width)
 
 
+def block_flops_per_row(view) -> float:
+    """2 x the parameters of one block: one row through one block."""
+    return 2.0 * sum(p.numel() for p in view.blocks.parameters()) / view.n_blocks
+
+
 def lower_block_sharing(view, calls) -> tuple[float, float]:
     """Share of decode block work saved if rows of one target that have generated the same tokens
     so far ran blocks 0..ℓ* once: (within one ℓ*, across ℓ* with a fan-out at each row's ℓ*)."""
@@ -347,7 +354,9 @@ def report(view, m: Measured, naive: tuple, startup: float, roof: float) -> floa
     )
     if m.generation and m.counts is not None:
         full = sum(c[1] for c in m.calls)
-        gflops = m.counts.forward_tokens * dense_flops_per_token(view) / m.seconds / 1e9
+        saved = m.block_rows.get("plain", 0) - m.block_rows.get("run", 0)  # block rows that sharing left out
+        flops = m.counts.forward_tokens * dense_flops_per_token(view) - saved * block_flops_per_row(view)
+        gflops = flops / m.seconds / 1e9
         per_layer, across = lower_block_sharing(view, m.calls)
         print(
             f"  tokens generated per run: {m.counts.tokens_generated / max(m.runs, 1):.1f} "
@@ -355,15 +364,16 @@ def report(view, m: Measured, naive: tuple, startup: float, roof: float) -> floa
             f"{gflops:.1f} GFLOP/s achieved vs matmul roof {roof:.1f} GFLOP/s ({100 * gflops / roof:.0f}%)"
         )
         print(
-            f"  sharing blocks 0..ℓ* between rows with the same continuation would save {100 * per_layer:.0f}% "
-            f"of decode block work (same ℓ*), {100 * across:.0f}% (fan-out at each ℓ*)"
+            f"  sharing blocks 0..ℓ* between rows with the same continuation: {100 * per_layer:.0f}% "
+            f"of decode block work within one ℓ*, {100 * across:.0f}% with a fan-out at each ℓ* "
+            f"(generation.share_lower_blocks; this run: {_shared_rows(m)})"
         )
     return fast_rate / naive_rate
 
 
-def compare_sharing(view, args, key: str, shared: Measured, rows_before: dict | None) -> None:
+def compare_sharing(view, args, key: str, shared: Measured) -> None:
     """Run the workload again without sharing blocks 0..ℓ*: speed ratio, equal generations, block work."""
-    run = {k: sharing.BLOCK_ROWS[k] - rows_before[k] for k in rows_before} if sharing else {"run": 0, "plain": 0}
+    run = shared.block_rows or {"run": 0, "plain": 0}
     args.sharing = False
     try:
         plain = run_workload(view, args, key)
@@ -378,6 +388,11 @@ def compare_sharing(view, args, key: str, shared: Measured, rows_before: dict | 
         f"({100 * saved:.0f}% saved); equal generations {same}/{len(plain.outputs)}, "
         f"equal per-row metrics {metrics}/{len(plain.metrics)}"
     )
+
+
+def _shared_rows(m: Measured) -> str:
+    run, plain = m.block_rows.get("run", 0), m.block_rows.get("plain", 0)
+    return f"{100 * (1 - run / plain):.0f}% of block rows left out" if plain else "not shared"
 
 
 def agreement(m: Measured, ref: Measured) -> str:
@@ -438,11 +453,15 @@ def load(args, dtype: str | None):
 
 
 def run_workload(view, args, key: str) -> Measured:
+    before = dict(sharing.BLOCK_ROWS) if sharing else {}
     if key in "ab":
-        return next_token_grid(view, args, key)
-    if key == "c":
-        return attribute_generation_grid(view, args)
-    return scope_workload(view, args, key)
+        m = next_token_grid(view, args, key)
+    elif key == "c":
+        m = attribute_generation_grid(view, args)
+    else:
+        m = scope_workload(view, args, key)
+    m.block_rows = {k: sharing.BLOCK_ROWS[k] - v for k, v in before.items()}
+    return m
 
 
 def describe(view, load_s: float, startup: float) -> None:
@@ -472,11 +491,10 @@ def main(argv=None) -> int:
     print(f"matmul roof ({view.dtype}, 256 x width x intermediate): {roof:.1f} GFLOP/s")
     rng, ratios = random.Random(0), {}
     for key in args.workloads:
-        rows_before = dict(sharing.BLOCK_ROWS) if sharing else None
         m = run_workload(view, args, key)
         ratios[key] = report(view, m, naive_check(view, m, args, rng), startup, roof)
         if args.share == "both" and m.generation:
-            compare_sharing(view, args, key, m, rows_before)
+            compare_sharing(view, args, key, m)
         if reference is not None:
             ref = run_workload(reference, args, key)
             print(

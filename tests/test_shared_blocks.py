@@ -47,7 +47,7 @@ def test_shared_generation_equals_naive_and_unshared(name):
         None if k % 3 else StopWhenFound(view.decode(t[2 + k % 5 : 3 + k % 5]) or "?") for k, t in enumerate(naive)
     ]
     expected = [truncate_at_stop(view, t, s) for t, s in zip(naive, stops)]
-    plain = generate(view, patches, max_new_tokens=NEW, stops=stops, batch_size=64)
+    plain = generate(view, patches, max_new_tokens=NEW, stops=stops, batch_size=64, share_lower_blocks=False)
     shared, rows = _block_rows(
         lambda: generate(view, patches, max_new_tokens=NEW, stops=stops, batch_size=64, share_lower_blocks=True)
     )
@@ -69,7 +69,7 @@ def test_rows_that_end_at_eos_leave_the_shared_batch(monkeypatch):
     monkeypatch.setattr(view.model.generation_config, "eos_token_id", eos)
     expected = [naive_generate(view, p, NEW) for p in patches]
     shared = generate(view, patches, max_new_tokens=NEW, share_lower_blocks=True, batch_size=64)
-    assert shared == expected == generate(view, patches, max_new_tokens=NEW, batch_size=64)
+    assert shared == expected == generate(view, patches, max_new_tokens=NEW, batch_size=64, share_lower_blocks=False)
     assert 1 < sum(t[-1] == eos for t in shared) < len(shared)
 
 
@@ -106,7 +106,9 @@ def test_offloaded_model_shares_as_the_plain_one(tmp_path_factory):
     view, ref = offloaded("tiny_llama", tmp_path_factory), tiny("tiny_llama")
     patches = _grid(ref)
     before = model_state(view.model)
-    assert generate(view, patches, max_new_tokens=6, share_lower_blocks=True) == generate(ref, patches, 6)
+    assert generate(view, patches, max_new_tokens=6, share_lower_blocks=True) == generate(
+        ref, patches, 6, share_lower_blocks=False
+    )
     assert model_state(view.model) == before
 
 
@@ -116,7 +118,7 @@ def test_unknown_architecture_decodes_plainly(monkeypatch):
     monkeypatch.setattr(sharing, "SUPPORTED", set())
     shared, rows = _block_rows(lambda: generate(view, patches, max_new_tokens=5, share_lower_blocks=True))
     assert rows == {"run": 0, "plain": 0}
-    assert shared == generate(view, patches, max_new_tokens=5)
+    assert shared == generate(view, patches, max_new_tokens=5, share_lower_blocks=False)
 
 
 def test_config_key_is_validated_and_reaches_the_engine():

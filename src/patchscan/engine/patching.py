@@ -238,7 +238,7 @@ def generate(
     progress: Callable[[int], None] | None = None,
     memory_budget_gb: float | None = None,
     stops: Sequence[Stop | None] | None = None,
-    share_lower_blocks: bool = False,
+    share_lower_blocks: bool = True,
 ) -> list[list[int]]:
     """Greedy continuations of the patched target prompts (the patch acts in the prefill only).
 
@@ -246,8 +246,8 @@ def generate(
     stop (`stops[i]`, a predicate on the decoded continuation) hold, or at `max_new_tokens`;
     finished rows leave the batch so they cost nothing more. Unpatched rows (`vector=None`), whose
     prompts usually all differ, run as left-padded HF generate batches with an attention mask instead.
-    With `share_lower_blocks`, rows of one target prompt that have generated the same tokens run
-    blocks 0..ℓ* once while decoding (`engine.sharing`; architectures it does not know decode plainly).
+    With `share_lower_blocks` (the default), rows of one target prompt that have generated the same
+    tokens run blocks 0..ℓ* once while decoding (`engine.sharing`; unknown architectures decode plainly).
     """
     patches = [p.resolved(view) for p in patches]
     stops = list(stops) if stops is not None else [None] * len(patches)

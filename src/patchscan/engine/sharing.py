@@ -71,13 +71,15 @@ class _SharedBlock(nn.Module):
 
     def forward(self, *args, **kwargs):
         block, plan = object.__getattribute__(self, "_block"), object.__getattribute__(self, "_plan")
-        reps, rows = plan.reps[self.index], plan.rows[self.index]
-        BLOCK_ROWS["run"] += plan.n if reps is None else len(reps)
-        BLOCK_ROWS["plain"] += plan.n
-        if reps is None:  # every row is a class of its own
+        n, shared = plan.n, plan.reps[self.index] is not None
+        BLOCK_ROWS["run"] += len(plan.reps[self.index]) if shared else n
+        BLOCK_ROWS["plain"] += n
+        if not shared:  # every row is a class of its own
             return block(*args, **kwargs)
-        args = tuple(_take(a, reps, plan.n) for a in args)
-        kwargs = {k: _take(v, reps, plan.n) for k, v in kwargs.items()}
+        hidden = args[0] if args else kwargs["hidden_states"]
+        reps, rows = plan.indices(self.index, hidden.device)
+        args = tuple(_take(a, reps, n) for a in args)
+        kwargs = {k: _take(v, reps, n) for k, v in kwargs.items()}
         out = block(*args, **kwargs)
         hidden = hidden_of(out)
         return with_hidden(out, hidden.index_select(0, rows.to(hidden.device)))
@@ -113,11 +115,13 @@ class SharedDecoding:
         self.paths = [0] * self.n  # an id per distinct continuation (the prefill's: all the same)
         self.reps: list[torch.Tensor | None] = [None] * len(blocks)
         self.rows: list[torch.Tensor | None] = [None] * len(blocks)
+        self._on_device: dict = {}  # (block, device) -> (reps, rows) there: one copy per step, not per use
         self._cache_rows: list[list[int] | None] = [None] * len(blocks)  # row -> its cache row (None: itself)
 
     def advance(self, keep: list[int], tokens: list[int]) -> None:
         ids: dict = {}
         before = self.n
+        self._on_device.clear()
         self.paths = [ids.setdefault((self.paths[k], t), len(ids)) for k, t in zip(keep, tokens)]
         self.layers = [self.layers[k] for k in keep]
         self.n = len(keep)
@@ -132,6 +136,12 @@ class SharedDecoding:
             self._cache_rows[b] = rows if shared else None
             self.reps[b] = torch.tensor(reps) if shared else None
             self.rows[b] = torch.tensor(rows) if shared else None
+
+    def indices(self, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (block, device)
+        if key not in self._on_device:
+            self._on_device[key] = (self.reps[block].to(device), self.rows[block].to(device))
+        return self._on_device[key]
 
     @contextmanager
     def installed(self) -> Iterator[SharedDecoding]:

@@ -74,7 +74,7 @@ class Scope:
 
     def generating(self) -> dict:
         """generate's keyword arguments: batching, and whether rows share blocks 0..ℓ* while decoding."""
-        share = bool(self.cfg.get("generation", {}).get("share_lower_blocks", False))
+        share = bool(self.cfg.get("generation", {}).get("share_lower_blocks", True))
         return {**self.batching(), "share_lower_blocks": share}
 
     def capture_batch_size(self) -> int:
