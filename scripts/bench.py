@@ -17,10 +17,11 @@ checked on that subset: equal argmaxes, equal generations (the naive one cut whe
 holds) and equal per-row metrics (correctness, first description). Generation workloads also
 report the tokens generated per run, achieved GFLOP/s beside a matmul of the model's shapes timed
 in the same run, and how much block work sharing the blocks below ℓ* between rows with the same
-continuation would save. With --dtype other than float32, every workload also runs on a float32
-copy of the model, and the speed ratio and agreement with it are reported.
+continuation saves (generation.share_lower_blocks; --share both runs each workload with and without
+it and compares time, generations and the block rows run). With --dtype other than float32, every
+workload also runs on a float32 copy of the model, and the speed ratio and agreement with it are reported.
 
-    python scripts/bench.py [--model smollm2_135m] [--dtype float32] [--device auto] [--quick]
+    python scripts/bench.py [--model smollm2_135m] [--dtype float32] [--device auto] [--quick] [--share both]
 
 The script runs against an older engine too (PYTHONPATH=/path/to/old/src): what that engine lacks
 (stops) is left out, and configs are read from the checkout the imported patchscan belongs to.
@@ -50,6 +51,10 @@ from patchscan.metrics.text import contains_answer
 from patchscan.models import load_model
 from patchscan.worklog import peak_memory_mb
 
+try:  # absent from engines older than issue 19 part 2: no shared decoding there
+    from patchscan.engine import sharing
+except ImportError:  # pragma: no cover (older engines)
+    sharing = None
 try:  # absent from engines older than issue 19: no stops there
     from patchscan.metrics.answers import StopAfterDescription, StopWhenFound, first_description
 except ImportError:  # pragma: no cover (older engines)
@@ -112,6 +117,7 @@ class Measured:
     metrics: list = field(default_factory=list)  # per-row metrics (correct, description), if any
     calls: list = field(default_factory=list)  # (patch, max_new_tokens, tokens, stop) per generated run
     generation: bool = False
+    block_rows: dict = field(default_factory=dict)  # decode block rows run with sharing, and a plain run's
 
 
 class Recorder:
@@ -179,6 +185,8 @@ def attribute_generation_grid(view, args) -> Measured:
     stop = StopWhenFound is not None and not args.no_stop
     answers = [CAPITALS[k] for k in range(len(subjects)) for _ in gen_layers for _ in gen_layers]
     stops = {"stops": [StopWhenFound(a) for a in answers]} if stop else {}
+    if args.sharing is not None:
+        stops["share_lower_blocks"] = args.sharing
 
     def run():
         caps = capture(view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=args.batch_size)
@@ -194,7 +202,7 @@ def attribute_generation_grid(view, args) -> Measured:
         (patches, gens), seconds, mem = timed(run, view.device)
     label = f"attribute-extraction generation grid, {args.new_tokens} tokens, every {args.gen_layer_step}rd block"
     label += ", stop when correct" if stop else ", full length"
-    calls = [(p, args.new_tokens, g, s) for p, g, s in zip(patches, gens, stops.get("stops", [None] * len(gens)))]
+    calls = [(p, args.new_tokens, g, s) for p, g, s in zip(patches, gens, stops.get("stops") or [None] * len(gens))]
     metrics = [contains_answer(view.decode(g), a) for g, a in zip(gens, answers)]
     return Measured(label, len(patches), seconds, mem, counts, gens, metrics, calls, True)
 
@@ -209,6 +217,8 @@ SCOPE_WORKLOADS = {
 def scope_overrides(key: str, args) -> list[str]:
     experiment = SCOPE_WORKLOADS[key][0]
     common = [f"{EXPERIMENT_KEY}={experiment}", f"runner.batch_size={args.batch_size}"]
+    if args.sharing is not None:
+        common.append(f"++generation.share_lower_blocks={str(args.sharing).lower()}")
     if key == "f":
         return common + [f"dataset.limit={args.entities}", "similarity.embedding=false"]
     step = f"::{args.gen_layer_step}"
@@ -307,6 +317,11 @@ def dense_flops_per_token(view) -> float:
     return 2.0 * (blocks + view.vocab_size * view.width)
 
 
+def block_flops_per_row(view) -> float:
+    """2 x the parameters of one block: one row through one block."""
+    return 2.0 * sum(p.numel() for p in view.blocks.parameters()) / view.n_blocks
+
+
 def lower_block_sharing(view, calls) -> tuple[float, float]:
     """Share of decode block work saved if rows of one target that have generated the same tokens
     so far ran blocks 0..ℓ* once: (within one ℓ*, across ℓ* with a fan-out at each row's ℓ*)."""
@@ -341,7 +356,9 @@ def report(view, m: Measured, naive: tuple, startup: float, roof: float) -> floa
     )
     if m.generation and m.counts is not None:
         full = sum(c[1] for c in m.calls)
-        gflops = m.counts.forward_tokens * dense_flops_per_token(view) / m.seconds / 1e9
+        saved = m.block_rows.get("plain", 0) - m.block_rows.get("run", 0)  # block rows that sharing left out
+        flops = m.counts.forward_tokens * dense_flops_per_token(view) - saved * block_flops_per_row(view)
+        gflops = flops / m.seconds / 1e9
         per_layer, across = lower_block_sharing(view, m.calls)
         print(
             f"  tokens generated per run: {m.counts.tokens_generated / max(m.runs, 1):.1f} "
@@ -349,10 +366,35 @@ def report(view, m: Measured, naive: tuple, startup: float, roof: float) -> floa
             f"{gflops:.1f} GFLOP/s achieved vs matmul roof {roof:.1f} GFLOP/s ({100 * gflops / roof:.0f}%)"
         )
         print(
-            f"  sharing blocks 0..ℓ* between rows with the same continuation would save {100 * per_layer:.0f}% "
-            f"of decode block work (same ℓ*), {100 * across:.0f}% (fan-out at each ℓ*)"
+            f"  sharing blocks 0..ℓ* between rows with the same continuation: {100 * per_layer:.0f}% "
+            f"of decode block work within one ℓ*, {100 * across:.0f}% with a fan-out at each ℓ* "
+            f"(generation.share_lower_blocks; this run: {_shared_rows(m)})"
         )
     return fast_rate / naive_rate
+
+
+def compare_sharing(view, args, key: str, shared: Measured) -> None:
+    """Run the workload again without sharing blocks 0..ℓ*: speed ratio, equal generations, block work."""
+    run = shared.block_rows or {"run": 0, "plain": 0}
+    args.sharing = False
+    try:
+        plain = run_workload(view, args, key)
+    finally:
+        args.sharing = True
+    same = sum(a == b for a, b in zip(shared.outputs, plain.outputs))
+    metrics = sum(a == b for a, b in zip(shared.metrics, plain.metrics))
+    saved = 1 - run["run"] / run["plain"] if run["plain"] else 0.0
+    print(
+        f"  sharing blocks 0..ℓ*: {shared.seconds:.2f} s vs {plain.seconds:.2f} s without = "
+        f"{plain.seconds / shared.seconds:.2f}x as fast; decode block rows run {run['run']} of {run['plain']} "
+        f"({100 * saved:.0f}% saved); equal generations {same}/{len(plain.outputs)}, "
+        f"equal per-row metrics {metrics}/{len(plain.metrics)}"
+    )
+
+
+def _shared_rows(m: Measured) -> str:
+    run, plain = m.block_rows.get("run", 0), m.block_rows.get("plain", 0)
+    return f"{100 * (1 - run / plain):.0f}% of block rows left out" if plain else "not shared"
 
 
 def agreement(m: Measured, ref: Measured) -> str:
@@ -384,6 +426,12 @@ def parse(argv):
     parser.add_argument("--no-stop", action="store_true", help="(c) generates full length (issue 12's workload)")
     parser.add_argument("--quick", action="store_true", help="small sizes: about 1-2 minutes on a 2-core CPU")
     parser.add_argument(
+        "--share",
+        choices=["default", "on", "off", "both"],
+        default="default",
+        help="(c, e, f) share blocks 0..ℓ* while decoding; both: run each with it, then without, and compare",
+    )
+    parser.add_argument(
         "--lre",
         default=os.environ.get("PATCHSCAN_LRE", "../shared/data/lre"),
         help="LRE relation files for (d) and (e)",
@@ -392,6 +440,7 @@ def parse(argv):
     args = parser.parse_args(argv)
     if args.quick:
         args.examples, args.entities, args.naive_cells, args.multihop_candidates = 2, 4, 12, 8
+    args.sharing = {"default": None, "on": True, "off": False, "both": True}[args.share]
     return args
 
 
@@ -411,11 +460,15 @@ def load(args, dtype: str | None):
 
 
 def run_workload(view, args, key: str) -> Measured:
+    before = dict(sharing.BLOCK_ROWS) if sharing else {}
     if key in "ab":
-        return next_token_grid(view, args, key)
-    if key == "c":
-        return attribute_generation_grid(view, args)
-    return scope_workload(view, args, key)
+        m = next_token_grid(view, args, key)
+    elif key == "c":
+        m = attribute_generation_grid(view, args)
+    else:
+        m = scope_workload(view, args, key)
+    m.block_rows = {k: sharing.BLOCK_ROWS[k] - v for k, v in before.items()}
+    return m
 
 
 def describe(view, load_s: float, startup: float) -> None:
@@ -447,6 +500,8 @@ def main(argv=None) -> int:
     for key in args.workloads:
         m = run_workload(view, args, key)
         ratios[key] = report(view, m, naive_check(view, m, args, rng), startup, roof)
+        if args.share == "both" and m.generation:
+            compare_sharing(view, args, key, m)
         if reference is not None:
             ref = run_workload(reference, args, key)
             print(

@@ -228,6 +228,7 @@ class PlanEngine:
         progress=None,
         memory_budget_gb=None,
         stops=None,  # rows that stop early only lower the work: the plan keeps its upper bound
+        share_lower_blocks=True,  # so does sharing blocks 0..ℓ* between rows
     ):
         patches = [p.resolved(view) for p in patches]
         plain = sorted((i for i, p in enumerate(patches) if p.vector is None), key=lambda i: len(patches[i].target_ids))

@@ -73,6 +73,7 @@ RULES: tuple[Rule, ...] = (
     Rule("generation.max_new_tokens", whole(1)),
     Rule("generation.case_sensitive", boolean()),
     Rule("generation.stop_when_correct", boolean()),
+    Rule("generation.share_lower_blocks", boolean()),
     Rule("patchscope.random_pairs", whole(0, optional=True)),
     Rule("patchscope.prompt_seed", whole(optional=True)),
     Rule("source.min_tokens", whole(1)),

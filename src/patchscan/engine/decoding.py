@@ -38,11 +38,25 @@ def _step(view: ModelView, token: torch.Tensor, kv) -> torch.Tensor:
     return view.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[:, -1].float()
 
 
+class Compaction:
+    """The plain batch: finished rows leave the KV cache (`sharing.SharedDecoding` is the other kind)."""
+
+    def __init__(self, kv, n: int):
+        self.kv, self.n = kv, n
+
+    def advance(self, keep: list[int], tokens: list[int]) -> None:
+        if len(keep) < self.n:
+            self.kv.batch_select_indices(torch.tensor(keep))  # each layer moves the indices to its device
+        self.n = len(keep)
+
+
 @torch.no_grad()
 def greedy_decode(
-    view: ModelView, logits: torch.Tensor, kv, max_new_tokens: int, stops: Sequence[Stop | None]
+    view: ModelView, logits: torch.Tensor, kv, max_new_tokens: int, stops: Sequence[Stop | None], batch=None
 ) -> list[list[int]]:
-    """Continue greedily from a prefill's last logits and KV cache (one row per stop)."""
+    """Continue greedily from a prefill's last logits and KV cache (one row per stop); `batch`
+    (default: a `Compaction`) follows the rows that go on after each step."""
+    batch = batch or Compaction(kv, len(stops))
     eos = set(view.eos_token_ids)
     tokens: list[list[int]] = [[] for _ in stops]
     alive = list(range(len(stops)))
@@ -57,9 +71,8 @@ def greedy_decode(
             break
         if len(keep) < len(alive):  # finished rows leave the batch
             alive = [alive[k] for k in keep]
-            index = torch.tensor(keep)
-            token = token[index.to(token.device)]
-            kv.batch_select_indices(index)  # each layer moves the indices to its device
+            token = token[torch.tensor(keep, device=token.device)]
+        batch.advance(keep, token.tolist())
         logits = _step(view, token, kv)
     return tokens
 

@@ -23,6 +23,7 @@ from patchscan.engine.counting import note_generated
 from patchscan.engine.decoding import Stop, greedy_decode, plain_generate
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
 from patchscan.engine.kv import PreallocatedLayer
+from patchscan.engine.sharing import SharedDecoding, can_share
 from patchscan.models.view import ModelView
 
 
@@ -237,6 +238,7 @@ def generate(
     progress: Callable[[int], None] | None = None,
     memory_budget_gb: float | None = None,
     stops: Sequence[Stop | None] | None = None,
+    share_lower_blocks: bool = True,
 ) -> list[list[int]]:
     """Greedy continuations of the patched target prompts (the patch acts in the prefill only).
 
@@ -244,6 +246,8 @@ def generate(
     stop (`stops[i]`, a predicate on the decoded continuation) hold, or at `max_new_tokens`;
     finished rows leave the batch so they cost nothing more. Unpatched rows (`vector=None`), whose
     prompts usually all differ, run as left-padded HF generate batches with an attention mask instead.
+    With `share_lower_blocks` (the default), rows of one target prompt that have generated the same
+    tokens run blocks 0..ℓ* once while decoding (`engine.sharing`; unknown architectures decode plainly).
     """
     patches = [p.resolved(view) for p in patches]
     stops = list(stops) if stops is not None else [None] * len(patches)
@@ -253,7 +257,8 @@ def generate(
     sizing = (batch_size, memory_budget_gb)
     for rows, tokens in _generate_plain(view, patches, stops, max_new_tokens, sizing):
         _deliver(out, rows, tokens, progress)
-    for rows, tokens in _generate_patched(view, patches, stops, max_new_tokens, sizing, reuse_prefix):
+    options = (reuse_prefix, share_lower_blocks)
+    for rows, tokens in _generate_patched(view, patches, stops, max_new_tokens, sizing, options):
         _deliver(out, rows, tokens, progress)
     note_generated(sum(len(t) for t in out))
     return out
@@ -283,15 +288,21 @@ def _generate_plain(view, patches, stops, max_new_tokens, sizing) -> Iterator[tu
 
 
 def _generate_patched(
-    view, patches, stops, max_new_tokens, sizing, reuse_prefix
+    view, patches, stops, max_new_tokens, sizing, options
 ) -> Iterator[tuple[list[int], list[list[int]]]]:
     """Patched rows, group by group: one prefix cache, a patched prefill, then greedy decoding."""
+    reuse_prefix, share = options
     cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
 
     @torch.no_grad()
     def run(rows: list[int]) -> list[list[int]]:
         logits, kv = _prefill(view, cache, patches, rows, skip=False, use_cache=True, room=max_new_tokens)
-        return greedy_decode(view, logits, kv, max_new_tokens, [stops[i] for i in rows])
+        row_stops = [stops[i] for i in rows]
+        if not (share and len(rows) > 1 and can_share(view, kv)):
+            return greedy_decode(view, logits, kv, max_new_tokens, row_stops)
+        shared = SharedDecoding(view.blocks, kv, [patches[i].target_layer for i in rows])
+        with shared.installed():
+            return greedy_decode(view, logits, kv, max_new_tokens, row_stops, shared)
 
     for (ids, _), indices in _groups(patches, patched_only=True).items():
         size = _batch_size(view, sizing[0], len(ids) + max_new_tokens, sizing[1])

@@ -256,7 +256,7 @@ class AttributeScope(Scope):
         n_new = int(cfg.generation.max_new_tokens)
         stops = self.stops([e["object"] for e, *_ in work.cells])
         gens = self.engine.generate(
-            view, work.patches, max_new_tokens=n_new, progress=progress, stops=stops, **self.batching()
+            view, work.patches, max_new_tokens=n_new, progress=progress, stops=stops, **self.generating()
         )
         rows += self._generation_rows(work, gens)
         if cfg.probe.enabled:  # the probe's inputs; fitted from these rows by `metrics` (patchscan eval)
@@ -308,7 +308,7 @@ class AttributeScope(Scope):
             [Patch(target_ids=ids, target_position=len(ids) - 1, target_layer=0, vector=None) for ids in unique],
             max_new_tokens=int(cfg.generation.max_new_tokens),
             stops=stops,
-            **self.batching(),
+            **self.generating(),
         )
         by_prompt = dict(zip(unique, answers))
         gens = [by_prompt[tuple(ids)] for ids in filled]

@@ -72,6 +72,11 @@ class Scope:
         runner = self.cfg.runner
         return {"batch_size": runner.batch_size, "memory_budget_gb": runner.get("memory_budget_gb")}
 
+    def generating(self) -> dict:
+        """generate's keyword arguments: batching, and whether rows share blocks 0..ℓ* while decoding."""
+        share = bool(self.cfg.get("generation", {}).get("share_lower_blocks", True))
+        return {**self.batching(), "share_lower_blocks": share}
+
     def capture_batch_size(self) -> int:
         size = self.cfg.runner.batch_size
         return 64 if size in (None, "auto", 0) else int(size)

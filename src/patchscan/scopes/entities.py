@@ -104,7 +104,7 @@ class EntityScope(Scope):
             max_new_tokens=int(self.cfg.generation.max_new_tokens),
             progress=progress,
             stops=[StopAfterDescription() if stop else None] * len(patches),
-            **self.batching(),
+            **self.generating(),
         )
         texts = iter(self.target_view.decode(g) for g in gens)
         rows = [self._row(e, s, t, next(texts)) | {"stop_when_correct": stop} for e in examples for s, t in self.pairs]

@@ -157,7 +157,7 @@ class MultihopScope(Scope):
         if self.cfg.generation.get("stop_when_correct", True):
             cs = self.cfg.generation.case_sensitive
             stops = [StopWhenFound(e["bridge"] if m == "hop1" else e["object"], cs) for e, m, *_ in work.cells]
-        return {"max_new_tokens": int(self.cfg.generation.max_new_tokens), "stops": stops, **self.batching()}
+        return {"max_new_tokens": int(self.cfg.generation.max_new_tokens), "stops": stops, **self.generating()}
 
     def _grid(self, examples: list[dict], progress: Callable[[int], None]) -> list[dict]:
         view, cfg = self.view, self.cfg
