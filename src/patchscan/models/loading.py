@@ -291,16 +291,11 @@ def dispatch_tiny(model, place: dict[str, Any]):
 
 
 def config_dir() -> Path:
-    """The model configs' root: $PATCHSCAN_CONFIG_DIR, else those shipped in the installed package
-    (patchscan/configs), else the checkout's top-level configs/ (the same search as the CLI)."""
-    from importlib.resources import files
+    """The configs' root, found the way the CLI finds it (one search: `patchscan.cli.config_dir`,
+    which imports nothing heavy)."""
+    from patchscan.cli import config_dir as cli_config_dir
 
-    if os.environ.get("PATCHSCAN_CONFIG_DIR"):
-        return Path(os.environ["PATCHSCAN_CONFIG_DIR"])
-    packaged = Path(str(files("patchscan") / "configs"))
-    if (packaged / "config.yaml").is_file():
-        return packaged
-    return Path(__file__).resolve().parents[3] / "configs"
+    return Path(cli_config_dir())
 
 
 def model_config_names() -> list[str]:

@@ -279,10 +279,6 @@ class AttributeScope(Scope):
             rows.append(row)
         return rows
 
-    @property
-    def stop_when_correct(self) -> bool:
-        return bool(self.cfg.generation.get("stop_when_correct", True))
-
     def stops(self, objects: list[str | None]) -> list:
         """Per-row stops: a row ends once its object appears (`generation.stop_when_correct`)."""
         cs = self.cfg.generation.case_sensitive

@@ -72,6 +72,11 @@ class Scope:
         runner = self.cfg.runner
         return {"batch_size": runner.batch_size, "memory_budget_gb": runner.get("memory_budget_gb")}
 
+    @property
+    def stop_when_correct(self) -> bool:
+        """`generation.stop_when_correct` (default on): rows stop once their answer is decided."""
+        return bool(self.cfg.get("generation", {}).get("stop_when_correct", True))
+
     def generating(self) -> dict:
         """generate's keyword arguments: batching, and whether rows share blocks 0..ℓ* while decoding."""
         share = bool(self.cfg.get("generation", {}).get("share_lower_blocks", True))

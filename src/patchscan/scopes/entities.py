@@ -97,7 +97,7 @@ class EntityScope(Scope):
             for cap in caps
             for s, t in self.pairs
         ]
-        stop = bool(self.cfg.generation.get("stop_when_correct", True))  # stop once the description is decided
+        stop = self.stop_when_correct  # stop once the description is decided
         gens = self.engine.generate(
             self.target_view,
             patches,

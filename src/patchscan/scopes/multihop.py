@@ -154,7 +154,7 @@ class MultihopScope(Scope):
     def _generation(self, work: _Work) -> dict:
         """generate's arguments: each row may stop once its answer appears (generation.stop_when_correct)."""
         stops = None
-        if self.cfg.generation.get("stop_when_correct", True):
+        if self.stop_when_correct:
             cs = self.cfg.generation.case_sensitive
             stops = [StopWhenFound(e["bridge"] if m == "hop1" else e["object"], cs) for e, m, *_ in work.cells]
         return {"max_new_tokens": int(self.cfg.generation.max_new_tokens), "stops": stops, **self.generating()}
@@ -272,7 +272,7 @@ class MultihopScope(Scope):
                     "target_prompt": prompt,
                     "generation": text,
                     "correct": contains_answer(text, answer, cs),
-                    "stop_when_correct": bool(self.cfg.generation.get("stop_when_correct", True)),
+                    "stop_when_correct": self.stop_when_correct,
                 }
             )
         return rows
