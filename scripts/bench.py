@@ -136,6 +136,11 @@ class Recorder:
         return out
 
 
+def capture_rows(args) -> int:
+    """Source prompts per capture forward: as the scopes choose it (Scope.capture_batch_size)."""
+    return 64 if args.batch_size == "auto" else args.batch_size
+
+
 def scope_for(view, overrides: list[str]):
     """A scope composed from the project's configs, bound to the loaded model, recording its generations."""
     from hydra import compose, initialize_config_dir
@@ -160,7 +165,7 @@ def next_token_grid(view, args, key: str) -> Measured:
     identity = tuple(view.encode(IDENTITY))
 
     def run():
-        caps = capture(view, sources, layers, [[-1]] * len(sources), batch_size=args.batch_size)
+        caps = capture(view, sources, layers, [[-1]] * len(sources), batch_size=capture_rows(args))
         patches = [
             Patch(target_ids=identity, target_position=-1, target_layer=t, vector=c.states[s, 0])
             for c in caps
@@ -189,7 +194,7 @@ def attribute_generation_grid(view, args) -> Measured:
         stops["share_lower_blocks"] = args.sharing
 
     def run():
-        caps = capture(view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=args.batch_size)
+        caps = capture(view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=capture_rows(args))
         patches = [
             Patch(target_ids=tuple(ids), target_position=pos, target_layer=t, vector=c.states[k, 0])
             for c in caps
@@ -363,7 +368,8 @@ def report(view, m: Measured, naive: tuple, startup: float, roof: float) -> floa
         print(
             f"  tokens generated per run: {m.counts.tokens_generated / max(m.runs, 1):.1f} "
             f"(naive: {full / max(m.runs, 1):.1f}); {m.counts.forward_passes} forward passes; "
-            f"{gflops:.1f} GFLOP/s achieved vs matmul roof {roof:.1f} GFLOP/s ({100 * gflops / roof:.0f}%)"
+            f"{gflops:.1f} GFLOP/s achieved vs matmul roof {roof:.1f} GFLOP/s ({100 * gflops / roof:.0f}%; "
+            "the LM head counted as a full fp32 matmul per token)"
         )
         print(
             f"  sharing blocks 0..ℓ* between rows with the same continuation: {100 * per_layer:.0f}% "
@@ -419,7 +425,12 @@ def parse(argv):
     parser.add_argument("--examples", type=int, default=8, help="source prompts per workload")
     parser.add_argument("--entities", type=int, default=16, help="(f) entities (the run's dataset.limit)")
     parser.add_argument("--naive-cells", type=int, default=120, help="cells the naive method runs per workload")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--batch-size",
+        type=lambda s: s if s == "auto" else int(s),
+        default="auto",
+        help="rows per forward; auto (the experiments' default, runner.batch_size): from the memory budget",
+    )
     parser.add_argument("--gen-layer-step", type=int, default=3, help="(c-e) use every k-th block for ℓ and ℓ*")
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--workloads", default="abcdef")
@@ -485,6 +496,21 @@ def describe(view, load_s: float, startup: float) -> None:
             print(native_bf16_line())
         except ImportError:  # pragma: no cover (older engines)
             pass
+    print(f"greedy tokens read by: {greedy_head_line(view)}")
+
+
+def greedy_head_line(view) -> str:
+    """How this engine reads each generated token (engines before the greedy head: full logits)."""
+    try:
+        from patchscan.engine.head import GreedyHead
+    except ImportError:  # pragma: no cover (older engines)
+        return "the model's full logits"
+    head = GreedyHead.for_view(view)
+    if head is None:
+        return "the model's full logits (this family has no greedy head)"
+    if head.screen:
+        return "a bf16 screen of the unembedding with an fp32 recheck of the few tokens it cannot rule out (exact)"
+    return "the unembedding in vocabulary chunks, reduced to the argmax as they go"
 
 
 def main(argv=None) -> int:

@@ -83,3 +83,29 @@ def gemma_view():
     if "gemma3_270m" in _CONVERTING:
         _CONVERTING.pop("gemma3_270m").wait()  # failed or not: load_model converts if no copy exists
     return load_model({"source": "builtin", "builtin": "gemma3_270m", "name": "gemma3_270m", "device": "cpu"})
+
+
+def registered_by_us(hook) -> bool:
+    """A hook patchscan or a test registered (transformers keeps its output-capturing hooks for good)."""
+    module = getattr(hook, "__module__", "") or ""
+    return module.startswith(("patchscan", "tests"))
+
+
+@pytest.fixture(autouse=True)
+def _no_hooks_left_behind():
+    """Every test leaves the shared tiny models as it found them: none of our hooks, no stand-in blocks."""
+    yield
+    for name, view in _CACHE.items():
+        left = [
+            f"block {b}: {hook.__qualname__}"
+            for b, block in enumerate(view.blocks)
+            for hooks in (block._forward_hooks, block._forward_pre_hooks)
+            for hook in hooks.values()
+            if registered_by_us(hook)
+        ]
+        left += [
+            f"block {b} is a {type(block).__name__}"
+            for b, block in enumerate(view.blocks)
+            if registered_by_us(type(block))
+        ]
+        assert not left, f"{name} left with {left}"

@@ -10,7 +10,7 @@ import torch
 
 import patchscan as ps
 from patchscan.engine.naive import naive_generate, naive_logits
-from tests.conftest import tiny
+from tests.conftest import registered_by_us, tiny
 
 IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 THREE_ARCHS = ["tiny_gpt2", "tiny_llama", "tiny_neox"]
@@ -170,7 +170,7 @@ def test_overwrite_around_hf_generate_equals_batched_generate(name):
         )
     expected = ps.generate(lm, [desc.patch(state, layer=2)], max_new_tokens=5).token_ids[0]
     assert out[0, ids.shape[1] :].tolist()[: len(expected)] == expected
-    assert all(not block._forward_hooks for block in lm.blocks)  # exactly its own hooks removed
+    assert all(not registered_by_us(hook) for block in lm.blocks for hook in block._forward_hooks.values())
 
 
 def test_overwrite_rejects_a_vector_of_another_width():
@@ -261,4 +261,5 @@ def test_edit_blocks_callback_equals_overwrite(name):
             edited = lm.model(input_ids=ids).logits
         with ps.overwrite(lm, layer=1, position=-1, vector=vector):
             overwritten = lm.model(input_ids=ids).logits
-    assert torch.allclose(edited, overwritten) and all(not b._forward_hooks for b in lm.blocks)
+    assert torch.allclose(edited, overwritten)
+    assert all(not registered_by_us(hook) for block in lm.blocks for hook in block._forward_hooks.values())

@@ -13,6 +13,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from patchscan.engine.capture import pad_batch
+from patchscan.engine.head import GreedyHead, next_tokens
 from patchscan.models.view import ModelView
 
 Stop = Callable[[str], bool]
@@ -33,9 +34,9 @@ def truncate_at_stop(view: ModelView, tokens: Sequence[int], stop: Stop | None) 
     return list(tokens)
 
 
-def _step(view: ModelView, token: torch.Tensor, kv) -> torch.Tensor:
+def _step(view: ModelView, token: torch.Tensor, kv, head: GreedyHead | None) -> torch.Tensor:
     ids = token[:, None].to(view.input_device)
-    return view.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    return next_tokens(view, head, dict(input_ids=ids, past_key_values=kv, use_cache=True))[0]
 
 
 class Compaction:
@@ -52,16 +53,22 @@ class Compaction:
 
 @torch.no_grad()
 def greedy_decode(
-    view: ModelView, logits: torch.Tensor, kv, max_new_tokens: int, stops: Sequence[Stop | None], batch=None
+    view: ModelView,
+    token: torch.Tensor,
+    kv,
+    max_new_tokens: int,
+    stops: Sequence[Stop | None],
+    batch=None,
+    head: GreedyHead | None = None,
 ) -> list[list[int]]:
-    """Continue greedily from a prefill's last logits and KV cache (one row per stop); `batch`
-    (default: a `Compaction`) follows the rows that go on after each step."""
+    """Continue greedily from a prefill's greedy tokens and KV cache (one row per stop); `batch`
+    (default: a `Compaction`) follows the rows that go on after each step; `head` reads each step's
+    tokens without the full logits (None: the model's own logits)."""
     batch = batch or Compaction(kv, len(stops))
     eos = set(view.eos_token_ids)
     tokens: list[list[int]] = [[] for _ in stops]
     alive = list(range(len(stops)))
     for step in range(max_new_tokens):
-        token = logits.argmax(-1)
         keep = []
         for k, (r, t) in enumerate(zip(alive, token.tolist())):
             tokens[r].append(t)
@@ -73,7 +80,7 @@ def greedy_decode(
             alive = [alive[k] for k in keep]
             token = token[torch.tensor(keep, device=token.device)]
         batch.advance(keep, token.tolist())
-        logits = _step(view, token, kv)
+        token = _step(view, token, kv, head)
     return tokens
 
 

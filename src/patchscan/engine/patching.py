@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -21,6 +22,7 @@ from patchscan.engine.batching import FORWARD_OVERHEAD, plan_layer_chunks, rows_
 from patchscan.engine.capture import resolve_position
 from patchscan.engine.counting import note_generated
 from patchscan.engine.decoding import Stop, greedy_decode, plain_generate
+from patchscan.engine.head import GreedyHead, next_tokens
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
 from patchscan.engine.kv import PreallocatedLayer
 from patchscan.engine.sharing import SharedDecoding, can_share
@@ -153,8 +155,10 @@ def _prefill(
     skip: bool,
     use_cache: bool,
     room: int | None = None,
+    readout: Callable[[dict], tuple] | None = None,
 ):
-    """Run the suffix of one group for `rows`, patched; return (last-position logits, kv cache)."""
+    """Run the suffix of one group for `rows`, patched; return `readout(model kwargs)`: by default
+    (last-position logits, kv cache); generation reads the greedy tokens instead (`head.next_tokens`)."""
     first = patches[rows[0]]
     suffix = first.target_ids[first.target_position :]
     n = len(rows)
@@ -166,13 +170,17 @@ def _prefill(
         vectors = torch.stack([patches[rows[k]].vector.to(view.device) for k in patched])  # hooks move them on
         hooks = grouped_patch_hooks(layers, patched, [0] * len(patched), vectors)
     kv = cache.expanded(first.target_ids[: first.target_position], n, room=None if room is None else len(suffix) + room)
-    kwargs = dict(input_ids=input_ids, past_key_values=kv, use_cache=use_cache, logits_to_keep=1)
+    kwargs = dict(input_ids=input_ids, past_key_values=kv, use_cache=use_cache)
+    readout = readout or (lambda kwargs: _last_logits(view, kwargs))
     with block_hooks(view.blocks, hooks):
         if skip:  # rows are patched at their last position: blocks below the lowest patch do nothing
             with skip_blocks(view.blocks, min(layers), view.block_returns_tuple):
-                out = view.model(**kwargs)
-        else:
-            out = view.model(**kwargs)
+                return readout(kwargs)
+        return readout(kwargs)
+
+
+def _last_logits(view: ModelView, kwargs: dict) -> tuple[torch.Tensor, object]:
+    out = view.model(**kwargs, logits_to_keep=1)
     return out.logits[:, -1].float(), out.past_key_values
 
 
@@ -294,15 +302,18 @@ def _generate_patched(
     reuse_prefix, share = options
     cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
 
+    head = GreedyHead.for_view(view)
+
     @torch.no_grad()
     def run(rows: list[int]) -> list[list[int]]:
-        logits, kv = _prefill(view, cache, patches, rows, skip=False, use_cache=True, room=max_new_tokens)
+        readout = partial(next_tokens, view, head)
+        first, kv = _prefill(view, cache, patches, rows, False, True, room=max_new_tokens, readout=readout)
         row_stops = [stops[i] for i in rows]
         if not (share and len(rows) > 1 and can_share(view, kv)):
-            return greedy_decode(view, logits, kv, max_new_tokens, row_stops)
+            return greedy_decode(view, first, kv, max_new_tokens, row_stops, head=head)
         shared = SharedDecoding(view.blocks, kv, [patches[i].target_layer for i in rows])
         with shared.installed():
-            return greedy_decode(view, logits, kv, max_new_tokens, row_stops, shared)
+            return greedy_decode(view, first, kv, max_new_tokens, row_stops, shared, head=head)
 
     for (ids, _), indices in _groups(patches, patched_only=True).items():
         size = _batch_size(view, sizing[0], len(ids) + max_new_tokens, sizing[1])
