@@ -70,6 +70,15 @@ def test_attribute_extraction_rows_rerun_alone(tmp_path):
             vector=state[0].states[0, 0],
         )
         assert view.decode(naive_generate(view, patch_, 6)) == row.generation
+    # a shuffled_source run is its donor's own Patchscope run (generated once: engine.identical),
+    # each cut at its own answer
+    keys = ["source_text", "source_layer", "target_layer", "target_prompt"]
+    own = patch.set_index(keys)["generation"].to_dict()
+    shuffled = df[df["method"] == "shuffled_source"]
+    assert len(shuffled) and all(
+        g.startswith(own[k]) or own[k].startswith(g)
+        for k, g in zip(map(tuple, shuffled[keys].values), shuffled["generation"])
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert {t["task"] for t in metrics["tasks"]} == {"country_capital_city", "fruit_inside_color"}
     assert all(t["probe_mean"] == t["probe_mean"] for t in metrics["tasks"])  # fitted from the stored states

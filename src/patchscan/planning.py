@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from patchscan.engine.batching import rows_for_budget
 from patchscan.engine.capture import Captured, resolve_position
 from patchscan.engine.counting import Counts
+from patchscan.engine.identical import identical_runs
 from patchscan.engine.patching import TopK, _batch_size, _groups, _micro_batches, bytes_per_row
 from patchscan.errors import UserError
 from patchscan.models.loading import (
@@ -177,6 +178,7 @@ class PlanEngine:
     batch_sizes: set = field(default_factory=set)  # micro-batch sizes the memory budget allows
     largest_batch: int = 0
     peak_batch_bytes: int = 0
+    state_ids: dict = field(default_factory=dict)  # (prompt ids, position, block) -> its stand-in state's value
 
     def _forward(self, rows: int, positions: int, seq_len: int) -> None:
         self.counts.forward_passes += 1
@@ -208,9 +210,19 @@ class PlanEngine:
             for b, ids in enumerate(batch):
                 pos = [resolve_position(p, len(ids), "source position") for p in positions[start + b]]
                 logprobs = torch.zeros(len(pos), view.unembed.weight.shape[0]) if with_logprobs else None
-                out.append(Captured(layers, pos, torch.zeros(len(layers), len(pos), view.width), logprobs))
+                out.append(Captured(layers, pos, self._stand_ins(view, ids, layers, pos), logprobs))
         self.captured += len(prompts)
         return out
+
+    def _stand_ins(self, view, ids, layers: list[int], positions: list[int]) -> torch.Tensor:
+        """States that stand in for captured ones: one value per (prompt, position, block), so runs the
+        real engine finds identical (one state patched twice: engine.identical) are identical here too."""
+        states = torch.empty(len(layers), len(positions), view.width)
+        for i, layer in enumerate(layers):
+            for j, position in enumerate(positions):
+                key = (tuple(ids), position, layer)
+                states[i, j] = self.state_ids.setdefault(key, float(len(self.state_ids) + 1))
+        return states
 
     def _prefill_and_decode(self, rows: int, suffix: int, seq_len: int, steps: int) -> None:
         self._forward(rows, suffix, seq_len)
@@ -230,16 +242,18 @@ class PlanEngine:
         stops=None,  # rows that stop early only lower the work: the plan keeps its upper bound
         share_lower_blocks=True,  # so does sharing blocks 0..ℓ* between rows
     ):
-        patches = [p.resolved(view) for p in patches]
+        rows = [p.resolved(view) for p in patches]
+        self.cells += sum(p.vector is not None for p in rows)
+        self.unpatched += sum(p.vector is None for p in rows)
+        patches = [rows[g[0]] for g in identical_runs(rows)]  # as the engine: identical runs once
         plain = sorted((i for i, p in enumerate(patches) if p.vector is None), key=lambda i: len(patches[i].target_ids))
         if plain:
             longest = len(patches[plain[-1]].target_ids)
             size = self._size(batch_size, longest + max_new_tokens, memory_budget_gb)
             for s in range(0, len(plain), size):
-                rows = plain[s : s + size]
-                width = max(len(patches[i].target_ids) for i in rows)
-                self._prefill_and_decode(len(rows), width, width + max_new_tokens, max_new_tokens)
-            self.unpatched += len(plain)
+                batch = plain[s : s + size]
+                width = max(len(patches[i].target_ids) for i in batch)
+                self._prefill_and_decode(len(batch), width, width + max_new_tokens, max_new_tokens)
         lru = _PrefixLru(8 if reuse_prefix else 0)
         for (ids, position), indices in _groups(patches, patched_only=True).items():
             size = self._size(batch_size, len(ids) + max_new_tokens, memory_budget_gb)
@@ -247,8 +261,7 @@ class PlanEngine:
                 if lru.miss(ids[:position]):
                     self._forward(1, position, position)
                 self._prefill_and_decode(len(chunk), len(ids) - position, len(ids) + max_new_tokens, max_new_tokens)
-            self.cells += len(indices)
-        return [[] for _ in patches]
+        return [[] for _ in rows]
 
     def patched_next_token(
         self,

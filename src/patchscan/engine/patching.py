@@ -24,6 +24,7 @@ from patchscan.engine.counting import note_generated
 from patchscan.engine.decoding import Stop, greedy_decode, plain_generate
 from patchscan.engine.head import GreedyHead, next_tokens
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
+from patchscan.engine.identical import identical_runs, per_row, shared_stop
 from patchscan.engine.kv import PreallocatedLayer
 from patchscan.engine.sharing import SharedDecoding, can_share
 from patchscan.models.view import ModelView
@@ -256,27 +257,31 @@ def generate(
     prompts usually all differ, run as left-padded HF generate batches with an attention mask instead.
     With `share_lower_blocks` (the default), rows of one target prompt that have generated the same
     tokens run blocks 0..ℓ* once while decoding (`engine.sharing`; unknown architectures decode plainly).
+    Identical patches (same target, position, block and vector) are generated once (`engine.identical`).
     """
     patches = [p.resolved(view) for p in patches]
     stops = list(stops) if stops is not None else [None] * len(patches)
     if len(stops) != len(patches):
         raise ValueError(f"{len(stops)} stops for {len(patches)} patches")
-    out: list[list[int]] = [[] for _ in patches]
+    groups = identical_runs(patches)  # identical runs are generated once (engine.identical)
+    runs = [patches[g[0]] for g in groups]
+    run_stops = [shared_stop([stops[i] for i in g]) for g in groups]
+    out: list[list[int]] = [[] for _ in runs]
     sizing = (batch_size, memory_budget_gb)
-    for rows, tokens in _generate_plain(view, patches, stops, max_new_tokens, sizing):
-        _deliver(out, rows, tokens, progress)
+
+    def deliver(rows: list[int], tokens: list[list[int]]) -> None:
+        for r, t in zip(rows, tokens):
+            out[r] = t
+        if progress:
+            progress(sum(len(groups[r]) for r in rows))
+
+    for rows, tokens in _generate_plain(view, runs, run_stops, max_new_tokens, sizing):
+        deliver(rows, tokens)
     options = (reuse_prefix, share_lower_blocks)
-    for rows, tokens in _generate_patched(view, patches, stops, max_new_tokens, sizing, options):
-        _deliver(out, rows, tokens, progress)
+    for rows, tokens in _generate_patched(view, runs, run_stops, max_new_tokens, sizing, options):
+        deliver(rows, tokens)
     note_generated(sum(len(t) for t in out))
-    return out
-
-
-def _deliver(out: list[list[int]], rows: list[int], tokens: list[list[int]], progress) -> None:
-    for r, t in zip(rows, tokens):
-        out[r] = t
-    if progress:
-        progress(len(rows))
+    return per_row(view, groups, out, stops)
 
 
 def _generate_plain(view, patches, stops, max_new_tokens, sizing) -> Iterator[tuple[list[int], list[list[int]]]]:

@@ -242,9 +242,20 @@ class AttributeScope(Scope):
         if not kept:
             return self.frame(rows)
         donors = [e for e in kept if "shuffled_source" in self.controls and e.get("donor")]
-        prompts = [e["ids"] for e in kept] + [e["donor"]["ids"] for e in donors]
-        positions = [[e["position"]] for e in kept] + [[e["donor"]["position"]] for e in donors]
-        caps = self.engine.capture(view, prompts, self.source_layers, positions, batch_size=self.capture_batch_size())
+        sources = list(kept) + [e["donor"] for e in donors]
+        # each distinct source once: a donor that is also kept gives the very same state, so its
+        # shuffled_source runs equal that example's own runs and are generated once (engine.identical)
+        distinct = {(tuple(x["ids"]), x["position"]): None for x in sources}
+        keys = list(distinct)
+        captured = self.engine.capture(
+            view,
+            [list(k[0]) for k in keys],
+            self.source_layers,
+            [[k[1]] for k in keys],
+            batch_size=self.capture_batch_size(),
+        )
+        by_source = dict(zip(keys, captured))
+        caps = [by_source[(tuple(x["ids"]), x["position"])] for x in sources]
         work = _Work()
         for e, cap in zip(kept, caps):
             for s, t in self.pairs:
@@ -330,8 +341,8 @@ class AttributeScope(Scope):
 
     def _input_embedding(self, token_id: int) -> torch.Tensor:
         """What block 0 receives for this token (the model's own input embedding, with any scaling)."""
-        if self.planning:
-            return torch.zeros(self.view.width)
+        if self.planning:  # a stand-in per token, as distinct as the real ones (engine.identical)
+            return torch.full((self.view.width,), -1.0 - int(token_id))
         with torch.no_grad():
             ids = torch.tensor([[int(token_id)]], device=self.view.input_device)
             return self.view.embed(ids)[0, 0]
