@@ -331,7 +331,18 @@ def eval_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """The `patchscan` command: ARGV, else the process's command line (then its exit is shortened,
+    patchscan.shutdown)."""
+    if argv is None:
+        dispatch(sys.argv[1:])
+        from patchscan.shutdown import skip_final_collection
+
+        skip_final_collection()
+    else:
+        dispatch(argv)
+
+
+def dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
