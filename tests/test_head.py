@@ -106,3 +106,29 @@ def test_generation_through_the_head_equals_the_models_logits(view, screen, monk
     with_head = generate(view, patches, max_new_tokens=6)
     monkeypatch.setattr(GreedyHead, "for_view", classmethod(lambda cls, v, screen=None: None))
     assert with_head == generate(view, patches, max_new_tokens=6)
+
+
+def test_a_hook_on_the_head_or_the_model_keeps_the_models_logits():
+    """A user's hook that edits the logits must apply, so generation then reads the model's own logits."""
+    lm = tiny("tiny_llama")
+    assert GreedyHead.for_view(lm) is not None
+    ids = tuple(lm.encode("The Eiffel Tower is in"))
+    patches = [Patch(target_ids=ids, target_position=len(ids) - 1, target_layer=1, vector=torch.zeros(lm.width))]
+    banned = generate(lm, patches, max_new_tokens=1)[0][0]
+
+    def ban(module, inputs, output):
+        output = output.clone()
+        output[..., banned] = float("-inf")
+        return output
+
+    handle = lm.unembed.register_forward_hook(ban)
+    try:
+        assert GreedyHead.for_view(lm) is None
+        assert generate(lm, patches, max_new_tokens=1)[0][0] != banned
+    finally:
+        handle.remove()
+    handle = lm.model.register_forward_pre_hook(lambda module, args: None)
+    try:
+        assert GreedyHead.for_view(lm) is None
+    finally:
+        handle.remove()

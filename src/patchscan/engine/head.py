@@ -18,8 +18,9 @@ logits would give, computing less:
   whose hidden state is not finite, the plain fp32 chunks run instead.
 
 Only model families whose causal-LM logits are `unembed(base_model(...).last_hidden_state)`
-(optionally soft-capped, a monotone map kept as the model applies it) use it; others, and heads
-that accelerate offloads, read the model's own logits.
+(optionally soft-capped, a monotone map kept as the model applies it) use it; others, heads that
+accelerate offloads, and models or heads with forward hooks (a user's logit edit must apply) read
+the model's own logits.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class GreedyHead:
             or type(unembed) is not nn.Linear
             or hasattr(unembed, "_hf_hook")  # offloaded by accelerate: its weight is loaded per call
             or unembed.weight.device.type == "meta"
+            or _hooked(model)
+            or _hooked(unembed)  # a user's hook there must see the logits it expects
         ):
             return None
         head = _HEADS.get(model)
@@ -155,6 +158,14 @@ class GreedyHead:
         masked = torch.full_like(exact, float("-inf"))
         masked[rows, column] = exact[rows, column]
         return candidates[masked.argmax(-1)]
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Does a forward hook act on this module's call (its own, or one on every module)?"""
+    from torch.nn.modules import module as torch_module
+
+    own = module._forward_hooks or module._forward_pre_hooks
+    return bool(own or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def bf16_sums_in_fp32(device: torch.device) -> bool:
