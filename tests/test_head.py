@@ -21,7 +21,7 @@ def final_hidden(view, texts: list[str]) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def _logits(view, hidden):
+def model_argmax(view, hidden):
     logits = view.unembed(hidden).float()
     if view.softcap:
         logits = torch.tanh(logits / view.softcap) * view.softcap
@@ -34,7 +34,7 @@ def test_head_equals_the_models_argmax(view, screen):
     assert head is not None, view.model.config.model_type
     hidden = final_hidden(view, ["The Eiffel Tower is in Paris, France.", "1 2 3 4 5 6 7", "cat -> cat\nhello ->"])
     hidden = torch.cat([hidden, 40 * torch.randn(64, view.width, generator=torch.Generator().manual_seed(0))])
-    assert torch.equal(head(hidden), _logits(view, hidden))
+    assert torch.equal(head(hidden), model_argmax(view, hidden))
 
 
 def test_screen_is_exact_on_near_ties_and_large_vocabularies():
@@ -87,12 +87,12 @@ def test_screen_turns_off_when_the_bf16_kernel_fails_its_self_check(monkeypatch)
     monkeypatch.setattr("patchscan.engine.head.bf16_sums_in_fp32", lambda device: False)
     head = GreedyHead(llama.unembed, screen=True)
     hidden = final_hidden(llama, ["The Eiffel Tower is in Paris"])
-    assert torch.equal(head(hidden), _logits(llama, hidden))
+    assert torch.equal(head(hidden), model_argmax(llama, hidden))
     assert not head.screen
 
 
 @pytest.mark.parametrize("screen", [False, True])
-def test_generation_through_the_head_equals_the_models_logits(view, screen, monkeypatch):
+def test_generation_through_the_head_equals_the_modelsmodel_argmax(view, screen, monkeypatch):
     """Whole greedy continuations with the head equal those read from the model's own logits."""
     ids = tuple(view.encode("Syria: Country in the Middle East, x"))
     caps = capture(view, [view.encode("Diana, Princess of Wales")], list(range(view.n_blocks)), [[-1]])[0]
@@ -108,7 +108,7 @@ def test_generation_through_the_head_equals_the_models_logits(view, screen, monk
     assert with_head == generate(view, patches, max_new_tokens=6)
 
 
-def test_a_hook_on_the_head_or_the_model_keeps_the_models_logits():
+def test_a_hook_on_the_head_or_the_model_keeps_the_modelsmodel_argmax():
     """A user's hook that edits the logits must apply, so generation then reads the model's own logits."""
     lm = tiny("tiny_llama")
     assert GreedyHead.for_view(lm) is not None

@@ -26,6 +26,7 @@ the model's own logits.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -91,17 +92,9 @@ class GreedyHead:
         return logits
 
     def _chunked(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Plain argmax over vocabulary chunks; an earlier chunk keeps ties, as argmax does."""
-        best_value = best_index = None
-        for start in range(0, self.unembed.weight.shape[0], self.chunk):
-            value, index = self._logits(hidden, start, start + self.chunk).max(-1)
-            if best_value is None:
-                best_value, best_index = value, index
-            else:
-                better = value > best_value
-                best_value = torch.where(better, value, best_value)
-                best_index = torch.where(better, index + start, best_index)
-        return best_index
+        """Plain argmax over vocabulary chunks."""
+        starts = range(0, self.unembed.weight.shape[0], self.chunk)
+        return _running_argmax((s, self._logits(hidden, s, s + self.chunk)) for s in starts)[1]
 
     # --- the bf16 screen ------------------------------------------------------------------------
 
@@ -130,15 +123,8 @@ class GreedyHead:
         scale = alpha * hidden.norm(dim=-1) * (1 + 1e-5)  # (rows,)
         starts = range(0, weight.shape[0], CHUNK)
         approx = [nn.functional.linear(h16, self._weight_bf16[s : s + CHUNK]) for s in starts]
-        top = top_at = None
-        for s, chunk in zip(starts, approx):
-            value, index = chunk.max(-1)
-            value = value.float()
-            if top is None:
-                top, top_at = value, index
-            else:
-                better = value > top
-                top, top_at = torch.where(better, value, top), torch.where(better, index + s, top_at)
+        top, top_at = _running_argmax(zip(starts, approx))
+        top = top.float()
         lower = top - scale * norms[top_at] - beta * top.abs()  # the best fp32 logit is at least this
         # A token reaches `lower` only if a + scale max|w| + beta |a| >= lower: solved for its bf16 logit a.
         reach = lower - scale * norms.max()
@@ -160,6 +146,21 @@ class GreedyHead:
         return candidates[masked.argmax(-1)]
 
 
+def _running_argmax(chunks: Iterable[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, argmax) per row over (first vocabulary id, logits) chunks; an earlier chunk keeps a tie,
+    as argmax over the whole row does."""
+    best_value = best_index = None
+    for start, logits in chunks:
+        value, index = logits.max(-1)
+        if best_value is None:
+            best_value, best_index = value, index + start
+        else:
+            better = value > best_value
+            best_value = torch.where(better, value, best_value)
+            best_index = torch.where(better, index + start, best_index)
+    return best_value, best_index
+
+
 def _hooked(module: nn.Module) -> bool:
     """Does a forward hook act on this module's call (its own, or one on every module)?"""
     from torch.nn.modules import module as torch_module
@@ -178,11 +179,17 @@ def bf16_sums_in_fp32(device: torch.device) -> bool:
     return bool(((got - ref).abs() <= _UNIT * ref.abs() * 1.01 + 1e-6).all())
 
 
+def last_logits(view, model_kwargs: dict) -> tuple[torch.Tensor, object]:
+    """(the model's own logits at each row's last position, as float32; the KV cache) of one forward."""
+    out = view.model(**model_kwargs, logits_to_keep=1)
+    return out.logits[:, -1].float(), out.past_key_values
+
+
 def next_tokens(view, head: GreedyHead | None, model_kwargs: dict) -> tuple[torch.Tensor, object]:
     """(argmax token of each row's last position, the KV cache) of one forward: through the base
     model and `head` when there is one, else through the model's own logits."""
     if head is None:
-        out = view.model(**model_kwargs, logits_to_keep=1)
-        return out.logits[:, -1].float().argmax(-1), out.past_key_values
+        logits, kv = last_logits(view, model_kwargs)
+        return logits.argmax(-1), kv
     out = view.model.base_model(**model_kwargs)
     return head(out.last_hidden_state[:, -1]), out.past_key_values

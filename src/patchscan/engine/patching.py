@@ -22,7 +22,7 @@ from patchscan.engine.batching import FORWARD_OVERHEAD, plan_layer_chunks, rows_
 from patchscan.engine.capture import resolve_position
 from patchscan.engine.counting import note_generated
 from patchscan.engine.decoding import Stop, greedy_decode, plain_generate
-from patchscan.engine.head import GreedyHead, next_tokens
+from patchscan.engine.head import GreedyHead, last_logits, next_tokens
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
 from patchscan.engine.identical import identical_runs, per_row, shared_stop
 from patchscan.engine.kv import PreallocatedLayer
@@ -172,17 +172,12 @@ def _prefill(
         hooks = grouped_patch_hooks(layers, patched, [0] * len(patched), vectors)
     kv = cache.expanded(first.target_ids[: first.target_position], n, room=None if room is None else len(suffix) + room)
     kwargs = dict(input_ids=input_ids, past_key_values=kv, use_cache=use_cache)
-    readout = readout or (lambda kwargs: _last_logits(view, kwargs))
+    readout = readout or partial(last_logits, view)
     with block_hooks(view.blocks, hooks):
         if skip:  # rows are patched at their last position: blocks below the lowest patch do nothing
             with skip_blocks(view.blocks, min(layers), view.block_returns_tuple):
                 return readout(kwargs)
         return readout(kwargs)
-
-
-def _last_logits(view: ModelView, kwargs: dict) -> tuple[torch.Tensor, object]:
-    out = view.model(**kwargs, logits_to_keep=1)
-    return out.logits[:, -1].float(), out.past_key_values
 
 
 def iter_patched_logits(
@@ -308,10 +303,10 @@ def _generate_patched(
     cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
 
     head = GreedyHead.for_view(view)
+    readout = partial(next_tokens, view, head)
 
     @torch.no_grad()
     def run(rows: list[int]) -> list[list[int]]:
-        readout = partial(next_tokens, view, head)
         first, kv = _prefill(view, cache, patches, rows, False, True, room=max_new_tokens, readout=readout)
         row_stops = [stops[i] for i in rows]
         if not (share and len(rows) > 1 and can_share(view, kv)):
