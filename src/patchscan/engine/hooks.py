@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from patchscan.models.view import HOOK_DICTS
+
 
 def hidden_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
@@ -62,15 +64,6 @@ def grouped_patch_hooks(layers, rows, positions, vectors) -> dict[int, Callable]
     return hooks
 
 
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-)
-
-
 class _Passthrough(nn.Module):
     """Stands in for a skipped block: returns its input hidden state untouched.
 
@@ -82,7 +75,7 @@ class _Passthrough(nn.Module):
         super().__init__()
         object.__setattr__(self, "_block", block)  # not a submodule: parameters stay the block's
         self.returns_tuple = returns_tuple
-        for name in _HOOK_DICTS:
+        for name in HOOK_DICTS:
             object.__setattr__(self, name, getattr(block, name))
 
     def forward(self, hidden_states=None, *args, **kwargs):

@@ -23,8 +23,9 @@ FAMILY_PATHS: dict[str, tuple[str, str | None]] = {
     "gpt_neox": ("gpt_neox.layers", "gpt_neox.final_layer_norm"),
     "opt": ("model.decoder.layers", "model.decoder.final_layer_norm"),
 }
-# Module attributes holding forward hooks, set aside while the block output is probed.
-_HOOK_DICTS = (
+# Module attributes holding forward hooks: set aside while the block output is probed, shared by
+# the stand-ins of skipped blocks (engine.hooks).
+HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
@@ -226,9 +227,9 @@ class ModelView:
         The blocks' own hooks are set aside meanwhile, since the first use may come while patch
         hooks are registered."""
         seen: list[bool] = []
-        saved = [{name: getattr(block, name) for name in _HOOK_DICTS} for block in self.blocks]
+        saved = [{name: getattr(block, name) for name in HOOK_DICTS} for block in self.blocks]
         for block in self.blocks:
-            for name in _HOOK_DICTS:
+            for name in HOOK_DICTS:
                 setattr(block, name, OrderedDict())
         handle = self.blocks[0].register_forward_hook(lambda m, i, o: seen.append(isinstance(o, tuple)))
         try:

@@ -102,6 +102,11 @@ class _Work:
         self.cells.append((e, method, s, t, target))
 
 
+def _source_key(example: dict) -> tuple:
+    """What determines a source state: the prompt's tokens and the position read."""
+    return tuple(example["ids"]), example["position"]
+
+
 def attach_donors(examples: list[dict]) -> None:
     """Give each example the source of the next example of its relation whose subject differs (cyclic):
     the `shuffled_source` control patches that state, so its accuracy is the chance level of a
@@ -245,8 +250,7 @@ class AttributeScope(Scope):
         sources = list(kept) + [e["donor"] for e in donors]
         # each distinct source once: a donor that is also kept gives the very same state, so its
         # shuffled_source runs equal that example's own runs and are generated once (engine.identical)
-        distinct = {(tuple(x["ids"]), x["position"]): None for x in sources}
-        keys = list(distinct)
+        keys = list(dict.fromkeys(_source_key(x) for x in sources))
         captured = self.engine.capture(
             view,
             [list(k[0]) for k in keys],
@@ -255,7 +259,7 @@ class AttributeScope(Scope):
             batch_size=self.capture_batch_size(),
         )
         by_source = dict(zip(keys, captured))
-        caps = [by_source[(tuple(x["ids"]), x["position"])] for x in sources]
+        caps = [by_source[_source_key(x)] for x in sources]
         work = _Work()
         for e, cap in zip(kept, caps):
             for s, t in self.pairs:
