@@ -46,7 +46,7 @@ def cli(*args, cwd: Path, check: bool = True, timeout: int = 600, **kwargs) -> s
         **kwargs,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
+        raise AssertionError(f"patchscan {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
 
 

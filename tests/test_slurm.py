@@ -24,6 +24,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.helpers import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
 KEY = ["example_id", "method", "source_layer", "target_layer"]
@@ -92,20 +94,6 @@ def slurm():
         shutil.rmtree(state, ignore_errors=True)
 
 
-def patchscan(*args, cwd: Path, env: dict, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "patchscan.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"patchscan {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return proc
-
-
 def sweep_args(
     results: Path, sweep: Path, *extra: str, shards: str = "0,1,2,3", limit: int = LIMIT, model: str = "tiny_llama"
 ) -> list[str]:
@@ -126,7 +114,7 @@ def sweep_args(
 def unsharded(tmp_path_factory):
     """One local, unsharded run of the same config: its rows and metrics.json."""
     run = tmp_path_factory.mktemp("unsharded") / "run"
-    patchscan("run", *CONFIG, f"hydra.run.dir={run}", cwd=run.parent, env=dict(os.environ))
+    cli("run", *CONFIG, f"hydra.run.dir={run}", cwd=run.parent, env=dict(os.environ))
     return rows(run / "results"), json.loads((run / "metrics.json").read_text())
 
 
@@ -143,7 +131,7 @@ def assert_same_rows(df: pd.DataFrame, ref: pd.DataFrame) -> None:
 
 def eval_metrics(results: Path, cwd: Path, env: dict) -> dict:
     """`patchscan eval DIR` and the metrics.json it says it wrote (inside or beside DIR: either is fine here)."""
-    out = patchscan("eval", str(results), cwd=cwd, env=env)
+    out = cli("eval", str(results), cwd=cwd, env=env)
     path = re.search(r"^metrics: (.+)$", out.stdout, re.M)
     assert path, out.stdout[-2000:]
     return json.loads(Path(path.group(1).strip()).read_text())
@@ -229,7 +217,7 @@ def job_log(sweep: Path, task: str) -> str:
 
 def test_four_shard_sweep_on_slurm_equals_one_local_run(slurm, unsharded, tmp_path):
     results, sweep = tmp_path / "results", tmp_path / "sweep"
-    patchscan(*sweep_args(results, sweep, "hydra.launcher.timeout_min=10"), cwd=tmp_path, env=slurm)
+    cli(*sweep_args(results, sweep, "hydra.launcher.timeout_min=10"), cwd=tmp_path, env=slurm)
     tasks = submitted(sweep)
     assert len(tasks) == SHARDS and sacct_states(job_of(tasks[0]), slurm) == {t: "COMPLETED" for t in tasks}
     for k, task in enumerate(tasks):  # where the README says the logs are
@@ -271,7 +259,7 @@ def test_cancelled_shard_resumes_when_the_same_command_is_resubmitted(slurm, uns
     assert 1 <= done < LIMIT // SHARDS, f"the cancel must hit shard 1 midway ({done} parts written)"
     assert all(len(before[k]) == LIMIT // SHARDS for k in (0, 2, 3))
 
-    patchscan(*args, cwd=tmp_path, env=slurm)  # the same command again
+    cli(*args, cwd=tmp_path, env=slurm)  # the same command again
     again = submitted(sweep, before=frozenset(tasks) | {job_of(tasks[0])})
     for k in range(SHARDS):
         after = shard_parts(results, k)
@@ -355,7 +343,7 @@ def test_shard_past_its_time_limit_resumes_when_resubmitted(slurm, tmp_path):
     assert 1 <= len(before) < per_shard, f"the job must stop midway ({len(before)} parts written)"
 
     longer = [a.replace("timeout_min=1", "timeout_min=10") for a in short]
-    patchscan(*longer, cwd=tmp_path, env=slurm)
+    cli(*longer, cwd=tmp_path, env=slurm)
     (again,) = submitted(sweep, 1, before=frozenset({job}))
     after = shard_parts(results, 1)
     assert len(after) == per_shard and {n: after[n] for n in before} == before
