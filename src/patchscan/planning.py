@@ -30,7 +30,8 @@ from patchscan.engine.batching import rows_for_budget
 from patchscan.engine.capture import Captured, resolve_position
 from patchscan.engine.counting import Counts
 from patchscan.engine.identical import identical_runs
-from patchscan.engine.patching import TopK, _batch_size, _groups, _micro_batches, bytes_per_row
+from patchscan.engine.kv import caches_merge
+from patchscan.engine.patching import TopK, _batch_size, _by_group, _groups, _micro_batches, bytes_per_row
 from patchscan.errors import UserError
 from patchscan.models.loading import (
     DEFAULT_BUILTIN,
@@ -255,12 +256,24 @@ class PlanEngine:
                 width = max(len(patches[i].target_ids) for i in batch)
                 self._prefill_and_decode(len(batch), width, width + max_new_tokens, max_new_tokens)
         lru = _PrefixLru(8 if reuse_prefix else 0)
-        for (ids, position), indices in _groups(patches, patched_only=True).items():
-            size = self._size(batch_size, len(ids) + max_new_tokens, memory_budget_gb)
-            for chunk in _micro_batches(view, indices, patches, size, skip=False):
-                if lru.miss(ids[:position]):
-                    self._forward(1, position, position)
-                self._prefill_and_decode(len(chunk), len(ids) - position, len(ids) + max_new_tokens, max_new_tokens)
+        groups = _groups(patches, patched_only=True)
+        flat = [i for indices in groups.values() for i in indices]
+        if flat:  # as the engine: batches across target prompts, one prefill per prompt, decoded as one
+            longest = max(len(ids) for ids, _ in groups)
+            size = self._size(batch_size, longest + max_new_tokens, memory_budget_gb)
+            merges = caches_merge(view.model.config)
+            for s in range(0, len(flat), size):
+                parts = _by_group(patches, flat[s : s + size])
+                for batch in [parts] if merges or len(parts) == 1 else [[part] for part in parts]:
+                    for part in batch:
+                        ids, position = patches[part[0]].target_ids, patches[part[0]].target_position
+                        if lru.miss(ids[:position]):
+                            self._forward(1, position, position)
+                        self._forward(len(part), len(ids) - position, len(ids) + max_new_tokens)
+                    width = max(len(patches[part[0]].target_ids) for part in batch) + max_new_tokens
+                    for _ in range(max_new_tokens - 1):
+                        self._forward(sum(map(len, batch)), 1, width)
+                    self.counts.tokens_generated += sum(map(len, batch)) * max_new_tokens
         return [[] for _ in rows]
 
     def patched_next_token(

@@ -14,9 +14,13 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from patchscan.engine.capture import pad_batch
 from patchscan.engine.head import GreedyHead, next_tokens
+from patchscan.engine.kv import preallocated_cache
 from patchscan.models.view import ModelView
 
 Stop = Callable[[str], bool]
+# Families whose forward takes per-row `position_ids` and a 2-D padding mask with a KV cache, as HF's
+# generate passes them: their padded batches decode in our own loop; others go through `generate`.
+PADDED_FAMILIES = {"llama", "gpt2", "gpt_neox", "qwen2", "gemma3_text", "mistral", "qwen3"}
 
 
 def finished(view: ModelView, tokens: list[int], stop: Stop | None, eos: set[int]) -> bool:
@@ -34,9 +38,41 @@ def truncate_at_stop(view: ModelView, tokens: Sequence[int], stop: Stop | None) 
     return list(tokens)
 
 
-def _step(view: ModelView, token: torch.Tensor, kv, head: GreedyHead | None) -> torch.Tensor:
+def _step(view: ModelView, token: torch.Tensor, kv, head: GreedyHead | None, padding: Padding | None) -> torch.Tensor:
     ids = token[:, None].to(view.input_device)
-    return next_tokens(view, head, dict(input_ids=ids, past_key_values=kv, use_cache=True))[0]
+    extra = padding.step_kwargs() if padding is not None else {}
+    return next_tokens(view, head, dict(input_ids=ids, past_key_values=kv, use_cache=True, **extra))[0]
+
+
+class Padding:
+    """Rows whose prompts differ in length, decoded in one batch: each row's padding mask over the
+    KV cache and its next position (the count of its real tokens), kept in step with the rows.
+
+    The mask is passed as HF's generate passes it, so padding is never attended; positions are the
+    row's own, so rotary embeddings match the unpadded prompt."""
+
+    def __init__(self, mask: torch.Tensor, device: torch.device):
+        self.mask = mask.to(device)
+        self.positions = self.mask.sum(-1)  # the position of each row's next token
+
+    def advance(self, keep: list[int]) -> None:
+        """After a step: the rows that go on, each with one more cached token."""
+        if len(keep) < self.mask.shape[0]:
+            index = torch.tensor(keep, device=self.mask.device)
+            self.mask, self.positions = self.mask[index], self.positions[index]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+
+    def step_kwargs(self) -> dict:
+        """The mask and positions of the next one-token step (then counted as cached)."""
+        kwargs = dict(attention_mask=self.mask, position_ids=self.positions[:, None].clone())
+        self.positions = self.positions + 1
+        return kwargs
+
+    @staticmethod
+    def prefill_kwargs(mask: torch.Tensor, device: torch.device) -> dict:
+        """A left-padded prompt batch's mask and positions (padding gets position 0, as in generate)."""
+        mask = mask.to(device)
+        return dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
 
 
 class Compaction:
@@ -60,10 +96,12 @@ def greedy_decode(
     stops: Sequence[Stop | None],
     batch=None,
     head: GreedyHead | None = None,
+    padding: Padding | None = None,
 ) -> list[list[int]]:
     """Continue greedily from a prefill's greedy tokens and KV cache (one row per stop); `batch`
     (default: a `Compaction`) follows the rows that go on after each step; `head` reads each step's
-    tokens without the full logits (None: the model's own logits)."""
+    tokens without the full logits (None: the model's own logits); `padding` (rows of different
+    lengths) gives each step its mask and positions."""
     batch = batch or Compaction(kv, len(stops))
     eos = set(view.eos_token_ids)
     tokens: list[list[int]] = [[] for _ in stops]
@@ -80,7 +118,9 @@ def greedy_decode(
             alive = [alive[k] for k in keep]
             token = token[torch.tensor(keep, device=token.device)]
         batch.advance(keep, token.tolist())
-        token = _step(view, token, kv, head)
+        if padding is not None:
+            padding.advance(keep)
+        token = _step(view, token, kv, head, padding)
     return tokens
 
 
@@ -104,14 +144,37 @@ class _RowStops(StoppingCriteria):
 def plain_generate(
     view: ModelView, prompts: list[tuple[int, ...]], max_new_tokens: int, stops: Sequence[Stop | None] | None = None
 ) -> list[list[int]]:
-    """Unpatched greedy continuations of different prompts in one HF generate call, left-padded
-    with an attention mask so padding is never attended; each cut after its first EOS or stop."""
+    """Unpatched greedy continuations of different prompts in one batch, left-padded with an
+    attention mask so padding is never attended; each cut after its first EOS or stop.
+
+    Known families decode in our own loop (finished rows leave the batch, the greedy head reads the
+    token, the KV cache has room reserved); others through HF's `generate`."""
+    stops = list(stops) if stops is not None else [None] * len(prompts)
+    if view.model.config.model_type not in PADDED_FAMILIES:
+        return _hf_generate(view, prompts, max_new_tokens, stops)
+    ids, mask = pad_batch([list(p) for p in prompts], _pad_id(view), left=True)
+    head = GreedyHead.for_view(view)
+    kv = preallocated_cache(view.model.config, ids.shape[1] + max_new_tokens)
+    device = view.input_device
+    kwargs = dict(input_ids=ids.to(device), past_key_values=kv, use_cache=True, **Padding.prefill_kwargs(mask, device))
+    first, kv = next_tokens(view, head, kwargs)
+    return greedy_decode(view, first, kv, max_new_tokens, stops, head=head, padding=Padding(mask, device))
+
+
+def _pad_id(view: ModelView) -> int:
+    return view.tokenizer.pad_token_id if view.tokenizer.pad_token_id is not None else 0
+
+
+def _hf_generate(
+    view: ModelView, prompts: list[tuple[int, ...]], max_new_tokens: int, stops: Sequence[Stop | None]
+) -> list[list[int]]:
+    """`plain_generate` through HF's generate: a stopping criterion marks each row's stop."""
     eos = view.eos_token_ids
-    pad = view.tokenizer.pad_token_id if view.tokenizer.pad_token_id is not None else 0
+    pad = _pad_id(view)
     ids, mask = pad_batch([list(p) for p in prompts], pad, left=True)
     extra = {}
     row_stops = None
-    if stops is not None and any(s is not None for s in stops):
+    if any(s is not None for s in stops):
         row_stops = _RowStops(view, stops, ids.shape[1])
         extra["stopping_criteria"] = StoppingCriteriaList([row_stops])
     out = view.model.generate(

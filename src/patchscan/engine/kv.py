@@ -66,6 +66,64 @@ class PreallocatedLayer(DynamicLayer):
         torch.index_select(buffer[:, :, : self._length], 0, indices, out=kept[:, :, : self._length])
         return kept
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take over filled buffers (`length` positions written, the rest room to come)."""
+        self.dtype, self.device = keys.dtype, keys.device
+        self._keys, self._values, self._length = keys, values, length
+        self.capacity = keys.shape[-2]
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self.is_initialized = True
+
     def reset(self) -> None:
         self._length = 0
         super().reset()
+
+
+def preallocated_cache(config, capacity: int, prefix: list | None = None):
+    """A DynamicCache whose plain layers are `PreallocatedLayer`s with room for `capacity` tokens,
+    holding `prefix` ((keys, values) per layer) when given; other layers (sliding windows) stay
+    the model's own and are returned as they are for the caller to fill."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            keys, values = (None, None) if prefix is None else prefix[i]
+            cache.layers[i] = PreallocatedLayer(capacity, keys, values)
+    return cache
+
+
+def merged_cache(config, caches: list, room: int) -> tuple[object, torch.Tensor | None]:
+    """The rows of several caches in one, each right-aligned to the longest (left padding), with
+    `room` for the tokens to come; and the padding mask, None when every cache has one length.
+
+    Only caches whose layers are all `PreallocatedLayer`s merge (`caches_merge`)."""
+    lengths = [c.get_seq_length() for c in caches]
+    width = max(lengths)
+    counts = [c.layers[0].keys.shape[0] for c in caches]
+    out = preallocated_cache(config, width + room)
+    for i, layer in enumerate(out.layers):
+        like = caches[0].layers[i].keys
+        shape = (sum(counts), like.shape[1], width + room, like.shape[3])
+        keys, values = like.new_empty(shape), like.new_empty(shape)
+        start = 0
+        for cache, rows, length in zip(caches, counts, lengths):
+            part, pad = cache.layers[i], width - length
+            keys[start : start + rows, :, :pad] = 0  # never attended, but must be finite (0 * nan is nan)
+            values[start : start + rows, :, :pad] = 0
+            keys[start : start + rows, :, pad:width] = part.keys
+            values[start : start + rows, :, pad:width] = part.values
+            start += rows
+        layer.adopt(keys, values, width)
+    if len(set(lengths)) == 1:
+        return out, None
+    mask = torch.cat([torch.arange(width).ge(width - n).long().expand(rows, width) for n, rows in zip(lengths, counts)])
+    return out, mask
+
+
+def caches_merge(config) -> bool:
+    """Do this model's caches merge (`merged_cache`): is every layer a plain one, which generation
+    preallocates? Sliding-window layers keep their own bookkeeping and do not."""
+    from transformers import DynamicCache
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)

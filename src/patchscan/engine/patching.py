@@ -21,11 +21,11 @@ import torch
 from patchscan.engine.batching import FORWARD_OVERHEAD, plan_layer_chunks, rows_for_budget, run_with_backoff
 from patchscan.engine.capture import resolve_position
 from patchscan.engine.counting import note_generated
-from patchscan.engine.decoding import Stop, greedy_decode, plain_generate
+from patchscan.engine.decoding import Padding, Stop, greedy_decode, plain_generate
 from patchscan.engine.head import GreedyHead, last_logits, next_tokens
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
 from patchscan.engine.identical import identical_runs, per_row, shared_stop
-from patchscan.engine.kv import PreallocatedLayer
+from patchscan.engine.kv import PreallocatedLayer, caches_merge, merged_cache
 from patchscan.engine.sharing import SharedDecoding, can_share
 from patchscan.models.view import ModelView
 
@@ -248,8 +248,10 @@ def generate(
 
     Each continuation stops after an end-of-sequence token (kept), after the token that makes its
     stop (`stops[i]`, a predicate on the decoded continuation) hold, or at `max_new_tokens`;
-    finished rows leave the batch so they cost nothing more. Unpatched rows (`vector=None`), whose
-    prompts usually all differ, run as left-padded HF generate batches with an attention mask instead.
+    finished rows leave the batch so they cost nothing more. A batch may hold the rows of several
+    target prompts: each prompt runs its own prefill, then the batch decodes as one, left-padded
+    with a mask (`kv.merged_cache`). Unpatched rows (`vector=None`), whose prompts usually all
+    differ, run as left-padded batches of their own (`decoding.plain_generate`).
     With `share_lower_blocks` (the default), rows of one target prompt that have generated the same
     tokens run blocks 0..ℓ* once while decoding (`engine.sharing`; unknown architectures decode plainly).
     Identical patches (same target, position, block and vector) are generated once (`engine.identical`).
@@ -298,24 +300,56 @@ def _generate_plain(view, patches, stops, max_new_tokens, sizing) -> Iterator[tu
 def _generate_patched(
     view, patches, stops, max_new_tokens, sizing, options
 ) -> Iterator[tuple[list[int], list[list[int]]]]:
-    """Patched rows, group by group: one prefix cache, a patched prefill, then greedy decoding."""
+    """Patched rows in batches that may hold several target prompts: each prompt's rows run their
+    own prefill (one prefix cache, the patched suffix), then the batch decodes as one, the caches
+    merged with left padding and a mask (`kv.merged_cache`). Many small groups (multihop's
+    per-example prompts) so make full batches instead of many small ones."""
     reuse_prefix, share = options
     cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
 
     head = GreedyHead.for_view(view)
     readout = partial(next_tokens, view, head)
+    groups = _groups(patches, patched_only=True)
+
+    @torch.no_grad()
+    def decode(rows: list[int], first, kv, padding, paths) -> list[list[int]]:
+        row_stops = [stops[i] for i in rows]
+        if not (share and len(rows) > 1 and can_share(view, kv)):
+            return greedy_decode(view, first, kv, max_new_tokens, row_stops, head=head, padding=padding)
+        shared = SharedDecoding(view.blocks, kv, [patches[i].target_layer for i in rows], paths)
+        with shared.installed():
+            return greedy_decode(view, first, kv, max_new_tokens, row_stops, shared, head=head, padding=padding)
+
+    merges = caches_merge(view.model.config)
 
     @torch.no_grad()
     def run(rows: list[int]) -> list[list[int]]:
-        first, kv = _prefill(view, cache, patches, rows, False, True, room=max_new_tokens, readout=readout)
-        row_stops = [stops[i] for i in rows]
-        if not (share and len(rows) > 1 and can_share(view, kv)):
-            return greedy_decode(view, first, kv, max_new_tokens, row_stops, head=head)
-        shared = SharedDecoding(view.blocks, kv, [patches[i].target_layer for i in rows])
-        with shared.installed():
-            return greedy_decode(view, first, kv, max_new_tokens, row_stops, shared, head=head)
+        parts = _by_group(patches, rows)
+        if len(parts) > 1 and not merges:  # e.g. sliding-window layers: prompt by prompt
+            return [t for part in parts for t in run(part)]
+        room = max_new_tokens if len(parts) == 1 else 0  # prompts that merge get their room in the merged cache
+        prefilled = [_prefill(view, cache, patches, part, False, True, room=room, readout=readout) for part in parts]
+        caches = [kv for _, kv in prefilled]
+        kv, mask = (caches[0], None) if len(parts) == 1 else merged_cache(view.model.config, caches, max_new_tokens)
+        padding = None if mask is None else Padding(mask, view.input_device)
+        paths = [g for g, part in enumerate(parts) for _ in part]  # rows of different prompts share nothing
+        return decode(rows, torch.cat([first for first, _ in prefilled]), kv, padding, paths)
 
-    for (ids, _), indices in _groups(patches, patched_only=True).items():
-        size = _batch_size(view, sizing[0], len(ids) + max_new_tokens, sizing[1])
-        for chunk in _micro_batches(view, indices, patches, size, skip=False):
-            yield from run_with_backoff(chunk, run)
+    flat = [i for indices in groups.values() for i in indices]
+    if flat:
+        longest = max(len(ids) for ids, _ in groups)
+        size = _batch_size(view, sizing[0], longest + max_new_tokens, sizing[1])
+        for s in range(0, len(flat), size):
+            yield from run_with_backoff(flat[s : s + size], run)
+
+
+def _by_group(patches: list[Patch], rows: list[int]) -> list[list[int]]:
+    """`rows` cut where the target prompt or position changes (rows come group by group)."""
+    parts: list[list[int]] = []
+    for i in rows:
+        key = (patches[i].target_ids, patches[i].target_position)
+        if parts and (patches[parts[-1][0]].target_ids, patches[parts[-1][0]].target_position) == key:
+            parts[-1].append(i)
+        else:
+            parts.append([i])
+    return parts

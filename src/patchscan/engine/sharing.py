@@ -108,11 +108,12 @@ class SharedDecoding:
     on and their new tokens; it splits the classes and re-indexes every layer's cache (finished
     rows leave it there too)."""
 
-    def __init__(self, blocks: nn.ModuleList, kv, target_layers: Sequence[int]):
+    def __init__(self, blocks: nn.ModuleList, kv, target_layers: Sequence[int], prompts: Sequence[int] | None = None):
         self.blocks, self.kv = blocks, kv
         self.layers = list(target_layers)
         self.n = len(self.layers)
-        self.paths = [0] * self.n  # an id per distinct continuation (the prefill's: all the same)
+        # An id per distinct (target prompt, continuation); rows of one prompt start on one path.
+        self.paths = list(prompts) if prompts is not None else [0] * self.n
         self.reps: list[torch.Tensor | None] = [None] * len(blocks)
         self.rows: list[torch.Tensor | None] = [None] * len(blocks)
         self._on_device: dict = {}  # (block, device) -> (reps, rows) there: one copy per step, not per use
