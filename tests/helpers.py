@@ -147,3 +147,16 @@ def grid_patches(view):
                     Patch(target_ids=other, target_position=0, target_layer=s, vector=c.states[s, j])
                 )  # position 0: no prefix at all
     return patches
+
+
+def varied_stops(view, full: list[list[int]], first: int):
+    """A stop on every third row, on the token at `first + k % 5` of row k's full continuation (so
+    rows finish at different steps), and the full continuations cut where those stops hold."""
+    from patchscan.engine.decoding import truncate_at_stop
+    from patchscan.metrics.answers import StopWhenFound
+
+    stops = [
+        None if k % 3 else StopWhenFound(view.decode(t[first + k % 5 : first + 1 + k % 5]) or "?")
+        for k, t in enumerate(full)
+    ]
+    return stops, [truncate_at_stop(view, t, s) for t, s in zip(full, stops)]

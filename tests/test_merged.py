@@ -13,6 +13,7 @@ from patchscan.engine.kv import PreallocatedLayer, merged_cache
 from patchscan.engine.naive import naive_generate
 from patchscan.metrics.answers import StopWhenFound
 from tests.conftest import ARCHS, tiny
+from tests.helpers import varied_stops
 
 NEW = 8
 TEXTS = ["The capital city of x is a", "Hello x", "One two three four x five six seven", "a b x"]
@@ -51,10 +52,7 @@ def test_prompts_of_different_lengths_decode_as_one_batch(name, share, monkeypat
     view = tiny(name)
     patches = _patches(view)
     naive = [naive_generate(view, p, NEW) for p in patches]
-    stops = [
-        None if k % 3 else StopWhenFound(view.decode(t[1 + k % 5 : 2 + k % 5]) or "?") for k, t in enumerate(naive)
-    ]
-    expected = [truncate_at_stop(view, t, s) for t, s in zip(naive, stops)]
+    stops, expected = varied_stops(view, naive, 1)
     merges = _spy_merges(monkeypatch)
     merged = generate(view, patches, max_new_tokens=NEW, stops=stops, batch_size=256, share_lower_blocks=share)
     assert merged == expected

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from patchscan.engine import Patch, generate, sharing
-from patchscan.engine.decoding import truncate_at_stop
 from patchscan.engine.naive import naive_generate
-from patchscan.metrics.answers import StopWhenFound
 from tests.conftest import ARCHS, tiny
+from tests.helpers import varied_stops
 from tests.test_offload import model_state, offloaded
 
 NEW = 10
@@ -43,10 +42,7 @@ def test_shared_generation_equals_naive_and_unshared(name):
     view = tiny(name)
     patches = _grid(view)
     naive = [naive_generate(view, p, NEW) for p in patches]
-    stops = [
-        None if k % 3 else StopWhenFound(view.decode(t[2 + k % 5 : 3 + k % 5]) or "?") for k, t in enumerate(naive)
-    ]
-    expected = [truncate_at_stop(view, t, s) for t, s in zip(naive, stops)]
+    stops, expected = varied_stops(view, naive, 2)
     plain = generate(view, patches, max_new_tokens=NEW, stops=stops, batch_size=64, share_lower_blocks=False)
     shared, rows = _block_rows(
         lambda: generate(view, patches, max_new_tokens=NEW, stops=stops, batch_size=64, share_lower_blocks=True)

@@ -64,7 +64,7 @@ class Padding:
 
     def step_kwargs(self) -> dict:
         """The mask and positions of the next one-token step (then counted as cached)."""
-        kwargs = dict(attention_mask=self.mask, position_ids=self.positions[:, None].clone())
+        kwargs = dict(attention_mask=self.mask, position_ids=self.positions[:, None])
         self.positions = self.positions + 1
         return kwargs
 

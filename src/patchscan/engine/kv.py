@@ -79,17 +79,15 @@ class PreallocatedLayer(DynamicLayer):
         super().reset()
 
 
-def preallocated_cache(config, capacity: int, prefix: list | None = None):
-    """A DynamicCache whose plain layers are `PreallocatedLayer`s with room for `capacity` tokens,
-    holding `prefix` ((keys, values) per layer) when given; other layers (sliding windows) stay
-    the model's own and are returned as they are for the caller to fill."""
+def preallocated_cache(config, capacity: int):
+    """An empty DynamicCache whose plain layers are `PreallocatedLayer`s with room for `capacity`
+    tokens; other layers (sliding windows) stay the model's own."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:
-            keys, values = (None, None) if prefix is None else prefix[i]
-            cache.layers[i] = PreallocatedLayer(capacity, keys, values)
+            cache.layers[i] = PreallocatedLayer(capacity)
     return cache
 
 

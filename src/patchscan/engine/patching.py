@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import groupby
 
 import torch
 
@@ -345,11 +346,5 @@ def _generate_patched(
 
 def _by_group(patches: list[Patch], rows: list[int]) -> list[list[int]]:
     """`rows` cut where the target prompt or position changes (rows come group by group)."""
-    parts: list[list[int]] = []
-    for i in rows:
-        key = (patches[i].target_ids, patches[i].target_position)
-        if parts and (patches[parts[-1][0]].target_ids, patches[parts[-1][0]].target_position) == key:
-            parts[-1].append(i)
-        else:
-            parts.append([i])
-    return parts
+    key = lambda i: (patches[i].target_ids, patches[i].target_position)  # noqa: E731 (the group key)
+    return [list(part) for _, part in groupby(rows, key=key)]
