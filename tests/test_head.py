@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from patchscan.engine import Patch, capture, generate
+from patchscan.engine import head as head_module
 from patchscan.engine.head import CHUNK, GreedyHead, bf16_sums_in_fp32
 from tests.conftest import tiny
 
@@ -37,20 +38,25 @@ def test_head_equals_the_models_argmax(view, screen):
     assert torch.equal(head(hidden), model_argmax(view, hidden))
 
 
-def test_screen_is_exact_on_near_ties_and_large_vocabularies():
-    """A random 3-chunk unembedding with planted near-ties one fp32 step apart: bf16 cannot tell
-    them apart, the fp32 recheck must."""
+@pytest.mark.parametrize("rows_at_once", [None, 7])
+def test_screen_is_exact_on_near_ties_and_large_vocabularies(rows_at_once, monkeypatch):
+    """A random 3-chunk unembedding with planted near-ties one fp32 step apart, in the best token's
+    block of the coarse test or in another: bf16 cannot tell them apart, the fp32 recheck must;
+    also when the screen takes the rows a few at a time."""
     if not bf16_sums_in_fp32(torch.device("cpu")):
         pytest.skip("this CPU's bf16 matmul does not sum in fp32: the screen stays off here (tested below)")
     gen = torch.Generator().manual_seed(1)
     vocab, width = 3 * CHUNK + 17, 96
+    if rows_at_once:  # the screen's buffer holds this many rows of bf16 logits (padded vocabulary)
+        padded = -(-vocab // head_module._BLOCK) * head_module._BLOCK
+        monkeypatch.setattr(head_module, "_SCREEN_BYTES", rows_at_once * 2 * padded)
     unembed = nn.Linear(width, vocab, bias=False)
     unembed.weight.data = torch.randn(vocab, width, generator=gen) / width**0.5
     hidden = torch.randn(40, width, generator=gen) * 8
     # plant, for each row, a rival token whose logit is within a few fp32 ulps of the row's best
     best = (hidden @ unembed.weight.T).argmax(-1)
     for r, b in enumerate(best.tolist()):
-        rival = (b + 1 + 3 * r) % vocab
+        rival = (b + 1 + 3 * r + (r % 3 == 0) * 2 * head_module._BLOCK) % vocab
         unembed.weight.data[rival] = unembed.weight.data[b] * (1 + (-1) ** r * 2e-7)
     expected = (hidden @ unembed.weight.T).argmax(-1)
     bf16_only = (hidden.bfloat16() @ unembed.weight.bfloat16().T).float().argmax(-1)
@@ -59,6 +65,7 @@ def test_screen_is_exact_on_near_ties_and_large_vocabularies():
     assert screened.screen
     assert torch.equal(plain(hidden), expected)
     assert torch.equal(screened(hidden), expected)
+    assert screened(hidden[:0]).shape == (0,)
 
 
 def test_screen_follows_edits_of_the_weight():

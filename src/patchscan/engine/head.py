@@ -12,7 +12,10 @@ logits would give, computing less:
   model's logits are first screened in bf16, several times faster. Each bf16 logit comes with a
   rigorous bound on its distance to the fp32 logit (bf16 rounds inputs and output to 8 bits; the
   products are summed in fp32), and only tokens whose upper bound reaches the best token's lower
-  bound, a handful per row, are computed again in fp32. The answer is the fp32 argmax, ties to the
+  bound, a handful per row, are computed again in fp32. The bf16 logits go into one buffer kept
+  between calls (fresh pages cost more than the matmul's output on a CPU), and the bound is first
+  tested per block of 512 tokens on the block's best logit, so only the few blocks that can hold
+  a candidate are searched token by token. The answer is the fp32 argmax, ties to the
   lowest id, as `argmax` over the model's logits gives it. A self-check of the bf16 kernel (does it
   sum in fp32 and round once?) runs before the screen is first used; where it fails, or for rows
   whose hidden state is not finite, the plain fp32 chunks run instead.
@@ -36,6 +39,8 @@ from patchscan.models.dtypes import cpu_has_native_bf16
 # Families whose CausalLM forward is `lm_head(base_model(...).last_hidden_state)` [+ soft-capping].
 FAMILIES = {"llama", "gpt2", "gpt_neox", "qwen2", "gemma3_text", "mistral", "qwen3"}
 CHUNK = 4096  # vocabulary rows per CPU matmul: small logits blocks, reduced while still in cache
+_BLOCK = 512  # vocabulary rows per block of the screen's coarse test
+_SCREEN_BYTES = 64 << 20  # most bf16 logits the screen holds at once (rows are taken in blocks)
 _UNIT = 2.0**-8  # bf16 unit roundoff (8 significant bits, round to nearest)
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its GreedyHead
 
@@ -77,6 +82,8 @@ class GreedyHead:
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.to(self.unembed.weight.device)
+        if not len(hidden):
+            return torch.empty(0, dtype=torch.long, device=hidden.device)
         if self.screen and hidden.dtype == torch.float32 and self._screen_ready() and bool(hidden.isfinite().all()):
             return self._screened(hidden)
         return self._chunked(hidden)
@@ -99,44 +106,62 @@ class GreedyHead:
     # --- the bf16 screen ------------------------------------------------------------------------
 
     def _screen_ready(self) -> bool:
-        """The bf16 copy of the weight and its row norms, remade if the weight changed (its tensor
-        version counts in-place edits); False where this machine's bf16 kernel fails the self-check."""
+        """The bf16 copy of the weight (zero rows pad it to whole blocks) and its row norms, remade if
+        the weight changed (its tensor version counts in-place edits); False where this machine's bf16
+        kernel fails the self-check."""
         weight = self.unembed.weight
         key = (weight.data_ptr(), weight._version, tuple(weight.shape))
         if key != self._screen_key:
             self._screen_key = key
-            self._weight_bf16 = weight.detach().to(torch.bfloat16)
+            vocab = weight.shape[0]
+            padded = -(-vocab // _BLOCK) * _BLOCK
+            self._weight_bf16 = torch.zeros(padded, weight.shape[1], dtype=torch.bfloat16, device=weight.device)
+            self._weight_bf16[:vocab] = weight.detach()
             self._row_norms = weight.detach().norm(dim=-1) * (1 + 1e-5)
+            self._max_norm = self._row_norms.max()
+            self._screen_buffer = torch.empty(0, dtype=torch.bfloat16)
             self.screen = self.screen and bf16_sums_in_fp32(weight.device)
         return self.screen
 
     def _screened(self, hidden: torch.Tensor) -> torch.Tensor:
-        """bf16 logits in chunks; per row, the best one's fp32 lower bound; every token whose fp32
-        upper bound reaches it (a coarse row-wide test first, then each token's own bound); those
-        tokens in fp32."""
+        """The screen over blocks of rows, so that their bf16 logits stay within `_SCREEN_BYTES`."""
+        per_block = max(1, _SCREEN_BYTES // (2 * self._weight_bf16.shape[0]))
+        if len(hidden) <= per_block:
+            return self._screened_rows(hidden)
+        return torch.cat([self._screened_rows(hidden[r : r + per_block]) for r in range(0, len(hidden), per_block)])
+
+    def _screened_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """All bf16 logits in one matmul, into a buffer kept between calls; per row, the best one's
+        fp32 lower bound; the vocabulary blocks whose best bf16 logit could reach it (a coarse test
+        with the widest bound any token has); in those blocks the tokens that pass it, then each
+        token's own bound; those tokens in fp32."""
         weight, norms = self.unembed.weight, self._row_norms
         # |fp32 logit - bf16 logit| <= alpha |w| |h| + beta |bf16 logit|: bf16 inputs (2u + u^2 per
         # product), fp32 sums here and in the reference (2 width 2^-24), one bf16 rounding of the sum.
         alpha = 2 * _UNIT + _UNIT**2 + 2 * hidden.shape[-1] * 2.0**-24
         beta = _UNIT / (1 - _UNIT) + 2.0**-22
-        h16 = hidden.to(torch.bfloat16)
-        scale = alpha * hidden.norm(dim=-1) * (1 + 1e-5)  # (rows,)
-        starts = range(0, weight.shape[0], CHUNK)
-        approx = [nn.functional.linear(h16, self._weight_bf16[s : s + CHUNK]) for s in starts]
-        top, top_at = _running_argmax(zip(starts, approx))
+        n, vocab, padded = hidden.shape[0], weight.shape[0], self._weight_bf16.shape[0]
+        if self._screen_buffer.numel() < n * padded:
+            self._screen_buffer = torch.empty(n * padded, dtype=torch.bfloat16, device=hidden.device)
+        approx = self._screen_buffer[: n * padded].view(n, padded)
+        torch.mm(hidden.to(torch.bfloat16), self._weight_bf16.t(), out=approx)
+        approx[:, vocab:] = float("-inf")  # the padding rows are no tokens
+        blocks = approx.view(n, padded // _BLOCK, _BLOCK)
+        block_top = blocks.amax(-1)  # (rows, blocks)
+        top, best_block = block_top.max(-1)
+        top_at = best_block * _BLOCK + blocks[torch.arange(n), best_block].argmax(-1)
         top = top.float()
+        scale = alpha * hidden.norm(dim=-1) * (1 + 1e-5)  # (rows,)
         lower = top - scale * norms[top_at] - beta * top.abs()  # the best fp32 logit is at least this
-        # A token reaches `lower` only if a + scale max|w| + beta |a| >= lower: solved for its bf16 logit a.
-        reach = lower - scale * norms.max()
+        # A token reaches `lower` only if a + scale max|w| + beta |a| >= lower: solved for its bf16 logit a,
+        # widened, and rounded down to a bf16 value so the test compares bf16 logits as they are.
+        reach = lower - scale * self._max_norm
         coarse = torch.where(reach >= 0, reach / (1 + beta), reach / (1 - beta))
-        coarse = (coarse - 1e-6 * coarse.abs())[:, None]
-        rows, tokens, values = [], [], []
-        for s, chunk in zip(starts, approx):
-            r, t = (chunk >= coarse).nonzero(as_tuple=True)
-            rows.append(r)
-            tokens.append(t + s)
-            values.append(chunk[r, t])
-        rows, tokens, value = torch.cat(rows), torch.cat(tokens), torch.cat(values).float()
+        coarse = (coarse - (1e-6 + _UNIT) * coarse.abs()).to(torch.bfloat16)
+        hit_rows, hit_blocks = (block_top >= coarse[:, None]).nonzero(as_tuple=True)
+        hits = blocks[hit_rows, hit_blocks]  # (hit blocks, _BLOCK)
+        at, offset = (hits >= coarse[hit_rows, None]).nonzero(as_tuple=True)
+        rows, tokens, value = hit_rows[at], hit_blocks[at] * _BLOCK + offset, hits[at, offset].float()
         keep = value + scale[rows] * norms[tokens] + beta * value.abs() >= lower[rows]  # each token's own bound
         rows, tokens = rows[keep], tokens[keep]
         candidates, column = tokens.unique(sorted=True, return_inverse=True)
