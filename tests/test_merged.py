@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from patchscan.engine import Patch, generate, patching
-from patchscan.engine.decoding import Padding, _hf_generate, plain_generate, truncate_at_stop
+from patchscan.engine.decoding import Padding, _hf_generate, plain_generate
 from patchscan.engine.kv import PreallocatedLayer, merged_cache
 from patchscan.engine.naive import naive_generate
-from patchscan.metrics.answers import StopWhenFound
 from tests.conftest import ARCHS, tiny
 from tests.helpers import varied_stops
 
@@ -99,8 +98,7 @@ def test_unpatched_prompts_decode_in_our_loop_as_hf_generate_does(name):
     full = [
         naive_generate(view, Patch(target_ids=p, target_position=-1, target_layer=0, vector=None), NEW) for p in prompts
     ]
-    stops = [StopWhenFound(view.decode(t[3:4]) or "?") if k % 2 else None for k, t in enumerate(full)]
-    expected = [truncate_at_stop(view, t, s) for t, s in zip(full, stops)]
+    stops, expected = varied_stops(view, full, 1)
     assert plain_generate(view, prompts, NEW, stops) == expected == _hf_generate(view, prompts, NEW, stops)
 
 

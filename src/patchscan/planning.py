@@ -227,6 +227,10 @@ class PlanEngine:
 
     def _prefill_and_decode(self, rows: int, suffix: int, seq_len: int, steps: int) -> None:
         self._forward(rows, suffix, seq_len)
+        self._decode(rows, seq_len, steps)
+
+    def _decode(self, rows: int, seq_len: int, steps: int) -> None:
+        """Greedy decoding after a prefill: one-token forwards, and the tokens they generate."""
         for _ in range(steps - 1):
             self._forward(rows, 1, seq_len)
         self.counts.tokens_generated += rows * steps
@@ -271,9 +275,7 @@ class PlanEngine:
                             self._forward(1, position, position)
                         self._forward(len(part), len(ids) - position, len(ids) + max_new_tokens)
                     width = max(len(patches[part[0]].target_ids) for part in batch) + max_new_tokens
-                    for _ in range(max_new_tokens - 1):
-                        self._forward(sum(map(len, batch)), 1, width)
-                    self.counts.tokens_generated += sum(map(len, batch)) * max_new_tokens
+                    self._decode(sum(map(len, batch)), width, max_new_tokens)
         return [[] for _ in rows]
 
     def patched_next_token(

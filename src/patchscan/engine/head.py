@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from patchscan.models.dtypes import cpu_has_native_bf16
+from patchscan.models.view import HOOK_DICTS
 
 # Families whose CausalLM forward is `lm_head(base_model(...).last_hidden_state)` [+ soft-capping].
 FAMILIES = {"llama", "gpt2", "gpt_neox", "qwen2", "gemma3_text", "mistral", "qwen3"}
@@ -190,7 +191,7 @@ def _hooked(module: nn.Module) -> bool:
     """Does a forward hook act on this module's call (its own, or one on every module)?"""
     from torch.nn.modules import module as torch_module
 
-    own = module._forward_hooks or module._forward_pre_hooks
+    own = any(getattr(module, name) for name in HOOK_DICTS)
     return bool(own or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
