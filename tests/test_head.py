@@ -139,3 +139,31 @@ def test_a_hook_on_the_head_or_the_model_keeps_the_modelsmodel_argmax():
         assert GreedyHead.for_view(lm) is None
     finally:
         handle.remove()
+
+
+def test_threads_sharing_a_screened_head_get_their_own_tokens():
+    """The screen keeps one bf16 buffer per head: two threads reading tokens at once must not mix
+    each other's logits."""
+    import threading
+
+    gen = torch.Generator().manual_seed(3)
+    unembed = nn.Linear(256, 20000, bias=False)
+    head = GreedyHead(unembed, screen=True)
+    inputs = [torch.randn(300 + 200 * k, 256, generator=gen) * (k + 1) for k in range(2)]
+    expected = [(h @ unembed.weight.T).argmax(-1) for h in inputs]
+    wrong = []
+
+    def read(k: int) -> None:
+        for _ in range(20):
+            try:
+                if not torch.equal(head(inputs[k]), expected[k]):
+                    wrong.append((k, "wrong tokens"))
+            except Exception as error:  # noqa: BLE001 (a thread's error must reach the assertion)
+                wrong.append((k, repr(error)))
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong

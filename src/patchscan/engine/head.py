@@ -28,6 +28,7 @@ the model's own logits.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterable
 
@@ -57,6 +58,7 @@ class GreedyHead:
         self.screen = bool(screen) and not softcap and unembed.bias is None and weight.dtype == torch.float32
         self.chunk = CHUNK if weight.device.type == "cpu" else weight.shape[0]  # a GPU takes the vocabulary at once
         self._screen_key = None
+        self._screen_lock = threading.Lock()  # threads sharing a model take the screen in turn
 
     @classmethod
     def for_view(cls, view, screen: bool | None = None) -> GreedyHead | None:
@@ -85,8 +87,10 @@ class GreedyHead:
         hidden = hidden.to(self.unembed.weight.device)
         if not len(hidden):
             return torch.empty(0, dtype=torch.long, device=hidden.device)
-        if self.screen and hidden.dtype == torch.float32 and self._screen_ready() and bool(hidden.isfinite().all()):
-            return self._screened(hidden)
+        if self.screen and hidden.dtype == torch.float32 and bool(hidden.isfinite().all()):
+            with self._screen_lock:  # its bf16 copies and buffer are remade and written in place
+                if self._screen_ready():
+                    return self._screened(hidden)
         return self._chunked(hidden)
 
     def _logits(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
