@@ -548,9 +548,25 @@ def execute(
             write_part(df, plan.results_dir, name)
             work.add_chunk(name, len(chunk), counts)
             progress.update(len(chunk))
+            hold_after_part(plan.shard)
     finally:
         progress.close()
     work.finish("cpu" if view is None else view.device)
+
+
+HOLD_DIR = "PATCHSCAN_HOLD_DIR"
+
+
+def hold_after_part(shard: int) -> None:
+    """A barrier for preemption tests: after each part it writes, shard SSS waits while the file
+    `$PATCHSCAN_HOLD_DIR/shard-SSS` exists, so a test can cancel or time out a job at a known point
+    (between two parts) on any machine, however fast. Unset (the normal case), it costs one lookup."""
+    folder = os.environ.get(HOLD_DIR)
+    if not folder:
+        return
+    flag = Path(folder) / f"shard-{shard:03d}"
+    while flag.exists():
+        time.sleep(0.05)
 
 
 def finalize(scope_cls, cfg, out_dir: Path, results_dir: Path, quiet: bool = False) -> dict:
