@@ -39,6 +39,7 @@ import torch
 import patchscan as ps
 from patchscan import engine
 from patchscan.metrics.answers import StopAfterDescription
+from patchscan.worklog import peak_memory_mb
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*")  # transformers' rename notice, once per call
 START = time.monotonic()  # the budget counts from here (after the imports: a few seconds)
@@ -258,15 +259,7 @@ def memory_reset(device: torch.device) -> None:
 
 def memory_peak(device: torch.device) -> float:
     """Peak GPU allocations (torch.cuda.max_memory_allocated), else this process's peak RSS, in bytes."""
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated())
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return float("nan")
+    return peak_memory_mb(device) * 2**20
 
 
 # --- the naive method and the hand-batched HF loop ---------------------------------------------------
@@ -292,39 +285,6 @@ def _target(patch) -> tuple[list[int], int]:
     return ids, patch.target_position % len(ids)
 
 
-@torch.no_grad()
-def naive_logits(view, patch) -> torch.Tensor:
-    """One HF forward of the whole target prompt with one hook on block l*: last-position logits."""
-    ids, pos = _target(patch)
-    hook = overwrite_hook([0], [pos], patch.vector[None].to(view.device), prefill_only=False)
-    handle = view.blocks[patch.target_layer].register_forward_hook(hook)
-    try:
-        return view.model(input_ids=torch.tensor([ids], device=view.device)).logits[0, -1].float()
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def naive_generate(view, patch, n: int) -> list[int]:
-    """HF greedy generate on the whole target prompt, the hook acting in the prefill only."""
-    ids, pos = _target(patch)
-    hook = overwrite_hook([0], [pos], patch.vector[None].to(view.device), prefill_only=True)
-    handle = view.blocks[patch.target_layer].register_forward_hook(hook)
-    try:
-        x = torch.tensor([ids], device=view.device)
-        out = view.model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=view.tokenizer.pad_token_id,
-            eos_token_id=sorted(view.eos_token_ids) or None,
-        )
-    finally:
-        handle.remove()
-    return out[0, len(ids) :].tolist()
-
-
 @contextmanager
 def batch_hooks(view, patches, prefill_only: bool):
     """The expert's batched patching: one hook per block l* in the batch, each writing its rows."""
@@ -344,26 +304,46 @@ def batch_hooks(view, patches, prefill_only: bool):
             h.remove()
 
 
+def greedy(view, x: torch.Tensor, n: int) -> list[list[int]]:
+    """Hugging Face's greedy generate of `n` tokens after the rows of `x` (one prompt: no padding)."""
+    out = view.model.generate(
+        input_ids=x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=view.tokenizer.pad_token_id,
+        eos_token_id=sorted(view.eos_token_ids) or None,
+    )
+    return out[:, x.shape[1] :].tolist()
+
+
+@torch.no_grad()
+def naive_logits(view, patch) -> torch.Tensor:
+    """One HF forward of the whole target prompt with one hook on block l*: last-position logits."""
+    with batch_hooks(view, [patch], prefill_only=False):
+        return view.model(input_ids=torch.tensor([list(patch.target_ids)], device=view.device)).logits[0, -1].float()
+
+
+@torch.no_grad()
+def naive_generate(view, patch, n: int) -> list[int]:
+    """HF greedy generate on the whole target prompt, the hook acting in the prefill only."""
+    with batch_hooks(view, [patch], prefill_only=True):
+        return greedy(view, torch.tensor([list(patch.target_ids)], device=view.device), n)[0]
+
+
 @torch.no_grad()
 def hf_loop(view, patches, new_tokens: int, batch: int) -> list:
-    """Rows of one target prompt in batches of `batch`: one forward (or generate call) per batch."""
+    """The expert's loop: rows of one target prompt in batches of `batch`, one forward (or generate call)
+    per batch with a hook per block l*, no prefix cache, the LM head on the last position only."""
     out = []
     for s in range(0, len(patches), batch):
         part = patches[s : s + batch]
         x = torch.tensor([list(p.target_ids) for p in part], device=view.device)
         with batch_hooks(view, part, prefill_only=new_tokens > 0):
-            if not new_tokens:
+            if new_tokens:
+                out += greedy(view, x, new_tokens)
+            else:
                 out += view.model(input_ids=x, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
-                continue
-            gen = view.model.generate(
-                input_ids=x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=view.tokenizer.pad_token_id,
-                eos_token_id=sorted(view.eos_token_ids) or None,
-            )
-            out += gen[:, x.shape[1] :].tolist()
     return out
 
 
@@ -621,23 +601,29 @@ def parse(argv):
     return args
 
 
+def free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def check_shape(shape: str, tokenizer, args, report: Report, first: bool) -> None:
+    """The first shape runs the exact fp32 section; every shape then runs bf16 (built as a bf16 model is
+    loaded: from_pretrained in bf16 keeps the rotary frequencies in fp32, a converted model would not)."""
     sizes = SIZES[args.device.type]
-    view = None
-    if first:  # the exact section: fp32, then the same weights rounded to bf16
+    if first:
         view = build(shape, tokenizer, args.device, torch.float32)
         correctness(view, workloads(view, sizes), report, shape, sizes, exact=True)
-        view = ps.ModelView.wrap(view.model.to(torch.bfloat16), tokenizer, name=view.name)
-    elif report.room_for(f"{shape} build"):
-        view = build(shape, tokenizer, args.device, torch.bfloat16)
-    if view is None:
+        del view
+        free(args.device)
+    if not report.room_for(f"{shape} bf16 build"):
         return
+    view = build(shape, tokenizer, args.device, torch.bfloat16)
+    report.meta[f"{shape}_bf16_parameters_B"] = round(sum(p.numel() for p in view.model.parameters()) / 1e9, 3)
     work = workloads(view, sizes)
     correctness(view, work, report, shape, sizes, exact=False)
     speed(view, work, report, shape, sizes)
     del view, work
-    if args.device.type == "cuda":
-        torch.cuda.empty_cache()
+    free(args.device)
 
 
 def main(argv=None) -> int:
