@@ -12,7 +12,7 @@ DATA ?=
 N ?= 300
 ARGS ?=
 
-.PHONY: setup demo test test-slurm bench crosscheck-next-token fig-next-token table-attributes fig-entity table-multihop fig-controls clean
+.PHONY: setup demo test test-slurm bench gpu-check crosscheck-next-token fig-next-token table-attributes fig-entity table-multihop fig-controls clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ test-slurm: setup
 # (speed and agreement with float32), ARGS="--workloads cf" (pick workloads a-f).
 bench: setup
 	$(PY) scripts/bench.py $(ARGS)
+
+# The prepared GPU check (docs/performance.md): correctness, speed and memory at Llama-2 7B/13B shapes inside
+# --budget-s (420). On a CPU: make gpu-check ARGS="--device cpu --shape tiny" (under two minutes).
+gpu-check: setup
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 fig-next-token: setup
 	$(VENV)/bin/patchscan run +experiment=next_token model=$(MODEL) \

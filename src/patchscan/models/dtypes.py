@@ -3,6 +3,7 @@ bf16 (AVX-512 BF16, AMX, Arm BF16) and many times slower on CPUs without it; GPU
 
 fp32 stays the CPU default; `model.dtype=bfloat16` is honoured everywhere, with one line saying
 so when this CPU lacks native bf16 (`scripts/bench.py --dtype bfloat16` measures both).
+`model.dtype=auto` is bf16 on a GPU, fp32 on a CPU (`default_dtype`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def native_bf16_line() -> str:
     if cpu_has_native_bf16():
         return f"this CPU has native bf16 ({', '.join(sorted(_BF16_FLAGS & cpu_flags()))})"
     return "this CPU has no native bf16: bf16 matmuls are emulated and usually slower than fp32"
+
+
+def default_dtype(device: torch.device | None) -> torch.dtype:
+    """What `dtype: auto` means on a device: bf16 on a GPU (its fast path), fp32 elsewhere (today's CPU
+    default; bf16 on a CPU stays opt-in, since without native bf16 it is slower)."""
+    return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else torch.float32
 
 
 def note_dtype(dtype: torch.dtype, device: torch.device) -> None:

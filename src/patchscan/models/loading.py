@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from patchscan.errors import UserError
-from patchscan.models.dtypes import note_dtype
+from patchscan.models.dtypes import default_dtype, note_dtype
 from patchscan.models.view import ModelView
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,9 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | None) -> torch.dtype:
+def resolve_dtype(dtype: str | None, device: torch.device | None = None) -> torch.dtype:
     if dtype in (None, "auto"):
-        return torch.float32
+        return default_dtype(device)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -360,7 +360,7 @@ def load_model(
     name = cfg.get("name") or cfg.get("id") or source
     if source not in SOURCES:
         raise UserError(f"unknown model source {source!r} for model {name!r}; choose from {', '.join(SOURCES)}")
-    dtype_, place = resolve_dtype(cfg.get("dtype")), placement(cfg)
+    dtype_, place = resolve_dtype(cfg.get("dtype"), resolve_device(cfg.get("device"))), placement(cfg)
     note_dtype(dtype_, resolve_device(cfg.get("device")))  # one line where bf16 is asked for on a CPU without it
     try:
         model, tokenizer = _load_tiny(cfg, dtype_, place) if source == "tiny" else _load_pretrained(cfg, dtype_, place)
