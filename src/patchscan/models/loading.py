@@ -21,6 +21,7 @@ import torch
 from patchscan.errors import UserError
 from patchscan.models.dtypes import note_dtype
 from patchscan.models.view import ModelView
+from patchscan.paths import model_cache_root, model_config
 
 log = logging.getLogger(__name__)
 
@@ -112,20 +113,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     ),
 }
 DEFAULT_BUILTIN = "smollm2_135m"
-
-
-def cache_root() -> Path:
-    """Where converted models and fitted maps are kept between runs."""
-    env = os.environ.get("PATCHSCAN_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patchscan"
-
-
-def model_cache_root() -> Path:
-    """Where converted models are kept: PATCHSCAN_MODEL_CACHE, else <cache root>/models (tests share one)."""
-    env = os.environ.get("PATCHSCAN_MODEL_CACHE")
-    return Path(env) if env else cache_root() / "models"
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -288,50 +275,6 @@ def dispatch_tiny(model, place: dict[str, Any]):
     dispatched = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, **place)
     weakref.finalize(dispatched, shutil.rmtree, folder, True)
     return dispatched
-
-
-def config_dir() -> Path:
-    """The configs' root, found the way the CLI finds it (one search: `patchscan.cli.config_dir`,
-    which imports nothing heavy)."""
-    from patchscan.cli import config_dir as cli_config_dir
-
-    return Path(cli_config_dir())
-
-
-def model_config_names() -> list[str]:
-    """Names of the model configs (configs/model/*.yaml): smollm2_135m, tiny_llama, gpt2, ..."""
-    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def model_config(name_or_path: str) -> dict[str, Any]:
-    """The model config a string names: a config name, a GGUF file, a model folder or a hub id (ORG/NAME)."""
-    yaml = config_dir() / "model" / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and yaml.is_file():
-        return _compose_yaml(yaml)
-    path = Path(name_or_path).expanduser()
-    if path.suffix == ".gguf" or path.is_file():
-        return {"source": "gguf", "path": str(path), "name": path.stem}
-    if path.is_dir():
-        return {"source": "folder", "path": str(path), "name": path.resolve().name}
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
-        return {"source": "hub", "id": name_or_path, "name": name_or_path.split("/")[-1]}
-    raise UserError(
-        f"unknown model {name_or_path!r}: not a model config ({', '.join(model_config_names())}), "
-        "an existing folder or GGUF file, or a hub id ORG/NAME"
-    )
-
-
-def _compose_yaml(yaml: Path) -> dict[str, Any]:
-    """A config file merged over the files its `defaults:` list names in the same folder (as Hydra
-    composes a group option that inherits from a base, e.g. `defaults: [_hub]`)."""
-    from omegaconf import OmegaConf
-
-    conf = OmegaConf.load(yaml)
-    merged = OmegaConf.create()
-    for base in conf.pop("defaults", None) or []:
-        if isinstance(base, str) and base != "_self_":
-            merged = OmegaConf.merge(merged, _compose_yaml(yaml.parent / f"{base}.yaml"))
-    return OmegaConf.to_container(OmegaConf.merge(merged, conf), resolve=True)
 
 
 def load_model(
