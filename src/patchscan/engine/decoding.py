@@ -18,9 +18,6 @@ from patchscan.engine.kv import preallocated_cache
 from patchscan.models.view import ModelView
 
 Stop = Callable[[str], bool]
-# Families whose forward takes per-row `position_ids` and a 2-D padding mask with a KV cache, as HF's
-# generate passes them: their padded batches decode in our own loop; others go through `generate`.
-PADDED_FAMILIES = {"llama", "gpt2", "gpt_neox", "qwen2", "gemma3_text", "mistral", "qwen3"}
 
 
 def finished(view: ModelView, tokens: list[int], stop: Stop | None, eos: set[int]) -> bool:
@@ -150,7 +147,7 @@ def plain_generate(
     Known families decode in our own loop (finished rows leave the batch, the greedy head reads the
     token, the KV cache has room reserved); others through HF's `generate`."""
     stops = list(stops) if stops is not None else [None] * len(prompts)
-    if view.model.config.model_type not in PADDED_FAMILIES:
+    if not view.family.padded_decoding:  # models.families: per-row positions and a 2-D mask
         return _hf_generate(view, prompts, max_new_tokens, stops)
     ids, mask = pad_batch([list(p) for p in prompts], _pad_id(view), left=True)
     head = GreedyHead.for_view(view)

@@ -38,8 +38,6 @@ from torch import nn
 from patchscan.models.dtypes import cpu_has_native_bf16
 from patchscan.models.view import HOOK_DICTS
 
-# Families whose CausalLM forward is `lm_head(base_model(...).last_hidden_state)` [+ soft-capping].
-FAMILIES = {"llama", "gpt2", "gpt_neox", "qwen2", "gemma3_text", "mistral", "qwen3"}
 CHUNK = 4096  # vocabulary rows per CPU matmul: small logits blocks, reduced while still in cache
 _BLOCK = 512  # vocabulary rows per block of the screen's coarse test
 _SCREEN_BYTES = 64 << 20  # most bf16 logits the screen holds at once (rows are taken in blocks)
@@ -67,7 +65,7 @@ class GreedyHead:
         unembed = view.unembed
         base = getattr(model, "base_model", None)
         if (
-            model.config.model_type not in FAMILIES
+            not view.family.greedy_head  # models.families: logits are unembed(last_hidden_state)
             or base is None
             or base is model
             or type(unembed) is not nn.Linear

@@ -20,6 +20,7 @@ import torch
 
 from patchscan.errors import UserError
 from patchscan.models.dtypes import note_dtype
+from patchscan.models.families import family_of
 from patchscan.models.view import ModelView
 from patchscan.paths import model_cache_root, model_config
 
@@ -60,6 +61,37 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         intermediate_size=128,
         num_attention_heads=4,
         num_key_value_heads=2,
+        max_position_embeddings=512,
+    ),
+    # Mistral: Llama's layout with a sliding window on every block (5 tokens: the identity prompt is longer).
+    "mistral": dict(
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=5,
+        max_position_embeddings=512,
+    ),
+    # Qwen 3: per-head norms of queries and keys, a head width of its own.
+    "qwen3": dict(
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    ),
+    # GPT-J: attention and MLP in parallel from one norm, partial rotary embeddings, a biased head.
+    "gptj": dict(n_layer=4, n_embd=64, n_head=4, rotary_dim=8, n_positions=512),
+    # OPT: learned positions (offset by 2), ReLU MLP of bare Linear layers, tied embeddings.
+    "opt": dict(
+        num_hidden_layers=4,
+        hidden_size=64,
+        ffn_dim=128,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
         max_position_embeddings=512,
     ),
     # Gemma 3's quirks at a size where they show: a 4-token sliding window on three of four blocks
@@ -349,4 +381,15 @@ def _load_pretrained(cfg: Mapping[str, Any], dtype: torch.dtype, place: dict[str
         elif source == "folder" and not Path(str(path)).is_dir():
             raise UserError(f"model folder not found: {path}")
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    if not extra:  # a config.json: an unsupported family is refused before any weights are read
+        extra = {"config": _supported_config(path, cfg, common)}
     return AutoModelForCausalLM.from_pretrained(path, **place, **common, **extra), tokenizer
+
+
+def _supported_config(path, cfg: Mapping[str, Any], common: dict[str, Any]):
+    """The model's HF config, once its model_type is known to the family table (models.families)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, **{k: v for k, v in common.items() if k != "dtype"})
+    family_of(config.model_type, str(cfg.get("name") or path))
+    return config
