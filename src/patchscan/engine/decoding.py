@@ -14,7 +14,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from patchscan.engine.capture import pad_batch
 from patchscan.engine.head import GreedyHead, next_tokens
-from patchscan.engine.kv import preallocated_cache
+from patchscan.engine.kv import cache_kwargs, preallocated_cache
 from patchscan.models.view import ModelView
 
 Stop = Callable[[str], bool]
@@ -38,7 +38,7 @@ def truncate_at_stop(view: ModelView, tokens: Sequence[int], stop: Stop | None) 
 def _step(view: ModelView, token: torch.Tensor, kv, head: GreedyHead | None, padding: Padding | None) -> torch.Tensor:
     ids = token[:, None].to(view.input_device)
     extra = padding.step_kwargs() if padding is not None else {}
-    return next_tokens(view, head, dict(input_ids=ids, past_key_values=kv, use_cache=True, **extra))[0]
+    return next_tokens(view, head, dict(input_ids=ids, **cache_kwargs(view.model, kv), use_cache=True, **extra))[0]
 
 
 class Padding:
@@ -153,7 +153,8 @@ def plain_generate(
     head = GreedyHead.for_view(view)
     kv = preallocated_cache(view.model.config, ids.shape[1] + max_new_tokens)
     device = view.input_device
-    kwargs = dict(input_ids=ids.to(device), past_key_values=kv, use_cache=True, **Padding.prefill_kwargs(mask, device))
+    kwargs = dict(input_ids=ids.to(device), use_cache=True, **cache_kwargs(view.model, kv))
+    kwargs.update(Padding.prefill_kwargs(mask, device))
     first, kv = next_tokens(view, head, kwargs)
     return greedy_decode(view, first, kv, max_new_tokens, stops, head=head, padding=Padding(mask, device))
 

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from patchscan.engine.kv import returned_cache
 from patchscan.models.dtypes import cpu_has_native_bf16
 from patchscan.models.view import HOOK_DICTS
 
@@ -210,7 +211,7 @@ def bf16_sums_in_fp32(device: torch.device) -> bool:
 def last_logits(view, model_kwargs: dict) -> tuple[torch.Tensor, object]:
     """(the model's own logits at each row's last position, as float32; the KV cache) of one forward."""
     out = view.model(**model_kwargs, logits_to_keep=1)
-    return out.logits[:, -1].float(), out.past_key_values
+    return out.logits[:, -1].float(), returned_cache(out)
 
 
 def next_tokens(view, head: GreedyHead | None, model_kwargs: dict) -> tuple[torch.Tensor, object]:
@@ -220,4 +221,4 @@ def next_tokens(view, head: GreedyHead | None, model_kwargs: dict) -> tuple[torc
         logits, kv = last_logits(view, model_kwargs)
         return logits.argmax(-1), kv
     out = view.model.base_model(**model_kwargs)
-    return head(out.last_hidden_state[:, -1]), out.past_key_values
+    return head(out.last_hidden_state[:, -1]), returned_cache(out)
