@@ -35,17 +35,8 @@ def _unsupported_model():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     llama = tiny("tiny_llama")
-    config = AutoConfig.for_model(
-        "phi3",
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        vocab_size=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    shape = TINY_CONFIGS["llama"]  # the tiny Llama's shape, a small vocabulary
+    config = AutoConfig.for_model("phi3", **shape, vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return AutoModelForCausalLM.from_config(config).eval(), llama.tokenizer
 
 

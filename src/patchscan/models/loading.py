@@ -37,16 +37,18 @@ DTYPES = {
 }
 
 # Tiny random-weight models for tests: small width, few blocks, the built-in tokenizer's vocab.
+# One per family of the family table (models.families); Llama-like ones share a shape.
+_SHAPE = dict(
+    num_hidden_layers=4,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_layer=4, n_embd=64, n_head=4, n_positions=512),
-    "llama": dict(
-        num_hidden_layers=4,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    ),
+    "llama": dict(_SHAPE),
     "gpt_neox": dict(
         num_hidden_layers=4,
         hidden_size=64,
@@ -55,34 +57,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         rotary_pct=0.25,
         max_position_embeddings=512,
     ),
-    "qwen2": dict(
-        num_hidden_layers=4,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    ),
+    "qwen2": dict(_SHAPE),
     # Mistral: Llama's layout with a sliding window on every block (5 tokens: the identity prompt is longer).
-    "mistral": dict(
-        num_hidden_layers=4,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=5,
-        max_position_embeddings=512,
-    ),
+    "mistral": dict(_SHAPE, sliding_window=5),
     # Qwen 3: per-head norms of queries and keys, a head width of its own.
-    "qwen3": dict(
-        num_hidden_layers=4,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-    ),
+    "qwen3": dict(_SHAPE, head_dim=16),
     # GPT-J: attention and MLP in parallel from one norm, partial rotary embeddings, a biased head.
     "gptj": dict(n_layer=4, n_embd=64, n_head=4, rotary_dim=8, n_positions=512),
     # OPT: learned positions (offset by 2), ReLU MLP of bare Linear layers, tied embeddings.
@@ -98,17 +77,12 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     # (the identity prompt is longer), scaled embeddings, pre- and post-block norms, and a final
     # logit soft-cap (Gemma 2's, off in the real Gemma 3) so the read-out's cap is exercised.
     "gemma3_text": dict(
-        num_hidden_layers=4,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        _SHAPE,
         head_dim=16,
         query_pre_attn_scalar=16,
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
         final_logit_softcapping=30.0,
-        max_position_embeddings=512,
     ),
 }
 
