@@ -14,13 +14,13 @@ import sys
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-from patchscan.cli import config_dir
 from patchscan.models import load_model
+from patchscan.paths import config_dir
 from patchscan.scopes.attributes import AttributeScope
 
 
 def main(overrides: list[str]) -> None:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(
             "config",
             [

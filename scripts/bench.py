@@ -457,7 +457,10 @@ def parse(argv):
 
 def load(args, dtype: str | None):
     try:  # a model config with the keys it inherits (_hub, _tiny); older trees have no bases
-        from patchscan.models.loading import model_config
+        try:
+            from patchscan.paths import model_config
+        except ImportError:  # trees before patchscan.paths
+            from patchscan.models.loading import model_config
 
         cfg = model_config(args.model)
     except ImportError:

@@ -25,25 +25,27 @@ os.environ.setdefault("PATCHSCAN_MODEL_CACHE", str(Path(__file__).resolve().pare
 
 from patchscan.models import load_model  # noqa: E402
 
-ARCHS = ["tiny_gpt2", "tiny_llama", "tiny_neox", "tiny_qwen2", "tiny_gemma3"]
-_ARCH_OF = {
-    "tiny_gpt2": "gpt2",
-    "tiny_llama": "llama",
-    "tiny_neox": "gpt_neox",
-    "tiny_qwen2": "qwen2",
-    "tiny_gemma3": "gemma3_text",
-}
+ARCHS = ["tiny_gpt2", "tiny_llama", "tiny_neox", "tiny_qwen2", "tiny_gemma3"]  # the broad matrix
+# One tiny model per family of the family table (models.families): the core equivalence tests run on all.
+FAMILY_ARCHS = [*ARCHS, "tiny_mistral", "tiny_qwen3", "tiny_gptj", "tiny_opt"]
 _CACHE: dict = {}
 
 
 def tiny(name: str):
+    """The tiny model configs/model/NAME.yaml describes, on the CPU, built once per session."""
     if name not in _CACHE:
-        _CACHE[name] = load_model({"source": "tiny", "arch": _ARCH_OF[name], "name": name, "device": "cpu"})
+        _CACHE[name] = load_model(name, device="cpu")
     return _CACHE[name]
 
 
 @pytest.fixture(params=ARCHS)
 def view(request):
+    return tiny(request.param)
+
+
+@pytest.fixture(params=FAMILY_ARCHS)
+def family_view(request):
+    """Every family of the table: for the core engine-vs-naive equivalence tests only (test time)."""
     return tiny(request.param)
 
 

@@ -110,11 +110,19 @@ def test_source_positions_is_left_to_the_scopes_that_honour_it(experiment, honou
 
 
 def test_model_config_gives_a_model_with_its_inherited_keys():
-    from patchscan.cli import model_config
+    from patchscan.paths import model_config
 
     tiny = model_config("tiny_llama")
-    assert tiny.source == "tiny" and tiny.arch == "llama" and tiny.dtype == "float32"
+    assert tiny["source"] == "tiny" and tiny["arch"] == "llama" and tiny["dtype"] == "float32"
     hub = model_config("vicuna_7b")
-    assert hub.source == "hub" and hub.id == "lmsys/vicuna-7b-v1.5" and hub.device_map == "auto"
+    assert hub["source"] == "hub" and hub["id"] == "lmsys/vicuna-7b-v1.5" and hub["device_map"] == "auto"
     with pytest.raises(UserError, match="unknown model 'no_such_model'"):
         model_config("no_such_model")
+
+
+def test_the_one_model_config_composer_gives_what_a_run_gets():
+    """paths.model_config (what `ps.load_model(NAME)` loads) equals Hydra's `model=NAME`, for every model config."""
+    from patchscan.paths import model_config, option_names
+
+    for name in option_names("model"):
+        assert model_config(name) == OmegaConf.to_container(compose_config([f"model={name}"]).model), name

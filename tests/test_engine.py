@@ -18,7 +18,8 @@ from tests.conftest import tiny
 from tests.helpers import IDENTITY, SOURCES, grid_patches
 
 
-def test_patched_logits_equal_naive(view):
+def test_patched_logits_equal_naive(family_view):
+    view = family_view
     patches = grid_patches(view)
     fast = patched_logits(view, patches, batch_size=7)
     ref = torch.stack([naive_logits(view, p) for p in patches])
@@ -33,7 +34,8 @@ def test_fast_paths_off_equal_on(view):
     assert torch.allclose(fast, plain, atol=1e-4)
 
 
-def test_generate_equals_naive(view):
+def test_generate_equals_naive(family_view):
+    view = family_view
     patches = grid_patches(view)
     chosen = patches[:: max(1, len(patches) // 24)]
     fast = generate(view, chosen, max_new_tokens=8, batch_size=5)
@@ -41,7 +43,8 @@ def test_generate_equals_naive(view):
     assert fast == ref
 
 
-def test_unpatched_rows_of_different_prompts_equal_one_at_a_time(view):
+def test_unpatched_rows_of_different_prompts_equal_one_at_a_time(family_view):
+    view = family_view
     prompts = [view.encode(s) for s in SOURCES + ["One", "The capital city of France is"]]
     patches = [Patch(target_ids=tuple(p), target_position=len(p) - 1, target_layer=0, vector=None) for p in prompts]
     mixed = patches + grid_patches(view)[:3]  # unpatched and patched rows in one call

@@ -540,7 +540,7 @@ def test_folder_model_as_the_readme_writes_it(tmp_path):
 
 
 def test_tests_do_not_write_into_the_users_cache():
-    from patchscan.models.loading import cache_root, model_cache_root
+    from patchscan.paths import cache_root, model_cache_root
 
     home = Path.home() / ".cache" / "patchscan"
     assert not str(cache_root()).startswith(str(home)) and not str(model_cache_root()).startswith(str(home))

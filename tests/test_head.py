@@ -30,7 +30,8 @@ def model_argmax(view, hidden):
 
 
 @pytest.mark.parametrize("screen", [False, True])
-def test_head_equals_the_models_argmax(view, screen):
+def test_head_equals_the_models_argmax(family_view, screen):
+    view = family_view
     head = GreedyHead.for_view(view, screen=screen)
     assert head is not None, view.model.config.model_type
     hidden = final_hidden(view, ["The Eiffel Tower is in Paris, France.", "1 2 3 4 5 6 7", "cat -> cat\nhello ->"])

@@ -78,11 +78,14 @@ def test_installed_package_runs_an_experiment_from_an_empty_directory(installed)
 
 
 def test_every_subpackage_is_packaged():
+    """Every folder that ships is declared, data-only ones too (config groups, data/builtin): an
+    undeclared one is a setuptools BuildBackendWarning at every build, and a missing one is not shipped."""
     tomllib = pytest.importorskip("tomllib")
-    from setuptools import find_packages
+    from setuptools import find_namespace_packages
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert set(config["packages"]) == set(find_packages(str(ROOT / "src"))) | {"patchscan.configs"}
+    configs = {f"patchscan.configs.{p}" for p in find_namespace_packages(str(ROOT / "configs"))}
+    assert set(config["packages"]) == set(find_namespace_packages(str(ROOT / "src"))) | {"patchscan.configs"} | configs
     assert config["package-dir"]["patchscan.configs"] == "configs"
 
 

@@ -3,12 +3,14 @@ method and the unshared engine token for token, rows really share, and the model
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from patchscan.engine import Patch, generate, sharing
 from patchscan.engine.naive import naive_generate
-from tests.conftest import ARCHS, tiny
+from tests.conftest import FAMILY_ARCHS, tiny
 from tests.helpers import varied_stops
 from tests.test_offload import model_state, offloaded
 
@@ -37,7 +39,7 @@ def _block_rows(fn):
     return out, {k: sharing.BLOCK_ROWS[k] - before[k] for k in before}
 
 
-@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("name", FAMILY_ARCHS)
 def test_shared_generation_equals_naive_and_unshared(name):
     view = tiny(name)
     patches = _grid(view)
@@ -111,7 +113,7 @@ def test_offloaded_model_shares_as_the_plain_one(tmp_path_factory):
 def test_unknown_architecture_decodes_plainly(monkeypatch):
     view = tiny("tiny_qwen2")
     patches = _grid(view)
-    monkeypatch.setattr(sharing, "SUPPORTED", set())
+    monkeypatch.setattr(view, "family", dataclasses.replace(view.family, shared_decoding=False))
     shared, rows = _block_rows(lambda: generate(view, patches, max_new_tokens=5, share_lower_blocks=True))
     assert rows == {"run": 0, "plain": 0}
     assert shared == generate(view, patches, max_new_tokens=5, share_lower_blocks=False)

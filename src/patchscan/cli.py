@@ -6,29 +6,16 @@ import argparse
 import copy
 import errno
 import logging
-import os
 import sys
 from pathlib import Path
 
 from patchscan.errors import UserError
+from patchscan.paths import config_dir
 
 log = logging.getLogger("patchscan")
 
 
-def config_dir() -> str:
-    """The Hydra configs: $PATCHSCAN_CONFIG_DIR, else those shipped in the installed package
-    (patchscan/configs), else the checkout's top-level configs/ (a source tree on PYTHONPATH)."""
-    from importlib.resources import files
-
-    if os.environ.get("PATCHSCAN_CONFIG_DIR"):
-        return os.environ["PATCHSCAN_CONFIG_DIR"]
-    packaged = Path(str(files("patchscan") / "configs"))
-    if (packaged / "config.yaml").is_file():
-        return str(packaged)
-    return str(Path(__file__).resolve().parents[2] / "configs")
-
-
-CONFIG_DIR = config_dir()
+CONFIG_DIR = str(config_dir())
 USAGE = """usage: patchscan run experiment=NAME [group=option ...] [key=value ...]    (Hydra; -m for multirun)
        patchscan eval RUN_DIR [--out DIR]                              (recompute metrics.json and plots)
        patchscan plan experiment=NAME [...]                            (dry run: the work and memory, no weights)
@@ -270,12 +257,6 @@ def compose_config(argv: list[str], run_dir: str | Path | None = None):
     with read_write(task), open_dict(task):
         del task["hydra"]
     return task
-
-
-def model_config(name: str):
-    """The composed config of model NAME (configs/model/NAME.yaml with its base, `_hub` or `_tiny`): what
-    `model=NAME` gives a run. Reading the YAML file alone would miss the keys it inherits."""
-    return compose_config([f"model={name}"]).model
 
 
 def run_in_process(argv: list[str], run_dir: str | Path) -> dict:

@@ -21,8 +21,8 @@ from patchscan.engine.alignment import fit_cross_model_maps
 from patchscan.engine.capture import capture as capture_ids
 from patchscan.engine.mappings import Affine, load_mapping
 from patchscan.errors import UserError
-from patchscan.models.loading import cache_root
 from patchscan.models.view import ModelView
+from patchscan.paths import cache_root
 from patchscan.states import State
 
 log = logging.getLogger(__name__)

@@ -97,15 +97,14 @@ class TargetPrompt:
         >>> ps.TargetPrompt.named(lm, "token_identity").placeholder
         '?'
         """
-        from omegaconf import OmegaConf
+        from patchscan.paths import compose_option, config_dir
 
-        from patchscan.models.loading import config_dir
-
-        path = config_dir() / "patchscope" / f"{name}.yaml"
-        cfg = OmegaConf.load(path) if path.is_file() else None
+        cfg = compose_option("patchscope", name)
         if cfg is None or not cfg.get("target_prompt"):
-            raise UserError(f"no patchscope config with one target prompt named {name!r} in {path.parent}")
-        return cls(lm, cfg.target_prompt, placeholder=cfg.placeholder)
+            raise UserError(
+                f"no patchscope config with one target prompt named {name!r} in {config_dir() / 'patchscope'}"
+            )
+        return cls(lm, cfg["target_prompt"], placeholder=cfg["placeholder"])
 
     def __repr__(self) -> str:
         return f"TargetPrompt({self.text!r}, placeholder={self.placeholder!r}, position={self.position})"

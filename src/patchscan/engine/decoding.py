@@ -14,13 +14,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from patchscan.engine.capture import pad_batch
 from patchscan.engine.head import GreedyHead, next_tokens
-from patchscan.engine.kv import preallocated_cache
+from patchscan.engine.kv import cache_kwargs, preallocated_cache
 from patchscan.models.view import ModelView
 
 Stop = Callable[[str], bool]
-# Families whose forward takes per-row `position_ids` and a 2-D padding mask with a KV cache, as HF's
-# generate passes them: their padded batches decode in our own loop; others go through `generate`.
-PADDED_FAMILIES = {"llama", "gpt2", "gpt_neox", "qwen2", "gemma3_text", "mistral", "qwen3"}
 
 
 def finished(view: ModelView, tokens: list[int], stop: Stop | None, eos: set[int]) -> bool:
@@ -41,7 +38,7 @@ def truncate_at_stop(view: ModelView, tokens: Sequence[int], stop: Stop | None) 
 def _step(view: ModelView, token: torch.Tensor, kv, head: GreedyHead | None, padding: Padding | None) -> torch.Tensor:
     ids = token[:, None].to(view.input_device)
     extra = padding.step_kwargs() if padding is not None else {}
-    return next_tokens(view, head, dict(input_ids=ids, past_key_values=kv, use_cache=True, **extra))[0]
+    return next_tokens(view, head, dict(input_ids=ids, **cache_kwargs(view.model, kv), use_cache=True, **extra))[0]
 
 
 class Padding:
@@ -150,13 +147,14 @@ def plain_generate(
     Known families decode in our own loop (finished rows leave the batch, the greedy head reads the
     token, the KV cache has room reserved); others through HF's `generate`."""
     stops = list(stops) if stops is not None else [None] * len(prompts)
-    if view.model.config.model_type not in PADDED_FAMILIES:
+    if not view.family.padded_decoding:  # models.families: per-row positions and a 2-D mask
         return _hf_generate(view, prompts, max_new_tokens, stops)
     ids, mask = pad_batch([list(p) for p in prompts], _pad_id(view), left=True)
     head = GreedyHead.for_view(view)
     kv = preallocated_cache(view.model.config, ids.shape[1] + max_new_tokens)
     device = view.input_device
-    kwargs = dict(input_ids=ids.to(device), past_key_values=kv, use_cache=True, **Padding.prefill_kwargs(mask, device))
+    kwargs = dict(input_ids=ids.to(device), use_cache=True, **cache_kwargs(view.model, kv))
+    kwargs.update(Padding.prefill_kwargs(mask, device))
     first, kv = next_tokens(view, head, kwargs)
     return greedy_decode(view, first, kv, max_new_tokens, stops, head=head, padding=Padding(mask, device))
 

@@ -35,11 +35,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from patchscan.engine.kv import returned_cache
 from patchscan.models.dtypes import cpu_has_native_bf16
 from patchscan.models.view import HOOK_DICTS
 
-# Families whose CausalLM forward is `lm_head(base_model(...).last_hidden_state)` [+ soft-capping].
-FAMILIES = {"llama", "gpt2", "gpt_neox", "qwen2", "gemma3_text", "mistral", "qwen3"}
 CHUNK = 4096  # vocabulary rows per CPU matmul: small logits blocks, reduced while still in cache
 _BLOCK = 512  # vocabulary rows per block of the screen's coarse test
 _SCREEN_BYTES = 64 << 20  # most bf16 logits the screen holds at once (rows are taken in blocks)
@@ -67,7 +66,7 @@ class GreedyHead:
         unembed = view.unembed
         base = getattr(model, "base_model", None)
         if (
-            model.config.model_type not in FAMILIES
+            not view.family.greedy_head  # models.families: logits are unembed(last_hidden_state)
             or base is None
             or base is model
             or type(unembed) is not nn.Linear
@@ -212,7 +211,7 @@ def bf16_sums_in_fp32(device: torch.device) -> bool:
 def last_logits(view, model_kwargs: dict) -> tuple[torch.Tensor, object]:
     """(the model's own logits at each row's last position, as float32; the KV cache) of one forward."""
     out = view.model(**model_kwargs, logits_to_keep=1)
-    return out.logits[:, -1].float(), out.past_key_values
+    return out.logits[:, -1].float(), returned_cache(out)
 
 
 def next_tokens(view, head: GreedyHead | None, model_kwargs: dict) -> tuple[torch.Tensor, object]:
@@ -222,4 +221,4 @@ def next_tokens(view, head: GreedyHead | None, model_kwargs: dict) -> tuple[torc
         logits, kv = last_logits(view, model_kwargs)
         return logits.argmax(-1), kv
     out = view.model.base_model(**model_kwargs)
-    return head(out.last_hidden_state[:, -1]), out.past_key_values
+    return head(out.last_hidden_state[:, -1]), returned_cache(out)

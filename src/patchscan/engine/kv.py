@@ -1,4 +1,10 @@
-"""A KV-cache layer with room reserved for the tokens still to come.
+"""KV caches: the forward's cache argument under its current name, and a layer with room reserved
+for the tokens still to come.
+
+transformers 5.x renamed the forward's `past_key_values` argument (and output field) to `cache`; the
+old name still works but warns that it goes in 5.40. `cache_kwargs` and `returned_cache` use the name
+the installed version's model declares, so the engine passes and reads caches without the warning on
+both sides of the rename.
 
 transformers' DynamicLayer grows by torch.cat at every step, copying the whole cache each time
 (a quarter of greedy generation's time on a CPU here). This layer writes into a buffer sized
@@ -8,8 +14,28 @@ DynamicLayer (it is one), so the model's attention code sees no difference.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+
 import torch
 from transformers.cache_utils import DynamicLayer
+
+
+@functools.cache
+def _cache_name(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, kv) -> dict:
+    """The keyword argument that hands `kv` (a Cache, or None) to `model`'s forward."""
+    return {_cache_name(type(model)): kv}
+
+
+def returned_cache(out):
+    """The KV cache a forward returned (its `cache` field, or `past_key_values` before the rename)."""
+    names = {f.name for f in dataclasses.fields(out)}
+    return getattr(out, "cache" if "cache" in names else "past_key_values")
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -26,7 +26,7 @@ from patchscan.engine.decoding import Padding, Stop, greedy_decode, plain_genera
 from patchscan.engine.head import GreedyHead, last_logits, next_tokens
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
 from patchscan.engine.identical import identical_runs, per_row, shared_stop
-from patchscan.engine.kv import PreallocatedLayer, caches_merge, merged_cache
+from patchscan.engine.kv import PreallocatedLayer, cache_kwargs, caches_merge, merged_cache, returned_cache
 from patchscan.engine.sharing import SharedDecoding, can_share
 from patchscan.models.view import ModelView
 
@@ -67,7 +67,7 @@ class PrefixCache:
             return self._store[prefix]
         ids = torch.tensor([prefix], device=self.view.input_device)
         base = getattr(self.view.model, "base_model", self.view.model)
-        kv = [(layer.keys, layer.values) for layer in base(input_ids=ids, use_cache=True).past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in returned_cache(base(input_ids=ids, use_cache=True)).layers]
         if self.capacity > 0:
             self._store[prefix] = kv
             while len(self._store) > self.capacity:
@@ -172,7 +172,7 @@ def _prefill(
         vectors = torch.stack([patches[rows[k]].vector.to(view.device) for k in patched])  # hooks move them on
         hooks = grouped_patch_hooks(layers, patched, [0] * len(patched), vectors)
     kv = cache.expanded(first.target_ids[: first.target_position], n, room=None if room is None else len(suffix) + room)
-    kwargs = dict(input_ids=input_ids, past_key_values=kv, use_cache=use_cache)
+    kwargs = dict(input_ids=input_ids, use_cache=use_cache, **cache_kwargs(view.model, kv))
     readout = readout or partial(last_logits, view)
     with block_hooks(view.blocks, hooks):
         if skip:  # rows are patched at their last position: blocks below the lowest patch do nothing

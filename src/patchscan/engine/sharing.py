@@ -10,8 +10,9 @@ so after each step every layer's cache is re-indexed from the classes it had.
 
 The blocks are never modified: stand-ins take their places in the block list while decoding and
 the very same block objects are put back (as `hooks.skip_blocks` does), so accelerate's wrappers
-on offloaded blocks stay as they were. Architectures whose decode step was checked (how the mask
-and position embeddings reach each block) are listed in SUPPORTED; others take the plain path.
+on offloaded blocks stay as they were. Families whose decode step was checked (how the mask
+and position embeddings reach each block) say so in the family table (models.families,
+`shared_decoding`); others take the plain path.
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from patchscan.engine.hooks import hidden_of, with_hidden
 from patchscan.engine.kv import PreallocatedLayer
 
-# Per decode step each block of these gets the hidden states (rows first), a mask that is None or
-# has one row per batch row, position embeddings of batch 1 and the shared cache object.
-SUPPORTED = {"llama", "gpt2", "gpt_neox", "qwen2", "gemma3_text"}
 _LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, PreallocatedLayer)
 BLOCK_ROWS = {"run": 0, "plain": 0}  # decode block work of every shared decoding so far (for the bench)
 
@@ -37,7 +35,7 @@ def can_share(view, kv) -> bool:
     """Is sharing exact here: a checked architecture and cache layers that re-index by row?"""
     layers = getattr(kv, "layers", None)
     return (
-        view.model.config.model_type in SUPPORTED
+        view.family.shared_decoding
         and layers is not None
         and len(layers) == view.n_blocks
         and all(type(layer) in _LAYERS for layer in layers)

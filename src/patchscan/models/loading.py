@@ -20,7 +20,9 @@ import torch
 
 from patchscan.errors import UserError
 from patchscan.models.dtypes import default_dtype, note_dtype
+from patchscan.models.families import family_of
 from patchscan.models.view import ModelView
+from patchscan.paths import model_cache_root, model_config
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +37,18 @@ DTYPES = {
 }
 
 # Tiny random-weight models for tests: small width, few blocks, the built-in tokenizer's vocab.
+# One per family of the family table (models.families); Llama-like ones share a shape.
+_SHAPE = dict(
+    num_hidden_layers=4,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_layer=4, n_embd=64, n_head=4, n_positions=512),
-    "llama": dict(
-        num_hidden_layers=4,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    ),
+    "llama": dict(_SHAPE),
     "gpt_neox": dict(
         num_hidden_layers=4,
         hidden_size=64,
@@ -53,29 +57,32 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         rotary_pct=0.25,
         max_position_embeddings=512,
     ),
-    "qwen2": dict(
+    "qwen2": dict(_SHAPE),
+    # Mistral: Llama's layout with a sliding window on every block (5 tokens: the identity prompt is longer).
+    "mistral": dict(_SHAPE, sliding_window=5),
+    # Qwen 3: per-head norms of queries and keys, a head width of its own.
+    "qwen3": dict(_SHAPE, head_dim=16),
+    # GPT-J: attention and MLP in parallel from one norm, partial rotary embeddings, a biased head.
+    "gptj": dict(n_layer=4, n_embd=64, n_head=4, rotary_dim=8, n_positions=512),
+    # OPT: learned positions (offset by 2), ReLU MLP of bare Linear layers, tied embeddings.
+    "opt": dict(
         num_hidden_layers=4,
         hidden_size=64,
-        intermediate_size=128,
+        ffn_dim=128,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        word_embed_proj_dim=64,
         max_position_embeddings=512,
     ),
     # Gemma 3's quirks at a size where they show: a 4-token sliding window on three of four blocks
     # (the identity prompt is longer), scaled embeddings, pre- and post-block norms, and a final
     # logit soft-cap (Gemma 2's, off in the real Gemma 3) so the read-out's cap is exercised.
     "gemma3_text": dict(
-        num_hidden_layers=4,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        _SHAPE,
         head_dim=16,
         query_pre_attn_scalar=16,
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
         final_logit_softcapping=30.0,
-        max_position_embeddings=512,
     ),
 }
 
@@ -112,20 +119,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     ),
 }
 DEFAULT_BUILTIN = "smollm2_135m"
-
-
-def cache_root() -> Path:
-    """Where converted models and fitted maps are kept between runs."""
-    env = os.environ.get("PATCHSCAN_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patchscan"
-
-
-def model_cache_root() -> Path:
-    """Where converted models are kept: PATCHSCAN_MODEL_CACHE, else <cache root>/models (tests share one)."""
-    env = os.environ.get("PATCHSCAN_MODEL_CACHE")
-    return Path(env) if env else cache_root() / "models"
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -290,50 +283,6 @@ def dispatch_tiny(model, place: dict[str, Any]):
     return dispatched
 
 
-def config_dir() -> Path:
-    """The configs' root, found the way the CLI finds it (one search: `patchscan.cli.config_dir`,
-    which imports nothing heavy)."""
-    from patchscan.cli import config_dir as cli_config_dir
-
-    return Path(cli_config_dir())
-
-
-def model_config_names() -> list[str]:
-    """Names of the model configs (configs/model/*.yaml): smollm2_135m, tiny_llama, gpt2, ..."""
-    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def model_config(name_or_path: str) -> dict[str, Any]:
-    """The model config a string names: a config name, a GGUF file, a model folder or a hub id (ORG/NAME)."""
-    yaml = config_dir() / "model" / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and yaml.is_file():
-        return _compose_yaml(yaml)
-    path = Path(name_or_path).expanduser()
-    if path.suffix == ".gguf" or path.is_file():
-        return {"source": "gguf", "path": str(path), "name": path.stem}
-    if path.is_dir():
-        return {"source": "folder", "path": str(path), "name": path.resolve().name}
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
-        return {"source": "hub", "id": name_or_path, "name": name_or_path.split("/")[-1]}
-    raise UserError(
-        f"unknown model {name_or_path!r}: not a model config ({', '.join(model_config_names())}), "
-        "an existing folder or GGUF file, or a hub id ORG/NAME"
-    )
-
-
-def _compose_yaml(yaml: Path) -> dict[str, Any]:
-    """A config file merged over the files its `defaults:` list names in the same folder (as Hydra
-    composes a group option that inherits from a base, e.g. `defaults: [_hub]`)."""
-    from omegaconf import OmegaConf
-
-    conf = OmegaConf.load(yaml)
-    merged = OmegaConf.create()
-    for base in conf.pop("defaults", None) or []:
-        if isinstance(base, str) and base != "_self_":
-            merged = OmegaConf.merge(merged, _compose_yaml(yaml.parent / f"{base}.yaml"))
-    return OmegaConf.to_container(OmegaConf.merge(merged, conf), resolve=True)
-
-
 def load_model(
     name_or_path_or_config: str | Path | Mapping[str, Any], device: str | None = None, dtype: str | None = None
 ) -> ModelView:
@@ -406,4 +355,15 @@ def _load_pretrained(cfg: Mapping[str, Any], dtype: torch.dtype, place: dict[str
         elif source == "folder" and not Path(str(path)).is_dir():
             raise UserError(f"model folder not found: {path}")
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    if not extra:  # a config.json: an unsupported family is refused before any weights are read
+        extra = {"config": _supported_config(path, cfg, common)}
     return AutoModelForCausalLM.from_pretrained(path, **place, **common, **extra), tokenizer
+
+
+def _supported_config(path, cfg: Mapping[str, Any], common: dict[str, Any]):
+    """The model's HF config, once its model_type is known to the family table (models.families)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, **{k: v for k, v in common.items() if k != "dtype"})
+    family_of(config.model_type, str(cfg.get("name") or path))
+    return config

@@ -1,8 +1,7 @@
-"""A uniform view of any decoder-only Hugging Face model: blocks, final norm, unembedding.
+"""A uniform view of a decoder-only Hugging Face model: blocks, final norm, unembedding.
 
-Architecture lookups live here and only here (like tuned-lens' model_surgery.py): a generic
-search finds the ModuleList of decoder blocks and the final norm beside it; FAMILY_PATHS
-covers families whose layout the search would get wrong.
+Where each module is comes from the family table (models.families, one row per model_type),
+checked when the view is made; nothing here knows an architecture by name.
 """
 
 from __future__ import annotations
@@ -15,14 +14,8 @@ import torch
 from torch import nn
 
 from patchscan.errors import UserError
+from patchscan.models.families import Family, check, module_at
 
-# model_type -> (path to the block list, path to the final norm), relative to the CausalLM.
-FAMILY_PATHS: dict[str, tuple[str, str | None]] = {
-    "gpt2": ("transformer.h", "transformer.ln_f"),
-    "gptj": ("transformer.h", "transformer.ln_f"),
-    "gpt_neox": ("gpt_neox.layers", "gpt_neox.final_layer_norm"),
-    "opt": ("model.decoder.layers", "model.decoder.final_layer_norm"),
-}
 # Module attributes holding forward hooks: set aside while the block output is probed, shared by
 # the stand-ins of skipped blocks (engine.hooks).
 HOOK_DICTS = (
@@ -32,13 +25,6 @@ HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
 )
-NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm", "norm_f")
-
-
-def _get(root: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def execution_device(module: nn.Module) -> torch.device | None:
@@ -60,31 +46,14 @@ def _model_name(model: nn.Module) -> str:
     return path.rstrip("/").split("/")[-1] or type(model).__name__
 
 
-def _find_blocks(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return name, module
-    raise UserError(
-        f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of "
-        f"{n_layers} blocks; add its paths to patchscan.models.view.FAMILY_PATHS"
-    )
-
-
-def _find_norm(model: nn.Module, blocks_path: str) -> nn.Module | None:
-    parent = _get(model, blocks_path.rpartition(".")[0]) if "." in blocks_path else model
-    for name in NORM_NAMES:
-        if isinstance(getattr(parent, name, None), nn.Module):
-            return getattr(parent, name)
-    return None
-
-
 @dataclass
 class ModelView:
-    """What patching needs of a model, found once: blocks, final norm, unembedding."""
+    """What patching needs of a model, found once: its family's row, blocks, final norm, unembedding."""
 
     model: nn.Module
     tokenizer: object
     name: str = "model"
+    family: Family = field(init=False)
     blocks: nn.ModuleList = field(init=False)
     final_norm: nn.Module | None = field(init=False)
     unembed: nn.Module = field(init=False)
@@ -93,19 +62,10 @@ class ModelView:
     def __post_init__(self) -> None:
         config = self.model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        n_layers = text_config.num_hidden_layers
-        paths = FAMILY_PATHS.get(config.model_type)
-        if paths is not None:
-            blocks_path, norm_path = paths
-            self.blocks = _get(self.model, blocks_path)
-            self.final_norm = _get(self.model, norm_path) if norm_path else None
-        else:
-            blocks_path, self.blocks = _find_blocks(self.model, n_layers)
-            self.final_norm = _find_norm(self.model, blocks_path)
-        unembed = self.model.get_output_embeddings()
-        if unembed is None:
-            raise UserError(f"{type(self.model).__name__} has no output embedding (unembedding)")
-        self.unembed = unembed
+        self.family = check(self.model, self.name)
+        self.blocks = module_at(self.model, self.family.blocks)
+        self.final_norm = module_at(self.model, self.family.final_norm) if self.family.final_norm else None
+        self.unembed = module_at(self.model, self.family.unembedding)
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.attention_windows = self._attention_windows()
 

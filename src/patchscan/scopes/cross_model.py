@@ -23,7 +23,7 @@ from patchscan.errors import UserError
 from patchscan.lenses import AffineMaps
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.models import load_model
-from patchscan.models.loading import cache_root
+from patchscan.paths import cache_root
 from patchscan.rows import next_token_columns
 from patchscan.scopes.base import Scope
 from patchscan.scopes.entities import EntityScope
