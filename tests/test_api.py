@@ -101,7 +101,10 @@ def test_capture_by_text_equals_capture_by_ids(name):
         ids = lm.encode(text)
         one = ps.engine.capture(lm, [ids], [0, lm.n_blocks - 1], [[0, len(ids) - 1]])[0]
         assert states.positions == [0, len(ids) - 1]
-        assert torch.allclose(states[-1, -1], one.at(lm.n_blocks - 1, 1), atol=1e-5)
+        alone = one.at(lm.n_blocks - 1, 1)
+        # fp32 rounding of a padded batch vs one prompt, relative to the state's scale (a padding bug is O(1)):
+        # on a CPU with AMX the batched kernels differ by about 7 ulp of the largest entry
+        assert torch.allclose(states[-1, -1], alone, rtol=0, atol=1e-5 * float(alone.abs().max()))
         assert torch.equal(states.at(layer=lm.n_blocks - 1, position=len(ids) - 1).vector, states[-1, -1])
     with pytest.raises(ValueError, match="was not captured"):
         many[0].at(layer=1, position=0)
