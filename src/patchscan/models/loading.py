@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from patchscan.errors import UserError
+from patchscan.fingerprints import note_model, set_weight_files
 from patchscan.models.dtypes import note_dtype
 from patchscan.models.view import ModelView
+from patchscan.store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +116,29 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 DEFAULT_BUILTIN = "smollm2_135m"
 
 
+def _cache_folder(variable: str, default: Path) -> Path:
+    """The folder an environment variable names (else `default`); one error line when it is a file."""
+    env = os.environ.get(variable)
+    path = Path(env).expanduser() if env else default
+    if path.exists() and not path.is_dir():
+        raise UserError(
+            f"{variable if env else 'the cache folder'}={path} is a file, not a folder; point it at a folder"
+        )
+    return path
+
+
 def cache_root() -> Path:
     """Where converted models and fitted maps are kept between runs."""
-    env = os.environ.get("PATCHSCAN_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patchscan"
+    return _cache_folder(
+        "PATCHSCAN_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patchscan"
+    )
 
 
 def model_cache_root() -> Path:
     """Where converted models are kept: PATCHSCAN_MODEL_CACHE, else <cache root>/models (tests share one)."""
-    env = os.environ.get("PATCHSCAN_MODEL_CACHE")
-    return Path(env) if env else cache_root() / "models"
+    if os.environ.get("PATCHSCAN_MODEL_CACHE"):
+        return _cache_folder("PATCHSCAN_MODEL_CACHE", Path())
+    return cache_root() / "models"
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -190,17 +203,14 @@ def builtin_folder(name: str | None = None) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        gguf = _gguf_path(spec, tmp / "gguf")
-        log.info("converting the built-in model %s once into %s", spec.gguf, target)
-        _convert_gguf(gguf, tmp / "model")
-        os.replace(tmp / "model", target)
-    except OSError:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as scratch:
+            gguf = _gguf_path(spec, Path(scratch))
+            log.info("converting the built-in model %s once into %s", spec.gguf, target)
+            write_atomic(target, lambda tmp: _convert_gguf(gguf, tmp))
+    except OSError:  # another process converted it first (the rename finds a full folder)
         if not (target / "config.json").exists():
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -286,6 +296,7 @@ def dispatch_tiny(model, place: dict[str, Any]):
     folder = tempfile.mkdtemp(prefix="patchscan-tiny-")
     model.save_pretrained(folder)
     dispatched = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, **place)
+    set_weight_files(dispatched, _top_files(Path(folder)))  # offloaded tensors are read from these files
     weakref.finalize(dispatched, shutil.rmtree, folder, True)
     return dispatched
 
@@ -378,6 +389,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     view = ModelView(model=model, tokenizer=tokenizer, name=str(name))
     _ = view.block_returns_tuple  # probed now, before any hook is set (a wrapped model: on first use)
+    note_model(view)  # a run records every model it loads (patchscan.fingerprints.Inputs)
     return view
 
 
@@ -406,4 +418,28 @@ def _load_pretrained(cfg: Mapping[str, Any], dtype: torch.dtype, place: dict[str
         elif source == "folder" and not Path(str(path)).is_dir():
             raise UserError(f"model folder not found: {path}")
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-    return AutoModelForCausalLM.from_pretrained(path, **place, **common, **extra), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, **place, **common, **extra)
+    files = _weight_files(source, path, extra.get("gguf_file"), common.get("revision"))
+    if files:
+        set_weight_files(model, files)  # the exact weight identity: these files' digests, cached
+    return model, tokenizer
+
+
+def _top_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _weight_files(source: str, path, gguf_file: str | None, revision: str | None) -> list[Path] | None:
+    """The files a pretrained model and its tokenizer were read from: a GGUF, a folder's top-level
+    files, or the hub snapshot's (None when the snapshot is not found: the tensors are hashed)."""
+    if gguf_file:
+        return [Path(path) / gguf_file]
+    if source != "hub":
+        return _top_files(Path(path))
+    try:
+        from transformers.utils import cached_file
+
+        config = cached_file(str(path), "config.json", revision=revision, _raise_exceptions_for_missing_entries=False)
+    except Exception:  # noqa: BLE001 - any failure to find the snapshot means: hash the tensors instead
+        config = None
+    return _top_files(Path(config).parent) if config else None
