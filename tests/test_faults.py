@@ -89,9 +89,9 @@ def test_affine_lens_maps_of_one_model_are_never_reused_for_another(tmp_path, mo
 
 def test_cross_model_maps_are_keyed_by_both_models_weights(tmp_path):
     """Case 1 (cross_model): another source model (seed, width) under the same name gets its own maps."""
-    from patchscan.caches import model_fingerprint
     from patchscan.data.texts import load_texts
     from patchscan.engine.alignment import fit_cross_model_maps
+    from patchscan.fingerprints import model_fingerprint
     from patchscan.models import load_model
 
     texts = load_texts({"kind": "builtin", "name": "texts"})[:40]
@@ -621,12 +621,14 @@ def _shard_worker(shard: int, results: str, out: str, barrier) -> int:
             runner.with_keys(fake_chunk(chunk, lambda n: None), chunk),
             plan.results_dir,
             f"part-{shard:03d}-{chunk[0]['_index']:07d}.parquet",
+            plan.run_id,
         )
     barrier.wait()  # all eight write their last part, their _run.json and their metrics at once
     runner.write_part(
         runner.with_keys(fake_chunk(last, lambda n: None), last),
         plan.results_dir,
         f"part-{shard:03d}-{last[0]['_index']:07d}.parquet",
+        plan.run_id,
     )
     runner.finalize(FakeScope, cfg, Path(out), plan.results_dir, quiet=True)
     plan.release()

@@ -2,8 +2,9 @@
 
 `LogitLens` reads a state through the model's final norm and unembedding. `AffineMaps` is a set of
 least-squares affine maps keyed by (source block, target block), fitted on paired states, saved
-and loaded as one file per pair, and cached by content (`patchscan.caches`: the weights'
-fingerprint, dtype, the token ids fitted on, the settings and FIT_VERSION). `AffineLens` maps each
+and loaded as one file per pair, and cached by content in one layout (`engine.mappings.cached_maps`,
+keyed by `patchscan.fingerprints`: the weights' exact fingerprint, dtype, the token ids fitted on, the
+settings and FIT_VERSION). `AffineLens` maps each
 block to the last block of the same model (both before the final norm, so the norm is applied
 once) and then reads out; cross-model patching uses `AffineMaps.fit_between` two models.
 """
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from patchscan.caches import map_cache_key, model_fingerprint
 from patchscan.engine.alignment import fit_cross_model_maps
 from patchscan.engine.capture import capture as capture_ids
-from patchscan.engine.mappings import Affine, load_mapping
+from patchscan.engine.mappings import Affine, cached_maps, load_mapping, map_folder
 from patchscan.errors import UserError
+from patchscan.fingerprints import map_cache_key, model_fingerprint
 from patchscan.models.view import ModelView
 from patchscan.paths import cache_root
 from patchscan.states import State
@@ -118,7 +119,7 @@ class AffineMaps:
         cache_dir: str | Path | None = None,
     ) -> AffineMaps:
         """Maps from `source`'s block ℓ to `target`'s block ℓ* on the token positions both
-        tokenizations share, one per pair; cached (default under the cache root's maps/cross_model).
+        tokenizations share, one per pair; cached (default under the cache root's maps/).
 
         >>> import patchscan as ps
         >>> a, b = ps.load_model("tiny_llama", device="cpu"), ps.load_model("tiny_gpt2", device="cpu")
@@ -127,7 +128,7 @@ class AffineMaps:
         >>> tuple(maps.apply(torch.zeros(a.width), 1, 2).shape) == (b.width,)
         True
         """
-        folder = Path(cache_dir) if cache_dir else cache_root() / "maps" / "cross_model"
+        folder = Path(cache_dir) if cache_dir else cache_root() / "maps"
         fitted = fit_cross_model_maps(
             source,
             target,
@@ -205,17 +206,20 @@ class AffineLens(LogitLens):
         `positions_per_text` tokens of each, at most `max_positions` in all)."""
         layers = sorted({lm.check_layer(b) for b in (range(lm.n_blocks) if layers is None else layers)})
         ids = [lm.encode(t)[:positions_per_text] for t in texts]
+
+        def fit() -> dict[int, Affine]:
+            log.info("fitting affine-lens maps on %d texts", len(ids))
+            last = lm.n_blocks - 1
+            caps = capture_ids(lm, ids, layers + [last], [list(range(len(x))) for x in ids], batch_size=batch_size)
+            states = torch.cat([c.states for c in caps], dim=1)[:, :max_positions]
+            if states.shape[1] <= lm.width // 4:
+                raise UserError(
+                    f"affine lens: only {states.shape[1]} training positions for width {lm.width}; add texts"
+                )
+            return {b: Affine.fit(states[k], states[-1], ridge=float(ridge)) for k, b in enumerate(layers)}
+
+        if not cache:
+            return cls(lm, fit())
         key = map_cache_key("affine_lens", model_fingerprint(lm), str(lm.dtype), ids, max_positions, float(ridge))
-        folder = cache_root() / "maps" / lm.name / f"affine-lens-{key}"
-        if cache and all((folder / f"block{b}.pt").exists() for b in layers):
-            return cls.load(lm, folder, layers)
-        log.info("fitting affine-lens maps on %d texts", len(ids))
-        last = lm.n_blocks - 1
-        caps = capture_ids(lm, ids, layers + [last], [list(range(len(x))) for x in ids], batch_size=batch_size)
-        states = torch.cat([c.states for c in caps], dim=1)[:, :max_positions]
-        if states.shape[1] <= lm.width // 4:
-            raise UserError(f"affine lens: only {states.shape[1]} training positions for width {lm.width}; add texts")
-        lens = cls(lm, {b: Affine.fit(states[k], states[-1], ridge=float(ridge)) for k, b in enumerate(layers)})
-        if cache:
-            lens.save(folder)
-        return lens
+        folder = map_folder(cache_root() / "maps", "affine-lens", [lm.name], key)
+        return cls(lm, cached_maps(folder, {b: f"block{b}.pt" for b in layers}, (lm.width, lm.width), fit))

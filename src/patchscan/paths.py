@@ -27,18 +27,29 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "configs"
 
 
+def _cache_folder(variable: str, default: Path) -> Path:
+    """The folder an environment variable names (else `default`); one error line when it is a file."""
+    env = os.environ.get(variable)
+    path = Path(env).expanduser() if env else default
+    if path.exists() and not path.is_dir():
+        raise UserError(
+            f"{variable if env else 'the cache folder'}={path} is a file, not a folder; point it at a folder"
+        )
+    return path
+
+
 def cache_root() -> Path:
     """Where converted models and fitted maps are kept between runs."""
-    env = os.environ.get("PATCHSCAN_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patchscan"
+    return _cache_folder(
+        "PATCHSCAN_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "patchscan"
+    )
 
 
 def model_cache_root() -> Path:
     """Where converted models are kept: PATCHSCAN_MODEL_CACHE, else <cache root>/models (tests share one)."""
-    env = os.environ.get("PATCHSCAN_MODEL_CACHE")
-    return Path(env) if env else cache_root() / "models"
+    if os.environ.get("PATCHSCAN_MODEL_CACHE"):
+        return _cache_folder("PATCHSCAN_MODEL_CACHE", Path())
+    return cache_root() / "models"
 
 
 def option_names(group: str) -> list[str]:

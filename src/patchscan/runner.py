@@ -36,9 +36,11 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from patchscan.errors import UserError
+from patchscan.store import write_atomic  # noqa: F401 - the one atomic writer, also runner.write_atomic
 
 if TYPE_CHECKING:
     from patchscan.engine.counting import Counts
+    from patchscan.fingerprints import Inputs
 
 log = logging.getLogger(__name__)
 META_NAME = "_run.json"  # starts with "_" so Parquet readers ignore it
@@ -48,6 +50,7 @@ INT_COLUMNS = ("source_layer", "target_layer", "source_position", "target_positi
 # example fields that are results of the model, not its definition (left out of example_key)
 DERIVED_FIELDS = ("probe", "filled_generation", "filled_correct")
 PROGRESS_INTERVAL_S = 5.0
+RUN_ID_KEY = b"patchscan.run_id"  # Parquet schema metadata: the run identity a part belongs to
 
 
 # ---------------------------------------------------------------- config identity
@@ -86,6 +89,56 @@ def config_difference(old: dict, new: dict) -> str | None:
     return walk(_identity_config(old), _identity_config(new), "")
 
 
+IDENTITY_PARTS = {  # what a run's identity holds, in the order a difference is reported
+    "config": "the config",
+    "models": "model weights",
+    "data": "data",
+    "maps": "fitted maps",
+}
+
+
+def run_identity(meta: dict, inputs: Inputs | None = None) -> dict:
+    """Everything that determines a row beyond the example itself: the config, the exact fingerprint
+    of every model loaded, the digest of every data file the config names, and the key of every set
+    of maps fitted or loaded (`fingerprints.Inputs`, recorded while the run was set up)."""
+    from patchscan.fingerprints import data_fingerprint
+
+    models = dict(inputs.models) if inputs is not None else {}
+    model = meta.get("model") or {}
+    if model.get("fingerprint") and model["fingerprint"] not in models.values():
+        models[model.get("name") or "model"] = model["fingerprint"]
+    return {
+        "config": meta.get("fingerprint") or config_fingerprint(meta["config"]),
+        "models": models,
+        "data": data_fingerprint(_identity_config(meta.get("config") or {})),
+        "maps": dict(inputs.maps) if inputs is not None else {},
+    }
+
+
+def run_id(identity: dict) -> str:
+    """The short hash of a run identity that every part of the run carries."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity_difference(old: dict | None, new: dict, parts: tuple[str, ...] = tuple(IDENTITY_PARTS)) -> str | None:
+    """What differs between two run identities (among `parts`), as one phrase naming the first change."""
+    if not old:
+        return "it was written without a run identity (by an older patchscan)"
+    for part in parts:
+        a, b = old.get(part), new.get(part)
+        if a == b:
+            continue
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            return f"{IDENTITY_PARTS[part]}: {a} there, {b} here"
+        name = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+        if name not in b:
+            return f"{IDENTITY_PARTS[part]}: {name} was used there, not here"
+        if name not in a:
+            return f"{IDENTITY_PARTS[part]}: {name} is used here, not there"
+        return f"{IDENTITY_PARTS[part]}: {name} changed (digest {a[name]} there, {b[name]} here)"
+    return None
+
+
 def example_key(example: dict) -> str:
     """A short hash of what defines an example (all its fields but private and model-derived ones)."""
     content = {k: v for k, v in example.items() if not k.startswith("_") and k not in DERIVED_FIELDS}
@@ -93,16 +146,6 @@ def example_key(example: dict) -> str:
 
 
 # ---------------------------------------------------------------- files
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file through a temporary name unique to this process, then rename."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def strict_json(value: Any) -> Any:
@@ -146,10 +189,7 @@ def check_parts(results_dir: Path, repair: bool = False) -> list[Path]:
         if problem is None:
             good.append(part)
         elif repair:
-            aside = results_dir / QUARANTINE
-            aside.mkdir(exist_ok=True)
-            os.replace(part, aside / part.name)
-            log.warning("runner.repair: moved %s (it %s) to %s; its examples run again", part.name, problem, aside)
+            _set_aside(results_dir, part, f"it {problem}")
         else:
             raise UserError(
                 f"part file {part} {problem}; rerun with runner.repair=true to move it aside and recompute its examples"
@@ -157,35 +197,83 @@ def check_parts(results_dir: Path, repair: bool = False) -> list[Path]:
     return good
 
 
-def stored_examples(results_dir: Path, repair: bool = False) -> dict[str, str | None]:
-    """example_id -> example_key of the examples written in a results dir (key None for old parts)."""
+def _set_aside(results_dir: Path, part: Path, problem: str) -> None:
+    aside = results_dir / QUARANTINE
+    aside.mkdir(exist_ok=True)
+    os.replace(part, aside / part.name)
+    log.warning("runner.repair: moved %s (%s) to %s; its examples run again", part.name, problem, aside)
+
+
+def recorded_run_id(results_dir: Path) -> str:
+    """The run id in a results dir's _run.json; one error line when there is none to check parts against."""
+    meta_path = results_dir / META_NAME
+    if not meta_path.is_file():
+        raise UserError(
+            f"{results_dir} holds part files but no {META_NAME}: which run wrote them is unknown, so they are "
+            "not adopted; move them away or choose another run dir (hydra.run.dir=...)"
+        )
+    try:
+        found = json.loads(meta_path.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"cannot read {meta_path}: {exc}") from exc
+    if not found:
+        raise UserError(f"{meta_path} has no run identity (written by an older patchscan); rerun into a new run dir")
+    return found
+
+
+def run_parts(results_dir: Path, expected: str | None = None, repair: bool = False) -> dict[Path, dict[str, str]]:
+    """The one reader of a results dir's parts: part -> {example_id: example_key}, each part checked:
+    readable, stamped with the run id of `_run.json` (or `expected`), and no example in two parts.
+    Anything else is one error line (with repair: the part is moved to .quarantine/ and its examples
+    run again). resume, eval, show and finalize all read through here."""
     parts = check_parts(results_dir, repair)
-    done: dict[str, str | None] = {}
+    if not parts:
+        return {}
+    expected = expected or recorded_run_id(results_dir)
+    out: dict[Path, dict[str, str]] = {}
+    owner: dict[str, Path] = {}
     for part in parts:
-        names = pq.ParquetFile(part).schema_arrow.names
-        columns = ["example_id"] + (["example_key"] if "example_key" in names else [])
-        table = pq.read_table(part, columns=columns)
+        stamp = (pq.read_schema(part).metadata or {}).get(RUN_ID_KEY, b"").decode() or None
+        table = pq.read_table(
+            part, columns=[c for c in ("example_id", "example_key") if c in pq.read_schema(part).names]
+        )
         ids = table.column("example_id").to_pylist()
-        keys = table.column("example_key").to_pylist() if "example_key" in names else [None] * len(ids)
-        done.update(zip(ids, keys))
+        twice = next((i for i in ids if i in owner), None)
+        if stamp != expected:
+            problem = f"belongs to another run (run id {stamp}, this results dir's is {expected})"
+        elif twice is not None:
+            problem = f"repeats example {twice!r} of {owner[twice].name} (a part copied in twice?)"
+        else:
+            keys = table.column("example_key").to_pylist() if "example_key" in table.column_names else [None] * len(ids)
+            out[part] = dict(zip(ids, keys))
+            owner.update(dict.fromkeys(ids, part))
+            continue
+        if not repair:
+            raise UserError(
+                f"part file {part} {problem}; move it out, or rerun with runner.repair=true to set it aside"
+            )
+        _set_aside(results_dir, part, problem)
+    return out
+
+
+def stored_examples(results_dir: Path, repair: bool = False, expected: str | None = None) -> dict[str, str | None]:
+    """example_id -> example_key of the examples written in a results dir (checked: `run_parts`)."""
+    done: dict[str, str | None] = {}
+    for examples in run_parts(results_dir, expected, repair).values():
+        done.update(examples)
     return done
 
 
-def write_part(df: pd.DataFrame, results_dir: Path, name: str) -> Path:
-    """Write atomically: a hidden temporary file, fsync, then rename. Never an empty part."""
+def write_part(df: pd.DataFrame, results_dir: Path, name: str, run_id: str) -> Path:
+    """Write atomically (`store.write_atomic`), stamped with the run's id in the Parquet schema
+    metadata, so every reader can tell the run's own parts from others. Never an empty part."""
+    import pyarrow as pa
+
     if df.empty:
         raise RuntimeError(f"refusing to write an empty part {name}: the scope returned no rows")
-    path = results_dir / name
-    tmp = results_dir / f".{name}.tmp"
-    try:
-        df.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    return path
+    schema = pa.Schema.from_pandas(df, preserve_index=False)
+    schema = schema.with_metadata({**(schema.metadata or {}), RUN_ID_KEY: run_id.encode()})
+    return write_atomic(results_dir / name, lambda tmp: df.to_parquet(tmp, index=False, schema=schema))
 
 
 def run_config(run_dir: str | Path) -> tuple[Path, dict]:
@@ -210,7 +298,7 @@ def read_results(run_dir: str | Path) -> pd.DataFrame:
     """All rows of a run dir (or of a results dir itself): its part files only, whatever else lies there."""
     run_dir = Path(run_dir)
     results = run_dir / "results" if (run_dir / "results").is_dir() else run_dir
-    parts = check_parts(results)
+    parts = run_parts(results)
     if not parts:
         raise UserError(f"no results found in {results}")
     return pads.dataset([str(p) for p in parts], format="parquet").to_table().to_pandas()
@@ -253,7 +341,7 @@ def run_metadata(cfg: DictConfig, view=None, n_examples: int | None = None) -> d
     meta["versions"]["patchscan"] = __version__
     meta["git_commit"] = git_commit()
     if view is not None:
-        from patchscan.caches import model_fingerprint
+        from patchscan.fingerprints import model_fingerprint
 
         meta["model"] = {
             "name": view.name,
@@ -329,15 +417,19 @@ class RunPlan:
     lock: ShardLock | None = None
     mine: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    inputs: Inputs | None = None  # models and maps the run uses, recorded from open_run to release
+    run_id: str | None = None  # set by plan_run: every part written carries it
 
     def release(self) -> None:
+        if self.inputs is not None:
+            self.inputs.stop()
         if self.lock is not None:
             self.lock.release()
 
     def saved(self) -> int:
         """How many of this shard's examples are in the results dir now."""
         try:
-            stored = stored_examples(self.results_dir)
+            stored = stored_examples(self.results_dir, expected=self.run_id)
         except UserError:
             return 0
         return sum(1 for e in self.mine if stored.get(e["example_id"], "") in (e["_key"], None))
@@ -387,6 +479,8 @@ def open_run(cfg: DictConfig, run_dir: Path) -> RunPlan:
                 log.info("resuming the unfinished run in %s", previous)
                 run_dir, results_dir = previous, previous / "results"
     meta_path = results_dir / META_NAME
+    if part_files(results_dir) and not meta_path.exists():
+        recorded_run_id(results_dir)  # refuses: parts of an unknown run are never adopted
     if meta_path.exists():
         try:
             old = json.loads(meta_path.read_text())
@@ -408,27 +502,33 @@ def open_run(cfg: DictConfig, run_dir: Path) -> RunPlan:
     lock = ShardLock(results_dir, shard).acquire()
     for stale in results_dir.glob(f".part-{shard:03d}-*.tmp"):  # a kill between write and rename
         stale.unlink(missing_ok=True)
-    return RunPlan(run_dir, results_dir, shard=shard, num_shards=num_shards, lock=lock)
+    from patchscan.fingerprints import Inputs
+
+    inputs = Inputs().start()  # records the models loaded and maps fitted until plan.release()
+    return RunPlan(run_dir, results_dir, shard=shard, num_shards=num_shards, lock=lock, inputs=inputs)
 
 
 def plan_run(plan: RunPlan, examples: list[dict], meta: dict, repair: bool = False) -> RunPlan:
-    """Key every example by content, keep this shard's, compare with what is stored, write _run.json."""
+    """Key every example by content, keep this shard's, compare the run identity and the examples
+    with what is stored, write _run.json."""
     meta_path = plan.results_dir / META_NAME
-    if meta_path.exists():
-        old_model = (json.loads(meta_path.read_text()).get("model") or {}).get("fingerprint")
-        new_model = (meta.get("model") or {}).get("fingerprint")
-        if old_model and new_model and old_model != new_model:
+    identity = run_identity(meta, plan.inputs)
+    old = json.loads(meta_path.read_text()) if meta_path.exists() else None
+
+    def refuse_other(parts: tuple[str, ...]) -> None:
+        if old is not None and (diff := identity_difference(old.get("identity"), identity, parts)):
             raise UserError(
-                f"{plan.results_dir} holds results of other model weights (model fingerprint "
-                f"{old_model}, now {new_model}) under the same config; choose another run dir "
-                "(hydra.run.dir=...)"
+                f"{plan.results_dir} holds results of another run ({diff}); choose another run dir "
+                "(hydra.run.dir=...) or delete it"
             )
+
+    refuse_other(("config", "models"))
     keys = {}
     for i, example in enumerate(examples):
         example.setdefault("_index", i)
         example["_key"] = example_key(example)
         keys[example["example_id"]] = example["_key"]
-    stored = stored_examples(plan.results_dir, repair)
+    stored = stored_examples(plan.results_dir, repair, expected=old.get("run_id") if old else None)
     for example_id, key in stored.items():
         if example_id not in keys:
             raise UserError(
@@ -441,7 +541,9 @@ def plan_run(plan: RunPlan, examples: list[dict], meta: dict, repair: bool = Fal
                 f"{plan.results_dir} holds example {example_id!r} computed from other data (its text, "
                 "token ids or answer changed since); choose another run dir (hydra.run.dir=...)"
             )
-    meta = {**meta, "n_examples": len(examples)}
+    refuse_other(("data", "maps"))  # after the examples: a changed example is named first
+    plan.run_id = run_id(identity)
+    meta = {**meta, "n_examples": len(examples), "identity": identity, "run_id": plan.run_id}
     write_atomic(meta_path, json.dumps(strict_json(meta), indent=1))
     plan.mine = shard_examples(examples, plan.num_shards, plan.shard)
     plan.todo = [e for e in plan.mine if e["example_id"] not in stored]
@@ -545,7 +647,7 @@ def execute(
             with count_work(None if view is None else view.model) as counts:
                 df = with_keys(run_chunk(chunk, progress.add_runs), chunk)
             name = f"part-{plan.shard:03d}-{chunk[0]['_index']:07d}.parquet"
-            write_part(df, plan.results_dir, name)
+            write_part(df, plan.results_dir, name, plan.run_id)
             work.add_chunk(name, len(chunk), counts)
             progress.update(len(chunk))
             hold_after_part(plan.shard)

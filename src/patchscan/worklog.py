@@ -1,10 +1,9 @@
 """What each shard did: `results/_shard-SSS.json`, one file per shard, cumulative over resumes.
 
-Shards that share a results dir each write only their own file (atomically: a hidden temporary
-file, then rename), so 8 shards finishing at once never race for one file; `_run.json` stays the
-config record. Parquet readers skip names that start with "_". A file holds the totals of the
-shard over all its sessions (a resume is a new session) and, per session, the model work of
-every chunk it ran:
+Shards that share a results dir each write only their own file (atomically, `store.write_atomic`),
+so 8 shards finishing at once never race for one file; `_run.json` stays the config record.
+Parquet readers skip names that start with "_". A file holds the totals of the shard over all
+its sessions (a resume is a new session) and, per session, the model work of every chunk it ran:
 
     {"shard": 0, "num_shards": 4,
      "totals": {"examples": 12, "chunks": 3, "forward_passes": 130, "forward_tokens": ..., "tokens_generated": ...},
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from patchscan.engine.counting import Counts
+from patchscan.store import write_atomic
 
 TOTAL_KEYS = ("examples", "chunks", "forward_passes", "forward_tokens", "tokens_generated")
 
@@ -101,6 +101,4 @@ class ShardLog:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=1))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from patchscan.caches import map_cache_key, model_fingerprint
 from patchscan.engine.capture import capture
-from patchscan.engine.mappings import Affine, load_mapping
+from patchscan.engine.mappings import Affine, cached_maps, map_folder
+from patchscan.fingerprints import map_cache_key, model_fingerprint
 from patchscan.models.view import ModelView
 
 log = logging.getLogger(__name__)
@@ -54,19 +54,17 @@ def fit_cross_model_maps(
         ridge,
         max_positions,
     )
-    folder = cache_dir / f"{source.name}--{target.name}-{key}"
-    paths = {p: folder / f"s{p[0]}-t{p[1]}.pt" for p in pairs}
-    if all(path.exists() for path in paths.values()):
-        return {p: load_mapping(path) for p, path in paths.items()}
-    s_layers = sorted({s for s, _ in pairs})
-    t_layers = sorted({t for _, t in pairs})
-    log.info("fitting %d cross-model maps on %d texts", len(pairs), len(aligned))
-    caps_s = capture(source, [a[0] for a in aligned], s_layers, [[i for i, _ in a[2]] for a in aligned], batch_size)
-    caps_t = capture(target, [a[1] for a in aligned], t_layers, [[j for _, j in a[2]] for a in aligned], batch_size)
-    xs = torch.cat([c.states for c in caps_s], dim=1)[:, :max_positions].float()
-    ys = torch.cat([c.states for c in caps_t], dim=1)[:, :max_positions].float()
-    maps = {}
-    for s, t in pairs:
-        maps[(s, t)] = Affine.fit(xs[s_layers.index(s)], ys[t_layers.index(t)], ridge=ridge)
-        maps[(s, t)].save(paths[(s, t)])
-    return maps
+    folder = map_folder(cache_dir, "cross-model", [source.name, target.name], key)
+
+    def fit() -> dict[tuple[int, int], Affine]:
+        s_layers = sorted({s for s, _ in pairs})
+        t_layers = sorted({t for _, t in pairs})
+        log.info("fitting %d cross-model maps on %d texts", len(pairs), len(aligned))
+        caps_s = capture(source, [a[0] for a in aligned], s_layers, [[i for i, _ in a[2]] for a in aligned], batch_size)
+        caps_t = capture(target, [a[1] for a in aligned], t_layers, [[j for _, j in a[2]] for a in aligned], batch_size)
+        xs = torch.cat([c.states for c in caps_s], dim=1)[:, :max_positions].float()
+        ys = torch.cat([c.states for c in caps_t], dim=1)[:, :max_positions].float()
+        return {(s, t): Affine.fit(xs[s_layers.index(s)], ys[t_layers.index(t)], ridge=ridge) for s, t in pairs}
+
+    files = {p: f"s{p[0]}-t{p[1]}.pt" for p in pairs}
+    return cached_maps(folder, files, (source.width, target.width), fit)

@@ -7,9 +7,18 @@ or one model's block to another model's block (cross-model patching).
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 import torch
+
+from patchscan.errors import UserError
+from patchscan.fingerprints import note_maps
+from patchscan.store import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 class Identity:
@@ -57,11 +66,51 @@ class Affine:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"kind": self.kind, "weight": self.weight, "bias": self.bias}, tmp)
-        tmp.replace(path)
+        data = {"kind": self.kind, "weight": self.weight, "bias": self.bias}
+        write_atomic(path, lambda tmp: torch.save(data, tmp))
 
 
-def load_mapping(path: str | Path) -> Affine:
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    return Affine(data["weight"], data["bias"])
+def load_mapping(path: str | Path, shape: tuple[int, int] | None = None) -> Affine:
+    """The affine map saved at `path` (of weight shape (d_in, d_out) when given); a truncated,
+    unreadable, non-tensor or wrong-shape file is one UserError line. Never unpickles code
+    (weights_only)."""
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged or hostile file
+        raise UserError(f"map file {path} is truncated or unreadable ({str(exc).splitlines()[0][:120]})") from None
+    weight, bias = (data.get("weight"), data.get("bias")) if isinstance(data, dict) else (None, None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor):
+        raise UserError(f"map file {path} holds no weight and bias tensors")
+    if weight.dim() != 2 or bias.shape != (weight.shape[1],) or (shape is not None and tuple(weight.shape) != shape):
+        want = f"; expected {shape}" if shape is not None else ""
+        raise UserError(f"map file {path} has weight {tuple(weight.shape)} and bias {tuple(bias.shape)}{want}")
+    return Affine(weight, bias)
+
+
+def map_folder(root: str | Path, kind: str, names: Sequence[str], key: str) -> Path:
+    """The one map-cache layout: ROOT/KIND-NAMES-KEY/ (KEY: `fingerprints.map_cache_key` of all the
+    maps depend on), one file per map inside."""
+    label = "--".join(str(n).replace(os.sep, "_") for n in names)
+    return Path(root) / f"{kind}-{label}-{key}"
+
+
+def cached_maps(
+    folder: Path, files: dict[Hashable, str], shape: tuple[int, int], fit: Callable[[], dict[Hashable, Affine]]
+) -> dict[Hashable, Affine]:
+    """The maps `files` names (map -> file name in `folder`), loaded when all are there and sound;
+    otherwise fitted with `fit()` and saved. A damaged file is recomputed with one warning line.
+    The folder's name and key are recorded as an input of the active run."""
+    note_maps(folder.name.rsplit("-", 1)[0], folder.name.rsplit("-", 1)[-1])
+    if all((folder / name).is_file() for name in files.values()):
+        try:
+            return {m: load_mapping(folder / name, shape) for m, name in files.items()}
+        except UserError as exc:
+            log.warning("%s; fitting the maps again", exc)
+    maps = fit()
+    try:
+        for m, name in files.items():
+            maps[m].save(folder / name)
+    except OSError as exc:
+        raise UserError(f"cannot write the map cache {folder}: {exc.strerror or exc}") from None
+    return maps

@@ -7,7 +7,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
-import os
 import shutil
 import struct
 import tempfile
@@ -19,10 +18,12 @@ from typing import Any
 import torch
 
 from patchscan.errors import UserError
+from patchscan.fingerprints import note_model, set_weight_files
 from patchscan.models.dtypes import default_dtype, note_dtype
 from patchscan.models.families import family_of
 from patchscan.models.view import ModelView
 from patchscan.paths import model_cache_root, model_config
+from patchscan.store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +184,14 @@ def builtin_folder(name: str | None = None) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        gguf = _gguf_path(spec, tmp / "gguf")
-        log.info("converting the built-in model %s once into %s", spec.gguf, target)
-        _convert_gguf(gguf, tmp / "model")
-        os.replace(tmp / "model", target)
-    except OSError:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as scratch:
+            gguf = _gguf_path(spec, Path(scratch))
+            log.info("converting the built-in model %s once into %s", spec.gguf, target)
+            write_atomic(target, lambda tmp: _convert_gguf(gguf, tmp))
+    except OSError:  # another process converted it first (the rename finds a full folder)
         if not (target / "config.json").exists():
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -279,6 +277,7 @@ def dispatch_tiny(model, place: dict[str, Any]):
     folder = tempfile.mkdtemp(prefix="patchscan-tiny-")
     model.save_pretrained(folder)
     dispatched = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, **place)
+    set_weight_files(dispatched, _top_files(Path(folder)))  # offloaded tensors are read from these files
     weakref.finalize(dispatched, shutil.rmtree, folder, True)
     return dispatched
 
@@ -327,6 +326,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     view = ModelView(model=model, tokenizer=tokenizer, name=str(name))
     _ = view.block_returns_tuple  # probed now, before any hook is set (a wrapped model: on first use)
+    note_model(view)  # a run records every model it loads (patchscan.fingerprints.Inputs)
     return view
 
 
@@ -357,7 +357,11 @@ def _load_pretrained(cfg: Mapping[str, Any], dtype: torch.dtype, place: dict[str
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     if not extra:  # a config.json: an unsupported family is refused before any weights are read
         extra = {"config": _supported_config(path, cfg, common)}
-    return AutoModelForCausalLM.from_pretrained(path, **place, **common, **extra), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, **place, **common, **extra)
+    files = _weight_files(source, path, extra.get("gguf_file"), common.get("revision"))
+    if files:
+        set_weight_files(model, files)  # the exact weight identity: these files' digests, cached
+    return model, tokenizer
 
 
 def _supported_config(path, cfg: Mapping[str, Any], common: dict[str, Any]):
@@ -367,3 +371,23 @@ def _supported_config(path, cfg: Mapping[str, Any], common: dict[str, Any]):
     config = AutoConfig.from_pretrained(path, **{k: v for k, v in common.items() if k != "dtype"})
     family_of(config.model_type, str(cfg.get("name") or path))
     return config
+
+
+def _top_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _weight_files(source: str, path, gguf_file: str | None, revision: str | None) -> list[Path] | None:
+    """The files a pretrained model and its tokenizer were read from: a GGUF, a folder's top-level
+    files, or the hub snapshot's (None when the snapshot is not found: the tensors are hashed)."""
+    if gguf_file:
+        return [Path(path) / gguf_file]
+    if source != "hub":
+        return _top_files(Path(path))
+    try:
+        from transformers.utils import cached_file
+
+        config = cached_file(str(path), "config.json", revision=revision, _raise_exceptions_for_missing_entries=False)
+    except Exception:  # noqa: BLE001 - any failure to find the snapshot means: hash the tensors instead
+        config = None
+    return _top_files(Path(config).parent) if config else None

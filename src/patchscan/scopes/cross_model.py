@@ -23,7 +23,6 @@ from patchscan.errors import UserError
 from patchscan.lenses import AffineMaps
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.models import load_model
-from patchscan.paths import cache_root
 from patchscan.rows import next_token_columns
 from patchscan.scopes.base import Scope
 from patchscan.scopes.entities import EntityScope
@@ -57,7 +56,6 @@ class CrossModelScope(Scope):
             ridge=float(self.cfg.maps.ridge),
             max_positions=int(self.cfg.maps.max_positions),
             batch_size=self.capture_batch_size(),
-            cache_dir=cache_root() / "maps" / "cross_model",
         )
         if self.entity_scope is not None:
             self.entity_scope.engine = self.engine  # a dry run's counting engine counts its work too
