@@ -18,6 +18,7 @@ API_MODULES = [
     "patchscan.lenses",
     "patchscan.intervene",
     "patchscan.rows",
+    "patchscan.grids",
 ]
 
 

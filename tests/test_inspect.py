@@ -8,7 +8,8 @@ import pytest
 
 from patchscan.engine.naive import naive_generate
 from patchscan.errors import UserError
-from patchscan.inspection import inspect_main, one_line, parse_block_list, show_main, show_view
+from patchscan.grids import blocks
+from patchscan.inspection import inspect_main, one_line, show_main, show_view
 from tests.conftest import tiny
 from tests.helpers import cli, cli_here, run_in
 
@@ -27,13 +28,17 @@ def test_long_prompts_are_shortened_at_word_boundaries():
     assert shorten("a\nb") == "a\\nb"
 
 
+def parse_block_list(spec: str, n_blocks: int) -> list[int]:
+    return blocks(spec, n_blocks, "--layers")
+
+
 def test_block_lists_take_slices_lists_and_names():
     assert parse_block_list("0:10", 30) == list(range(10))
     assert parse_block_list("::10", 30) == [0, 10, 20]
     assert parse_block_list("3", 30) == [3] and parse_block_list("0, 5,-1", 30) == [0, 5, 29]
     assert parse_block_list("all", 4) == [0, 1, 2, 3] and parse_block_list("last", 4) == [3]
     for bad, needle in (
-        ("0:40", "layer 30"),
+        ("0:40", "slice bound 40 is out of range"),
         ("7", "layer 7"),
         ("a:b", "'a:b'"),
         ("one", "'one'"),
@@ -73,7 +78,7 @@ def test_inspect_with_a_target_of_ones_own(capsys):
     "args,needle",
     [
         (["--scope", "nope"], "unknown scope 'nope'; choose from entity_description, token_identity"),
-        (["--layers", "0:99"], "layer 4 is out of range"),
+        (["--layers", "0:99"], "slice bound 99 is out of range"),
         (["--layers", "x"], "--layers='x' is not valid"),
         (["--scope", "token_identity", "--target", "The x"], "--scope or --target, not both"),
         (["--target", "no placeholder"], "does not contain the placeholder 'x'"),

@@ -3,42 +3,21 @@
 `inspect` reads one text with a Patchscope, no config needed: the text's last-token state at each
 block ℓ is patched into the target prompt at the same block (ℓ* = ℓ) and the model's greedy
 continuation is printed. It is the public API end to end (`load_model`, `capture`, `TargetPrompt`,
-`generate`). `show` prints the same view from a finished run's Parquet rows.
-
->>> from patchscan.inspection import parse_block_list
->>> parse_block_list("0:10:3", 30), parse_block_list("2,5,-1", 30), parse_block_list("0,20:", 24)
-([0, 3, 6, 9], [2, 5, 29], [0, 20, 21, 22, 23])
+`generate`). `show` prints the same view from a finished run's Parquet rows. Both read --layers
+by the one block grammar of `patchscan.grids`.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from patchscan import grids
 from patchscan.errors import UserError
 
 # The target prompts --scope names (configs/patchscope/NAME.yaml, the ones with one prompt).
 SCOPES = ("entity_description", "token_identity")
-
-
-def parse_block_list(spec: str, n_blocks: int, what: str = "--layers") -> list[int]:
-    """Blocks from `all`, `last`, or comma-separated blocks and slices `start:stop[:step]` (stop exclusive)."""
-    from patchscan.sweep import parse_layers
-
-    text = str(spec).strip()
-    if text.lower() in ("all", "last"):
-        return parse_layers(text, n_blocks, what)
-    blocks: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if ":" in part and re.fullmatch(r"-?\d*:-?\d*(:\d*)?", part):
-            blocks += parse_layers(part, n_blocks, what)
-        elif re.fullmatch(r"-?\d+", part):
-            blocks += parse_layers([int(part)], n_blocks, what)
-        else:
-            raise UserError(f"{what}={spec!r} is not valid; use all, last, a slice like 0:10, a list like 0,5,10")
-    return list(dict.fromkeys(blocks))
 
 
 def one_line(text: str) -> str:
@@ -128,12 +107,10 @@ def inspect_main(argv: Sequence[str]) -> str:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} is not valid; use a whole number >= 1")
     lm = ps.load_model(args.model, device=args.device, dtype=args.dtype)
-    layers = parse_block_list(args.layers, lm.n_blocks)
+    layers = grids.blocks(args.layers, lm.n_blocks, "--layers", lm.name)
     target = target_prompt(lm, args.scope, args.target, args.placeholder)
     ids = lm.encode(args.text)
-    if not -len(ids) <= args.position < len(ids):
-        raise UserError(f"--position={args.position} is out of range for {args.text!r} ({len(ids)} tokens)")
-    token = lm.tokenizer.decode([ids[args.position]])
+    token = lm.tokenizer.decode([ids[grids.position(args.position, len(ids), "--position", repr(args.text))]])
     header = [
         f"{lm.name} ({lm.n_blocks} blocks): {args.text!r}, token {args.position} ({token!r}), block ℓ",
         f"  -> {shorten(target.text)!r} at {target.placeholder!r}, block ℓ* = ℓ; {args.max_new_tokens} tokens",
@@ -179,13 +156,27 @@ def _row_text(row) -> str:
     return f"token {row['pred_token_id']}" if "pred_token_id" in row else ""
 
 
+def _rows_at(rows, spec: str, run_dir: str | Path, example: str):
+    """The rows at the --layers blocks ℓ, resolved against the run's model; one line when none is there."""
+    from patchscan.runner import run_meta
+
+    have = sorted({int(b) for b in rows["source_layer"]})
+    n = (run_meta(run_dir)[1].get("model") or {}).get("n_blocks") or (have[-1] + 1 if have else 0)
+    wanted = grids.blocks(spec, int(n), "--layers", "the run's model")
+    kept = rows[rows["source_layer"].astype(int).isin(wanted)]
+    if kept.empty:
+        raise UserError(
+            f"--layers={spec!r}: example {example} has no rows at block ℓ = {', '.join(map(str, wanted))}; "
+            f"the run has blocks ℓ = {', '.join(map(str, have)) or 'none'}"
+        )
+    return kept
+
+
 def show_view(run_dir: str | Path, example: str, method: str | None = None, layers: str | None = None) -> str:
     """The Table 3 view of one example of a finished run, from its Parquet rows alone."""
     rows, method = example_rows(run_dir, example, method)
-    if layers is not None and len(rows):
-        n = int(rows["source_layer"].max()) + 1
-        wanted = set(parse_block_list(layers, max(n, 1)))
-        rows = rows[rows["source_layer"].astype(int).isin(wanted)]
+    if layers is not None:
+        rows = _rows_at(rows, layers, run_dir, example)
     first = rows.iloc[0] if len(rows) else None
     source = next((first[c] for c in ("source_text", "subject") if first is not None and c in first), None)
     prompt = first.get("target_prompt") if first is not None else None

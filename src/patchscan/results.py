@@ -1,8 +1,9 @@
 """What `next_token` and `generate` return: decoded text, token ids, log-probs, and a DataFrame.
 
-One row per patch, labelled with where its vector came from (source text, block ℓ, position i)
-and where it went (target prompt, block ℓ*, position i*), in the column names of the Parquet
-rows (DESIGN §5). pandas is imported only by `to_frame`.
+One row per patch, labelled with where its vector came from (source tokens, position i, block ℓ)
+and where it went (target tokens, position i*, block ℓ*) by the Parquet rows' own schema
+(`rows.patch_columns`, DESIGN §5), then its source text, target prompt and `patched`. pandas is
+imported only by `to_frame`.
 """
 
 from __future__ import annotations
@@ -11,32 +12,30 @@ from dataclasses import dataclass, field
 
 import torch
 
+from patchscan import grids
 from patchscan.models.view import ModelView
+from patchscan.rows import frame, patch_columns
 from patchscan.targets import Patch
 
 
-def patch_columns(lm: ModelView, patch: Patch) -> dict:
-    """The labels of one patch: source (text, block, position) and target (prompt, block, position)."""
+def _labels(lm: ModelView, patch: Patch) -> dict:
+    """One patch in the row contract's columns (`rows.patch_columns`), with its source text, target
+    prompt and whether it is patched at all."""
     source = getattr(patch, "source", None)
     baseline = patch.vector is None
     return {
+        **patch_columns(
+            source_token_ids=None if source is None else source.token_ids,
+            source_position=None if source is None else source.position,
+            source_layer=None if source is None else source.layer,
+            target_token_ids=patch.target_ids,
+            target_position=grids.position(patch.target_position, len(patch.target_ids), "target position"),
+            target_layer=None if baseline else lm.check_layer(patch.target_layer),
+        ),
         "source_text": None if source is None else source.text,
-        "source_layer": None if source is None else source.layer,
-        "source_position": None if source is None else source.position,
         "target_prompt": getattr(patch, "target_prompt", None) or lm.decode(patch.target_ids),
-        "target_layer": None if baseline else lm.check_layer(patch.target_layer),
-        "target_position": patch.target_position % len(patch.target_ids),
         "patched": not baseline,
     }
-
-
-def _frame(rows: list[dict]):
-    import pandas as pd
-
-    df = pd.DataFrame(rows)
-    for column in ("source_layer", "source_position", "target_layer", "target_position"):
-        df[column] = df[column].astype("Int64")
-    return df
 
 
 @dataclass
@@ -51,7 +50,7 @@ class NextTokenResult:
     >>> len(result), len(result.texts), tuple(result.top_ids.shape)
     (2, 2, (2, 3))
     >>> list(result.to_frame().columns[:4])
-    ['source_text', 'source_layer', 'source_position', 'target_prompt']
+    ['source_token_ids', 'source_position', 'source_layer', 'target_token_ids']
 
     `token_ids[k]`, `texts[k]` and `logprobs[k]` are the most likely next token of patch k, its
     text and its log-probability (natural log); `top_ids`/`top_logprobs` hold the top k.
@@ -84,14 +83,14 @@ class NextTokenResult:
             top = [self.lm.tokenizer.decode([t]) for t in self.top_ids[k].tolist()]
             rows.append(
                 {
-                    **patch_columns(self.lm, patch),
+                    **_labels(self.lm, patch),
                     "pred_token_id": self.token_ids[k],
                     "pred_token": top[0],
                     "logprob": self.logprobs[k],
                     "top_k": top,
                 }
             )
-        return _frame(rows)
+        return frame(rows)
 
 
 @dataclass
@@ -135,11 +134,11 @@ class GenerationResult:
         """One row per patch: its labels, `generation`, `token_ids` and `logprob` (their sum)."""
         rows = [
             {
-                **patch_columns(self.lm, patch),
+                **_labels(self.lm, patch),
                 "generation": text,
                 "token_ids": ids,
                 "logprob": float(sum(lps)),
             }
             for patch, text, ids, lps in zip(self.patches, self.texts, self.token_ids, self.logprobs)
         ]
-        return _frame(rows)
+        return frame(rows)

@@ -9,6 +9,7 @@ DataFrame whose block and position columns are nullable integers in every part f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 # The columns of every row, in order.
 RUN_COLUMNS = (
@@ -41,20 +42,30 @@ GENERATION_COLUMNS = ("subject", "object", "generation")
 INDEX_COLUMNS = ("source_layer", "target_layer", "source_position", "target_position")
 
 
-def run_columns(
+def patch_columns(
     *,
-    example_id: str,
-    method: str,
-    model: str,
-    target_model: str,
-    source_token_ids: Sequence[int],
+    source_token_ids: Sequence[int] | None,
     source_position: int | None,
     source_layer: int | None,
     target_token_ids: Sequence[int],
     target_position: int | None,
     target_layer: int | None,
 ) -> dict:
-    """The columns every row has: enough to re-run it alone (all keyword-only, all required).
+    """Where one patch's vector came from and where it went, in the row contract's names and order:
+    the columns the runner's rows and the API's result frames (`to_frame`) share."""
+    return {
+        "source_token_ids": None if source_token_ids is None else [int(t) for t in source_token_ids],
+        "source_position": source_position,
+        "source_layer": source_layer,
+        "target_token_ids": [int(t) for t in target_token_ids],
+        "target_position": target_position,
+        "target_layer": target_layer,
+    }
+
+
+def run_columns(*, example_id: str, method: str, model: str, target_model: str, **patch: Any) -> dict:
+    """The columns every row has: enough to re-run it alone (all keyword-only, all required; the
+    patch's are those of `patch_columns`).
 
     >>> from patchscan.rows import run_columns, RUN_COLUMNS
     >>> row = run_columns(example_id="0", method="patchscope", model="m", target_model="m",
@@ -63,18 +74,8 @@ def run_columns(
     >>> tuple(row) == RUN_COLUMNS
     True
     """
-    return {
-        "example_id": str(example_id),
-        "method": method,
-        "model": model,
-        "target_model": target_model,
-        "source_token_ids": [int(t) for t in source_token_ids],
-        "source_position": source_position,
-        "source_layer": source_layer,
-        "target_token_ids": [int(t) for t in target_token_ids],
-        "target_position": target_position,
-        "target_layer": target_layer,
-    }
+    ids = {"example_id": str(example_id), "method": method, "model": model, "target_model": target_model}
+    return {**ids, **patch_columns(**patch)}
 
 
 def next_token_columns(
@@ -103,12 +104,26 @@ def next_token_columns(
     return row
 
 
+def int_columns(df):
+    """`df` with its block and position columns as nullable integers (Int64): the one cast, for the
+    runner's part files and the API's frames alike (None, NaN and pd.NA become <NA>)."""
+    import math
+
+    import pandas as pd
+
+    df = df.copy()
+    for column in INDEX_COLUMNS:
+        if column in df:
+            values = [
+                None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else int(v)
+                for v in df[column]
+            ]
+            df[column] = pd.array(values, dtype="Int64")
+    return df
+
+
 def frame(rows: list[dict]):
     """The rows of a chunk as a DataFrame, block and position columns as nullable integers."""
     import pandas as pd
 
-    df = pd.DataFrame(rows)
-    for column in INDEX_COLUMNS:
-        if column in df:
-            df[column] = df[column].astype("Int64")
-    return df
+    return int_columns(pd.DataFrame(rows))

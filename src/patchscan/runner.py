@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from patchscan.errors import UserError
+from patchscan.rows import int_columns
 from patchscan.store import write_atomic  # noqa: F401 - the one atomic writer, also runner.write_atomic
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 META_NAME = "_run.json"  # starts with "_" so Parquet readers ignore it
 LOCK_PREFIX = ".lock-shard-"  # starts with "." so Parquet readers ignore it
 QUARANTINE = ".quarantine"  # where runner.repair=true moves bad parts
-INT_COLUMNS = ("source_layer", "target_layer", "source_position", "target_position")
 # example fields that are results of the model, not its definition (left out of example_key)
 DERIVED_FIELDS = ("probe", "filled_generation", "filled_correct")
 PROGRESS_INTERVAL_S = 5.0
@@ -607,18 +607,9 @@ class Progress:
 
 def with_keys(df: pd.DataFrame, chunk: list[dict]) -> pd.DataFrame:
     """Add example_key and make layer and position columns integers (nullable where some rows have none)."""
-    df = df.copy()
+    df = int_columns(df)
     keys = {e["example_id"]: e["_key"] for e in chunk}
     df["example_key"] = df["example_id"].map(keys)
-    for column in INT_COLUMNS:
-        if column in df:
-            df[column] = pd.array(
-                [
-                    None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else int(v)
-                    for v in df[column]
-                ],
-                dtype="Int64",
-            )
     return df
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from patchscan import grids
 from patchscan.engine.capture import capture as capture_ids
-from patchscan.engine.capture import resolve_position
 from patchscan.errors import UserError
 from patchscan.models.view import ModelView
 
@@ -74,22 +74,24 @@ class States:
             if len(self.positions) != 1:
                 raise UserError(f"several positions were captured ({self.positions}); name one with position=")
             return 0
-        resolved = resolve_position(position, len(self.token_ids), "position")
+        resolved = grids.position(position, len(self.token_ids), "position", repr(self.text) if self.text else None)
         if resolved not in self.positions:
             raise UserError(f"position {position} was not captured; captured positions: {self.positions}")
         return self.positions.index(resolved)
 
-    def _layer_index(self, layer: int) -> int:
-        resolved = self.n_blocks + layer if layer < 0 else layer
+    def _layer_index(self, layer: int | str) -> int:
+        if not self.n_blocks:  # made by hand without the model's depth: plain indices only
+            raise UserError("these States do not know the model's number of blocks (n_blocks=0); set n_blocks=")
+        resolved = grids.block(layer, self.n_blocks, "layer")
         if resolved not in self.layers:
             raise UserError(f"layer {layer} was not captured; captured layers: {self.layers}")
         return self.layers.index(resolved)
 
-    def at(self, layer: int, position: int | None = None) -> State:
-        """The state of block `layer` at `position` (may be omitted when one position was captured)."""
-        j = self._position_index(position)
-        vector = self.tensor[self._layer_index(layer), j]
-        return State(vector, self.layers[self._layer_index(layer)], self.positions[j], self.text, tuple(self.token_ids))
+    def at(self, layer: int | str, position: int | str | None = None) -> State:
+        """The state of block `layer` at `position` (may be omitted when one position was captured);
+        either may be negative or a one-block spec such as `last`."""
+        j, k = self._position_index(position), self._layer_index(layer)
+        return State(self.tensor[k, j], self.layers[k], self.positions[j], self.text, tuple(self.token_ids))
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         layer, position = key
@@ -109,8 +111,8 @@ class States:
 def capture(
     lm: ModelView,
     text_or_texts: str | Sequence[str],
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | str | None = None,
+    positions: Sequence[int] | str | None = None,
     logprobs: bool = False,
     batch_size: int = 32,
 ) -> States | list[States]:
@@ -125,19 +127,24 @@ def capture(
     [[1], [3]]
 
     A string gives one `States`, a list of strings a list of them (run in batches; padding never
-    shifts positions). `layers` default to every block, `positions` to every token; negative
-    values count from the end (of the tokenized text, BOS included where the tokenizer adds one).
+    shifts positions). `layers` default to every block, `positions` to every token; both take the
+    block grammar of `patchscan.grids` (`last`, `"0:4:2"`, `[0, -1]`; negative values count from the
+    end, of the tokenized text for positions, BOS included where the tokenizer adds one).
     """
     single = isinstance(text_or_texts, str)
     texts = [text_or_texts] if single else list(text_or_texts)
     if not texts:
         raise UserError("capture needs at least one text")
-    layers = [lm.check_layer(int(layer)) for layer in (range(lm.n_blocks) if layers is None else layers)]
+    layers = grids.blocks("all" if layers is None else layers, lm.n_blocks, "layers", lm.name)
     ids = [lm.encode(t) for t in texts]
     empty = [t for t, x in zip(texts, ids) if not x]
     if empty:
         raise UserError(f"the text {empty[0]!r} has no tokens")
-    wanted = [list(range(len(x))) if positions is None else [int(p) for p in positions] for x in ids]
+    spec = "all" if positions is None else positions
+    # a position named twice is named twice in the longest text; in a shorter one, 0 and -1 may meet
+    longest = max(range(len(ids)), key=lambda k: len(ids[k]))
+    grids.positions(spec, len(ids[longest]), "positions", repr(texts[longest]))
+    wanted = [grids.positions(spec, len(x), "positions", repr(t), distinct=False) for t, x in zip(texts, ids)]
     caps = capture_ids(lm, ids, layers, wanted, batch_size=batch_size, with_logprobs=logprobs)
     out = [
         States(text, x, list(c.layers), list(c.positions), c.states, c.logprobs, lm.n_blocks)

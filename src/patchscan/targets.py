@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from patchscan import grids
 from patchscan.engine.patching import Patch as EnginePatch
 from patchscan.errors import UserError
 from patchscan.models.view import ModelView
@@ -131,12 +132,13 @@ class TargetPrompt:
     def grid(
         self,
         states: States | Iterable[States],
-        source_layers: Sequence[int] | None = None,
+        source_layers: Sequence[int] | str | None = None,
         target_layers: Sequence[int] | str = "same",
         position: int | None = None,
     ) -> list[Patch]:
         """Patches for every (ℓ, ℓ*) pair: each source block `source_layers` (default: all captured)
-        into each of `target_layers` ("same": ℓ* = ℓ; "all"; or a list), for each captured States.
+        into each of `target_layers` ("same": ℓ* = ℓ; or any spec of `patchscan.grids`: "all", a
+        list, "0:4"), for each captured States.
 
         >>> import patchscan as ps
         >>> lm = ps.load_model("tiny_llama", device="cpu")
@@ -145,18 +147,12 @@ class TargetPrompt:
         [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
         """
         many = [states] if isinstance(states, States) else list(states)
+        same = isinstance(target_layers, str) and target_layers.strip().lower() == "same"
+        targets = None if same else grids.blocks(target_layers, self.lm.n_blocks, "target_layers", self.lm.name)
         patches = []
         for s in many:
-            for layer in s.layers if source_layers is None else source_layers:
-                for t in self._targets(layer, target_layers):
+            sources = s.layers if source_layers is None else grids.blocks(source_layers, s.n_blocks, "source_layers")
+            for layer in sources:
+                for t in [layer] if targets is None else targets:
                     patches.append(self.patch(s.at(layer=layer, position=position), layer=t))
         return patches
-
-    def _targets(self, source_layer: int, target_layers: Sequence[int] | str) -> list[int]:
-        if target_layers == "same":
-            return [source_layer]
-        if target_layers == "all":
-            return list(range(self.lm.n_blocks))
-        if isinstance(target_layers, str):
-            raise UserError(f"target_layers={target_layers!r}: use 'same', 'all' or a list of blocks")
-        return [int(t) for t in target_layers]

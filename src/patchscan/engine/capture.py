@@ -7,16 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
+from patchscan import grids
 from patchscan.engine.hooks import block_hooks, hidden_of
-from patchscan.errors import UserError
 from patchscan.models.view import ModelView
 
 
 def resolve_position(position: int, length: int, what: str = "position") -> int:
-    """An index into the unpadded sequence; negative counts from the end."""
-    if not -length <= position < length:
-        raise UserError(f"{what} {position} is out of range for a prompt of {length} tokens")
-    return position % length
+    """An index into the unpadded sequence; negative counts from the end (the grammar of `grids`)."""
+    return grids.position(position, length, what)
 
 
 def pad_batch(prompts: list[list[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +72,7 @@ def capture(
     `with_logprobs`, also return the model's next-token log-probabilities there (p_L of DESIGN §2),
     read out from the last block's output so no full-vocabulary logits are made for other positions.
     """
-    layers = [view.check_layer(layer) for layer in layers]
+    layers = grids.blocks(layers, view.n_blocks, "layers", view.name, distinct=False)  # internal: repeats are harmless
     want = sorted(set(layers) | ({view.n_blocks - 1} if with_logprobs else set()))
     results: list[Captured] = []
     for start in range(0, len(prompts), batch_size):

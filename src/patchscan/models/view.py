@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from patchscan.errors import UserError
+from patchscan import grids
 from patchscan.models.families import Family, check, module_at
 
 # Module attributes holding forward hooks: set aside while the block output is probed, shared by
@@ -149,12 +149,8 @@ class ModelView:
         return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
     def check_layer(self, layer: int, what: str = "layer") -> int:
-        """Resolve a (possibly negative) block index; a clear error when out of range."""
-        if not -self.n_blocks <= layer < self.n_blocks:
-            raise UserError(
-                f"{what} {layer} is out of range for {self.name} ({self.n_blocks} blocks: 0..{self.n_blocks - 1})"
-            )
-        return layer % self.n_blocks
+        """Resolve one (possibly negative) block index by the one block grammar (`patchscan.grids`)."""
+        return grids.block(layer, self.n_blocks, what, self.name)
 
     @torch.no_grad()
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,13 @@ from patchscan.data.patchscopes_tsv import tsv_samples
 from patchscan.data.texts import read_lines
 from patchscan.engine import Patch, Scale
 from patchscan.errors import UserError
+from patchscan.grids import layer_pairs
 from patchscan.metrics.answers import StopWhenFound
 from patchscan.metrics.stats import any_target_block
 from patchscan.metrics.table2 import attribute_table, format_table, read_paper_table
 from patchscan.metrics.text import contains_answer
 from patchscan.prompts import placeholder_position, span_last_token, token_index_of_char
 from patchscan.scopes.base import Scope
-from patchscan.sweep import layer_pairs
 
 log = logging.getLogger(__name__)
 SOURCE_KINDS = ("subject", "template", "texts")

@@ -12,10 +12,11 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from patchscan import engine as batched_engine
+from patchscan import grids
 from patchscan import rows as row_contract
 from patchscan.errors import UserError
+from patchscan.grids import layer_pairs
 from patchscan.models.view import ModelView
-from patchscan.sweep import layer_pairs, parse_positions
 
 
 class Scope:
@@ -39,6 +40,7 @@ class Scope:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        grids.check_sweep(cfg.get("sweep"))
         self.check_source_positions()
 
     def bind(self, view: ModelView, target_view: ModelView | None = None) -> None:
@@ -133,11 +135,15 @@ class Scope:
         if self.position_specs is None:
             return
         spec = self.position_spec()
-        if isinstance(spec, str):
-            kind = spec.strip().lower()
-        else:
-            kind = "one" if isinstance(spec, int) or len(spec) == 1 else "list"
-            kind = "list" if kind == "one" and "one" not in self.position_specs else kind
+        kind = spec.strip().lower() if isinstance(spec, str) else None
+        if kind not in ("random", "last", "all"):
+            try:
+                parts = grids.parse(spec, "sweep.source_positions")
+            except UserError:
+                parts = None  # no position spec: refused below, with what this experiment takes
+            if parts is not None:
+                kind = "one" if len(parts) == 1 and isinstance(parts[0], int) else "list"
+                kind = "list" if kind == "one" and "one" not in self.position_specs else kind
         if kind not in self.position_specs:
             names = {"list": "a list of positions", "one": "one position"}
             allowed = ", ".join(names.get(k, k) for k in self.position_specs)
@@ -149,7 +155,7 @@ class Scope:
         spec = self.position_spec()
         if isinstance(spec, str) and spec.strip().lower() == "random":
             return [random.Random(f"{int(self.cfg.runner.seed)}-{index}").randint(low, length - 1)]
-        return parse_positions(spec if isinstance(spec, (str, int)) else list(spec), length)
+        return grids.positions(spec, length, "sweep.source_positions")
 
     def capture_sources(self, examples: list[dict], layers: Sequence[int] | None = None, with_logprobs=False):
         """Source states of the examples (`ids`, `position`) at `layers` (default: `source_layers`)."""

@@ -30,11 +30,11 @@ from omegaconf import DictConfig
 from patchscan.data.lre import load_relations
 from patchscan.engine import Patch
 from patchscan.errors import UserError
+from patchscan.grids import layer_pairs
 from patchscan.metrics.answers import StopWhenFound
 from patchscan.metrics.text import contains_answer
 from patchscan.prompts import placeholder_position, span_last_token
 from patchscan.scopes.base import Scope
-from patchscan.sweep import layer_pairs
 
 log = logging.getLogger(__name__)
 GRID_METHODS = ("patchscope", "patchscope_code", "patchscope_cot", "backpatch")
