@@ -468,7 +468,9 @@ def test_metrics_are_strict_json_and_layer_columns_are_integers(tmp_path):
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert metrics["complete"] is True and json.loads(text)["undefined"] is None
     df = runner.read_results(plan.results_dir)
-    for column in runner.INT_COLUMNS:
+    from patchscan.rows import INDEX_COLUMNS
+
+    for column in INDEX_COLUMNS:
         assert str(df[column].dtype) == "Int64", column
     assert df["target_layer"].isna().sum() == 3 and df["source_position"].eq(1).all()
 

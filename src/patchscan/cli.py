@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +56,7 @@ def run_job(cfg) -> dict:
     """One Hydra job: check -> lock -> scope -> model -> plan -> chunks -> Parquet -> metrics."""
     from hydra.core.hydra_config import HydraConfig
 
+    from patchscan.data import drops
     from patchscan.engine.counting import count_work
     from patchscan.models import load_model
     from patchscan.runner import execute, finalize, open_run, plan_run, run_metadata
@@ -80,9 +83,11 @@ def run_job(cfg) -> dict:
             scope.bind(view)
             examples = scope.examples()
         if not examples:
-            raise UserError("the dataset gave no examples")
-        plan = plan_run(plan, examples, run_metadata(cfg, view), repair=bool(cfg.runner.get("repair")))
+            raise UserError(drops.nothing_left("the dataset gave no examples", scope.dropped))
+        meta = {**run_metadata(cfg, view), "dropped": drops.counts(scope.dropped)}  # into metrics.json too
+        plan = plan_run(plan, examples, meta, repair=bool(cfg.runner.get("repair")))
         _accept(plan.run_dir, cfg, hydra_cfg)
+        drops.report(scope.dropped)  # in the run's log file
         try:
             execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name, view=view, setup=setup)
             return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
@@ -129,6 +134,14 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def write_error(exc: OSError, kept: str) -> str:
+    """The one line for a write the filesystem refused (disk full, read-only, no permission): what
+    could not be written and what is `kept`. Any other OSError is raised again."""
+    if exc.errno not in WRITE_ERRNOS:
+        raise exc
+    return f"error: cannot write {exc.filename or 'a file'}: {exc.strerror}; {kept}"
+
+
 def dry_run(cfg, scope) -> dict:
     """Print what the run would do, loading no weights (patchscan.planning)."""
     from patchscan.planning import make_plan
@@ -142,20 +155,19 @@ def dry_run(cfg, scope) -> dict:
 
 def _hydra_task(cfg):
     try:
-        return run_job(cfg)
+        result = run_job(cfg)
+        if cfg.get("runner", {}).get("dry_run"):  # a plan writes nothing but its report
+            leave_as_found()
+        return result
     except UserError as exc:
+        leave_as_found()
         fail(f"error: {exc}")
     except Interrupted as exc:
         fail(str(exc), 130)
     except KeyboardInterrupt:
         fail("interrupted before any example ran; nothing was saved", 130)
     except OSError as exc:
-        if exc.errno not in WRITE_ERRNOS:
-            raise
-        fail(
-            f"error: cannot write {exc.filename or 'a file'}: {exc.strerror}; the examples saved so far are kept: "
-            "fix this and rerun the same command to resume"
-        )
+        fail(write_error(exc, "the examples saved so far are kept: fix this and rerun the same command to resume"))
     finally:
         for handler in _LOG_HANDLERS:
             logging.getLogger().removeHandler(handler)
@@ -178,7 +190,7 @@ def check_group_choices(argv: list[str]) -> None:
         if key == "hydra/launcher":
             choices = sorted(set(choices) | set(PLUGIN_LAUNCHERS))
         for option in value.split(","):
-            if option and option not in choices:
+            if option not in choices:  # an empty one too: `model=` names no config
                 raise UserError(f"unknown {key} {option!r}; choose from {', '.join(choices)}")
 
 
@@ -198,6 +210,10 @@ def _open_model_keys(argv: list[str]) -> list[str]:
     return out
 
 
+_FOUND: list[Path] = []  # the deepest dir on the way to the output dir that existed before this command
+_MADE: list[Path] = []  # the output dir `_check_output_dirs` made sure of
+
+
 def _check_output_dirs(argv: list[str]) -> None:
     """The run dir must be creatable: one line, not Hydra's traceback, when it is not."""
     multirun = any(a in ("-m", "--multirun") for a in argv)
@@ -205,12 +221,35 @@ def _check_output_dirs(argv: list[str]) -> None:
     value = next((a.partition("=")[2] for a in argv if a.lstrip("+").partition("=")[0] == wanted), None)
     value = value.strip().strip("'\"") if value else value
     target = Path(value) if value and "$" not in value else Path("outputs")
+    _FOUND[:] = [next(p for p in [target.absolute(), *target.absolute().parents] if p.exists())]
+    _MADE[:] = [target]
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(
             f"cannot create the output dir {target}: {exc.strerror}; choose a writable {wanted}=..."
         ) from exc
+
+
+def leave_as_found() -> None:
+    """A refused run or a dry run leaves the filesystem as it found it: the job's output dir, made by
+    Hydra or `_check_output_dirs`, is removed with the empty dirs above it, up to the one that existed
+    before the command (a dir that holds anything stays)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        _prune(Path(HydraConfig.get().runtime.output_dir))
+
+
+def _prune(folder: Path) -> None:
+    """Remove `folder` and the dirs above it while they are empty, up to the one in `_FOUND`."""
+    folder = folder.absolute()
+    while _FOUND and _FOUND[0] in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def _experiment_override(argv: list[str]) -> list[str]:
@@ -226,6 +265,42 @@ def hydra_overrides(argv: list[str]) -> list[str]:
     return _open_model_keys(_experiment_override([a for a in argv if a not in ("-m", "--multirun")]))
 
 
+@contextlib.contextmanager
+def hydra_errors():
+    """Hydra's own errors (an unknown key, an override it cannot parse, a missing config) as one
+    UserError line, not Hydra's five lines and exit 1. HYDRA_FULL_ERROR makes Hydra raise them
+    rather than print them; it is set only while Hydra runs here."""
+    from hydra.errors import HydraException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except OverrideParseException as exc:
+        raise UserError(f"cannot parse the override {exc.override!r}: {_one_line(exc.message)}") from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else None
+        parts = [_one_line(str(exc))] + ([_one_line(str(cause))] if cause else [])
+        raise UserError("; ".join(p for p in parts if p)) from None
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
+
+
+def _one_line(message: str) -> str:
+    """A Hydra or OmegaConf message on one line: its lines up to a blank one (lists of options and
+    the full_key/object_type details left out), joined."""
+    lines = []
+    for line in message.strip().splitlines():
+        if not line.strip() or line.startswith((" ", "\t")):
+            break
+        lines.append(line.strip().rstrip("."))
+    return "; ".join(lines)
+
+
 def run_main(argv: list[str]) -> None:
     import hydra
 
@@ -234,7 +309,23 @@ def run_main(argv: list[str]) -> None:
     # Hydra reads flags only before the overrides; accept -m anywhere on the line.
     flags = [a for a in argv if a in ("-m", "--multirun")]
     sys.argv = [sys.argv[0]] + flags + overrides
-    hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_hydra_task)()
+    try:
+        with hydra_errors():
+            hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_hydra_task)()
+    except (UserError, SystemExit) as exc:  # refused by Hydra, or a job refused
+        if isinstance(exc, UserError) or exc.code:
+            _undo_output_dirs()
+        raise
+
+
+def _undo_output_dirs() -> None:
+    """After a refusal: the output dir `_check_output_dirs` made goes again, if nothing of a run is
+    there (a sweep dir this command made that holds only Hydra's multirun.yaml counts as empty)."""
+    for folder in _MADE:
+        made_here = _FOUND and _FOUND[0] != folder.absolute()
+        if made_here and folder.is_dir() and [p.name for p in folder.iterdir()] == ["multirun.yaml"]:
+            (folder / "multirun.yaml").unlink()
+        _prune(folder)
 
 
 def compose_config(argv: list[str], run_dir: str | Path | None = None):
@@ -245,7 +336,7 @@ def compose_config(argv: list[str], run_dir: str | Path | None = None):
     from omegaconf import open_dict, read_write
 
     overrides = hydra_overrides(argv)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with hydra_errors(), initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=run_dir is not None)
     if run_dir is None:
         return cfg
@@ -308,7 +399,10 @@ def eval_main(argv: list[str]) -> None:
     results_dir, config = run_config(args.run_dir)
     out = args.out or (results_dir.parent if results_dir.resolve() == args.run_dir.resolve() else args.run_dir)
     cfg = OmegaConf.create(config)
-    finalize(get_scope(cfg.experiment.name), cfg, out, results_dir)
+    try:
+        finalize(get_scope(cfg.experiment.name), cfg, out, results_dir)
+    except OSError as exc:
+        fail(write_error(exc, f"the results in {results_dir} are untouched: fix this, or choose --out DIR, and rerun"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,13 +71,13 @@ def hf_config(model_cfg) -> tuple[object, object | None, str]:
             tokenizer = None
         return config, tokenizer, str(path)
     if source == "tiny":
-        tokenizer = builtin_tokenizer()
+        tokenizer = builtin_tokenizer(convert=False)
         return tiny_config(model_cfg.get("arch", ""), tokenizer, model_cfg.get("config")), tokenizer, "tiny"
     if source == "builtin":
         name = model_cfg.get("builtin")
         folder = builtin_cache_folder(name)
         if (folder / "config.json").exists():  # converting would read the weights: else the GGUF's header
-            return AutoConfig.from_pretrained(folder), builtin_tokenizer(name), str(folder)
+            return AutoConfig.from_pretrained(folder), builtin_tokenizer(name, convert=False), str(folder)
         with tempfile.TemporaryDirectory() as scratch:  # chunked packages are assembled first
             gguf = _gguf_path(builtin_spec(name or DEFAULT_BUILTIN), Path(scratch))
             return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name), None, str(gguf.name)
@@ -136,7 +136,7 @@ def plan_view(model_cfg) -> tuple[PlanView, str, str | None]:
     config, tokenizer, where = hf_config(model_cfg)
     note = None
     if tokenizer is None:
-        tokenizer, note = builtin_tokenizer(), STAND_IN_NOTE
+        tokenizer, note = builtin_tokenizer(convert=False), STAND_IN_NOTE
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = resolve_dtype(model_cfg.get("dtype"))

@@ -419,10 +419,14 @@ class RunPlan:
     extra: dict = field(default_factory=dict)
     inputs: Inputs | None = None  # models and maps the run uses, recorded from open_run to release
     run_id: str | None = None  # set by plan_run: every part written carries it
+    made: list[Path] = field(default_factory=list)  # dirs and lock file open_run created, deepest last
+    accepted: bool = False  # plan_run wrote _run.json: the run is on record
 
     def release(self) -> None:
         if self.inputs is not None:
             self.inputs.stop()
+        if not self.accepted:  # refused: remove the lock file while it is still held, then its dirs
+            remove_made(self.made)
         if self.lock is not None:
             self.lock.release()
 
@@ -498,14 +502,37 @@ def open_run(cfg: DictConfig, run_dir: Path) -> RunPlan:
                 f"{results_dir} was written with runner.num_shards={old.get('num_shards')}, not "
                 f"{num_shards}; use the same number of shards or another results dir"
             )
+    made = missing_dirs(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    lock = ShardLock(results_dir, shard).acquire()
+    lock = ShardLock(results_dir, shard)
+    made += [] if lock.path.exists() else [lock.path]
+    lock.acquire()  # refused: the file is another writer's, left alone
     for stale in results_dir.glob(f".part-{shard:03d}-*.tmp"):  # a kill between write and rename
         stale.unlink(missing_ok=True)
     from patchscan.fingerprints import Inputs
 
     inputs = Inputs().start()  # records the models loaded and maps fitted until plan.release()
-    return RunPlan(run_dir, results_dir, shard=shard, num_shards=num_shards, lock=lock, inputs=inputs)
+    return RunPlan(run_dir, results_dir, shard=shard, num_shards=num_shards, lock=lock, inputs=inputs, made=made)
+
+
+def missing_dirs(path: Path) -> list[Path]:
+    """The dirs that creating `path` would make, shallowest first."""
+    missing = []
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing[::-1]
+
+
+def remove_made(made: list[Path]) -> None:
+    """Undo what a refused run created (its lock file, then its dirs while they are empty), so that it
+    leaves the filesystem as it found it."""
+    for path in reversed(made):
+        try:
+            path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
+        except OSError:
+            return  # not empty (another process writes there) or not ours to remove
 
 
 def plan_run(plan: RunPlan, examples: list[dict], meta: dict, repair: bool = False) -> RunPlan:
@@ -545,6 +572,7 @@ def plan_run(plan: RunPlan, examples: list[dict], meta: dict, repair: bool = Fal
     plan.run_id = run_id(identity)
     meta = {**meta, "n_examples": len(examples), "identity": identity, "run_id": plan.run_id}
     write_atomic(meta_path, json.dumps(strict_json(meta), indent=1))
+    plan.accepted = True
     plan.mine = shard_examples(examples, plan.num_shards, plan.shard)
     plan.todo = [e for e in plan.mine if e["example_id"] not in stored]
     plan.skipped = len(plan.mine) - len(plan.todo)
@@ -664,14 +692,15 @@ def hold_after_part(shard: int) -> None:
 
 def finalize(scope_cls, cfg, out_dir: Path, results_dir: Path, quiet: bool = False) -> dict:
     """metrics.json, plots and the printed table, from the Parquet results alone, into out_dir."""
-    if out_dir.resolve() == results_dir.resolve():
-        raise UserError(f"metrics and figures go beside the results dir, never into it: {results_dir}")
+    if results_dir.resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
+        raise UserError(f"metrics and figures go beside the results dir, never into it: {out_dir} is in {results_dir}")
     df = read_results(results_dir)
     _, meta = run_meta(results_dir)
     stored, expected = df["example_id"].nunique(), meta.get("n_examples")
     metrics = scope_cls.metrics(df, cfg)
     metrics["complete"] = expected is None or stored >= expected
     metrics["examples_stored"], metrics["examples_expected"] = int(stored), expected
+    metrics["dropped"] = meta.get("dropped") or {}  # inputs left out, by reason (patchscan.data.drops)
     out_dir.mkdir(parents=True, exist_ok=True)
     for png in scope_cls.plot(df, metrics, out_dir):
         metrics.setdefault("figures", []).append(str(png))

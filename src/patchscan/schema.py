@@ -40,6 +40,13 @@ def one_of(*choices: Any) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in choices), "one of " + ", ".join("null" if c is None else str(c) for c in choices)
 
 
+def selection(optional: bool = False) -> tuple[Callable[[Any], bool], str]:
+    """A list that selects what runs (methods, relations): an empty one would select nothing, or, read
+    as "not given", everything, so it is refused (null means all where `optional`)."""
+    what = "a non-empty list" + (" or null (all)" if optional else "")
+    return (lambda v: (optional and v is None) or (isinstance(v, ListConfig) and len(v) > 0)), what
+
+
 def batch_size() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v == "auto" or (_is_int(v) and v >= 1)), "auto or a whole number >= 1"
 
@@ -68,6 +75,9 @@ RULES: tuple[Rule, ...] = (
     Rule("runner.shard", whole(0)),
     Rule("runner.num_shards", whole(1)),
     Rule("runner.seed", whole()),
+    Rule("methods", selection()),
+    Rule("dataset.relations", selection(optional=True)),
+    Rule("multihop.directions", selection()),
     Rule("dataset.limit", whole(1, optional=True)),
     Rule("dataset.per_relation_limit", whole(1, optional=True)),
     Rule("generation.max_new_tokens", whole(1)),

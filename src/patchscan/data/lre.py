@@ -11,9 +11,11 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from patchscan.data.drops import nothing_left
 from patchscan.errors import UserError
 
 
@@ -25,6 +27,7 @@ class Relation:
     templates_zs: list[str]
     samples: list[dict]
     properties: dict = field(default_factory=dict)
+    dropped: Counter = field(default_factory=Counter)  # samples left out, by reason (patchscan.data.drops)
 
     def target_prompt(self, placeholder: str = "x") -> str:
         """A target prompt ending in the placeholder, from the first template with text before `{}`.
@@ -50,10 +53,27 @@ def _relation_from_file(path: Path) -> Relation:
     templates_zs = list(data.get("prompt_templates_zs") or [])
     if not templates + templates_zs or not all("{}" in t for t in templates + templates_zs):
         raise UserError(f"{path}: every prompt template needs a '{{}}' for the subject")
-    samples = [s for s in data["samples"] if isinstance(s, dict) and s.get("subject") and s.get("object")]
-    return Relation(
-        data.get("name") or path.stem, path.stem, templates, templates_zs, samples, dict(data.get("properties") or {})
-    )
+    samples, dropped = [], Counter()
+    for sample in data["samples"]:
+        problem = sample_problem(sample)
+        if problem:
+            dropped[f"LRE samples {problem}"] += 1
+        else:
+            samples.append(sample)
+    name = data.get("name") or path.stem
+    return Relation(name, path.stem, templates, templates_zs, samples, dict(data.get("properties") or {}), dropped)
+
+
+def sample_problem(sample) -> str | None:
+    """Why an LRE sample cannot be used ('without a text object', ...), None when it can."""
+    if not isinstance(sample, dict):
+        return "that are not a JSON object"
+    for key in ("subject", "object"):
+        if key not in sample or sample[key] in (None, ""):
+            return f"without {key!r}"
+        if not isinstance(sample[key], str) or not sample[key].strip():
+            return f"whose {key!r} is not text"
+    return None
 
 
 def load_relations(path: str | Path, names=None) -> list[Relation]:
@@ -76,7 +96,8 @@ def load_relations(path: str | Path, names=None) -> list[Relation]:
             )
         relations = [r for r in relations if r.key in wanted or r.name in wanted]
     if not relations or not any(r.samples for r in relations):
-        raise UserError(f"no relation samples found in {path}")
+        dropped = sum((r.dropped for r in relations), Counter())
+        raise UserError(nothing_left(f"no relation samples found in {path}", dropped))
     return relations
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ast
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import zip_longest
 from pathlib import Path
 
@@ -70,8 +70,11 @@ def _round_robin(rows: list[dict], limit: int | None) -> list[dict]:
     return ordered[: int(limit)]
 
 
-def tsv_samples(path, relations=None, per_relation_limit=None, missing_source: str = "subject") -> list[dict]:
-    """Samples from the TSVs: relation (file stem), sample_id, subject, object, target and source prompts."""
+def tsv_samples(
+    path, relations=None, per_relation_limit=None, missing_source: str = "subject", dropped: Counter | None = None
+) -> list[dict]:
+    """Samples from the TSVs: relation (file stem), sample_id, subject, object, target and source prompts;
+    the rows left out (missing_source=drop) are counted into `dropped`."""
     if missing_source not in MISSING_SOURCE:
         raise UserError(f"unknown dataset.missing_source {missing_source!r}; choose from {', '.join(MISSING_SOURCE)}")
     out = []
@@ -93,6 +96,8 @@ def tsv_samples(path, relations=None, per_relation_limit=None, missing_source: s
                     "source_prompt": row["subject"] if source is None else source,
                 }
             )
+        if missing and missing_source == "drop" and dropped is not None:
+            dropped["TSV rows with no source text containing their subject (dataset.missing_source=drop)"] += missing
         if missing:
             what = "dropped" if missing_source == "drop" else "their source is the subject alone"
             log.warning(

@@ -210,11 +210,20 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def builtin_tokenizer(name: str | None = None):
+def builtin_tokenizer(name: str | None = None, convert: bool = True):
+    """A built-in model's tokenizer, from its converted copy. With convert=False (a dry run, which
+    loads no weights and fills no cache) and no copy cached yet, read from the GGUF's header instead,
+    through a temporary folder: the same files the conversion saves."""
     # The fast class directly: AutoTokenizer's first call spends about a second on its registry.
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(builtin_folder(name))
+    if convert or (builtin_cache_folder(name) / "config.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(builtin_folder(name))
+    spec = builtin_spec(name or DEFAULT_BUILTIN)
+    with tempfile.TemporaryDirectory() as scratch:
+        gguf = _gguf_path(spec, Path(scratch) / "gguf")
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(Path(scratch) / "tokenizer")
+        return PreTrainedTokenizerFast.from_pretrained(Path(scratch) / "tokenizer")
 
 
 def tiny_config(arch: str, tokenizer, overrides: Mapping[str, Any] | None = None):

@@ -14,6 +14,7 @@ All model work runs per chunk: shards split it and a resume redoes only missing 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from patchscan.data.drops import nothing_left
 from patchscan.data.lre import load_relations
 from patchscan.data.patchscopes_tsv import tsv_samples
 from patchscan.data.texts import read_lines
@@ -155,12 +157,14 @@ class AttributeScope(Scope):
         if dcfg.get("tsv"):
             limit = dcfg.get("per_relation_limit") if dcfg.get("kind") == "patchscopes_tsv" else None
             missing = dcfg.get("missing_source") or "subject"
-            self.samples = tsv_samples(dcfg.tsv, dcfg.get("relations"), limit, missing)
+            self.samples = tsv_samples(dcfg.tsv, dcfg.get("relations"), limit, missing, dropped=self.load_drops)
         else:
             self.samples = self._lre_samples(dcfg)
 
     def _lre_samples(self, dcfg) -> list[dict]:
         relations = load_relations(dcfg.path, dcfg.get("relations"))
+        for rel in relations:
+            self.load_drops.update(rel.dropped)
         overrides = dict(self.cfg.patchscope.get("target_prompts") or {})
         placeholder = self.cfg.patchscope.placeholder
         out = []
@@ -220,21 +224,24 @@ class AttributeScope(Scope):
         """Source prompts, tokenized, each with its `shuffled_source` donor (the next sample of its
         relation with another subject); `dataset.limit` applies here, before the filter (per chunk)."""
         view, cfg = self.view, self.cfg
-        out, no_text = [], 0
+        out = []
+        self.example_drops = Counter()
         for sample in self.samples:
             text = self._source_text(sample)
             if text is None:
-                no_text += 1
+                self.example_drops["samples with no line of source.texts_path containing their subject"] += 1
                 continue
             ids, position = span_last_token(view, text, sample["subject"])
             out.append({**sample, "source_text": text, "ids": ids[: position + 1], "position": position})
-        if no_text:
-            log.info("%d samples have no source text containing their subject", no_text)
         attach_donors(out)
         limit = cfg.dataset.get("limit")
         out = out[: int(limit)] if limit else out
         if not out:
-            raise UserError("no attribute-extraction sample left (check dataset.relations and source.kind)")
+            raise UserError(
+                nothing_left(
+                    "no attribute-extraction sample left (check dataset.relations and source.kind)", self.dropped
+                )
+            )
         return out
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:

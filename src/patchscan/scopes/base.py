@@ -5,6 +5,7 @@ row contract's common columns."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -42,6 +43,14 @@ class Scope:
         self.cfg = cfg
         grids.check_sweep(cfg.get("sweep"))
         self.check_source_positions()
+        # inputs left out, by reason (patchscan.data.drops): by the loaders, and by the last `examples()`
+        self.load_drops: Counter[str] = Counter()
+        self.example_drops: Counter[str] = Counter()
+
+    @property
+    def dropped(self) -> Counter:
+        """Every input left out so far, by reason: the run logs it and writes it to metrics.json."""
+        return self.load_drops + self.example_drops
 
     def bind(self, view: ModelView, target_view: ModelView | None = None) -> None:
         """Attach the loaded model(s); validate layers, prompts and positions against them."""

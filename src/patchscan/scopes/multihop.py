@@ -83,6 +83,8 @@ class MultihopScope(Scope):
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
         relations = {r.key: r for r in load_relations(cfg.dataset.path, cfg.dataset.get("relations"))}
+        for relation in relations.values():
+            self.load_drops.update(relation.dropped)
         overrides = dict(cfg.patchscope.get("target_prompts") or {})
         explicit = {(p.hop1, p.hop2): p for p in cfg.multihop.pairs}
         self.samples = []

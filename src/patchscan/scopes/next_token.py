@@ -11,6 +11,7 @@ next-token distribution there; each method predicts that token from block ℓ's 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,21 +38,30 @@ def identity_prompt(view, cfg) -> str:
         return cfg.target_prompt
     rng = random.Random(int(cfg.get("prompt_seed", 0)))
     vocab = sorted(view.tokenizer.get_vocab().values())
+    if k > len(vocab):  # more words than tokens: refused before drawing any
+        _check_usable_words(view, vocab, k)
     words: list[str] = []
+    seen: set[str] = set()  # membership in O(1): a list made the loop O(k²)
     tries = 0
     while len(words) < k:
         word = view.tokenizer.decode([rng.choice(vocab)]).strip()
-        if len(word) >= 2 and word.isalnum() and word not in words:
+        if len(word) >= 2 and word.isalnum() and word not in seen:
             words.append(word)
+            seen.add(word)
         tries += 1
         if tries == 10_000 + 2 * k:  # slow going: are there k usable words at all?
-            usable = {w for w in (view.tokenizer.decode([t]).strip() for t in vocab) if len(w) >= 2 and w.isalnum()}
-            if len(usable) < k:
-                raise UserError(
-                    f"patchscope.random_pairs={k} is more than the {len(usable)} usable words "
-                    f"(alphanumeric, 2+ characters) of {view.name}'s vocabulary; use at most {len(usable)}"
-                )
+            _check_usable_words(view, vocab, k)
     return "".join(f"{w} -> {w}\n" for w in words) + cfg.placeholder
+
+
+def _check_usable_words(view, vocab: list[int], k: int) -> None:
+    """Refuse patchscope.random_pairs=k when the vocabulary has fewer than k usable words."""
+    usable = {w for w in (view.tokenizer.decode([t]).strip() for t in vocab) if len(w) >= 2 and w.isalnum()}
+    if len(usable) < k:
+        raise UserError(
+            f"patchscope.random_pairs={k} is more than the {len(usable)} usable words "
+            f"(alphanumeric, 2+ characters) of {view.name}'s vocabulary; use at most {len(usable)}"
+        )
 
 
 class NextTokenScope(Scope):
@@ -97,10 +107,12 @@ class NextTokenScope(Scope):
 
     def examples(self) -> list[dict]:
         src = self.cfg.source
-        out = []
+        out, need = [], max(int(src.min_tokens), int(src.min_position) + 1)
+        self.example_drops = Counter()
         for i, text in enumerate(self.eval_texts):
             ids = self.view.encode(text)[: int(src.max_tokens)]
-            if len(ids) < max(int(src.min_tokens), int(src.min_position) + 1):
+            if len(ids) < need:
+                self.example_drops[f"texts shorter than {need} tokens (source.min_tokens, source.min_position)"] += 1
                 continue
             position = self.source_positions(len(ids), i, low=int(src.min_position))[0]
             out.append({"example_id": str(i), "text": text, "ids": ids[: position + 1], "position": position})
@@ -109,7 +121,7 @@ class NextTokenScope(Scope):
         if not out:
             raise UserError(
                 f"no text of the dataset has at least source.min_tokens={src.min_tokens} tokens "
-                f"and more than source.min_position={src.min_position}"
+                f"and more than source.min_position={src.min_position} ({len(self.eval_texts)} texts left out)"
             )
         return out
 
