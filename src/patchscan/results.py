@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from patchscan import grids
+from patchscan.engine.scoring import continuation_logprobs
 from patchscan.models.view import ModelView
 from patchscan.rows import frame, patch_columns
 from patchscan.targets import Patch
@@ -125,8 +126,6 @@ class GenerationResult:
     @property
     def logprobs(self) -> list[list[float]]:
         if self._logprobs is None:
-            from patchscan.readouts import continuation_logprobs
-
             self._logprobs = continuation_logprobs(self.lm, self.patches, self.token_ids)
         return self._logprobs
 
