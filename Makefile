@@ -31,7 +31,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -m "not cluster" tests
 
-# The README's SLURM sweep on a single-node Slurm that scripts/slurm_local.sh starts and stops (root: it
+# The SLURM sweep of docs/cluster.md on a single-node Slurm that scripts/slurm_local.sh starts and stops (root: it
 # apt-get installs slurm-wlm, slurmdbd, munge, mariadb-server if missing). CI runs it after `make test`.
 test-slurm: setup
 	$(PY) -m pytest -q -m cluster tests

@@ -1,4 +1,4 @@
-"""The README's SLURM recipe on a real single-node Slurm (scripts/slurm_local.sh), through Hydra's submitit launcher.
+"""docs/cluster.md's SLURM recipe on a single-node Slurm (scripts/slurm_local.sh), through Hydra's submitit launcher.
 
 The session fixture starts the cluster (installing slurm-wlm, slurmdbd, munge and mariadb with apt-get
 if they are missing, which needs root) in a private state dir on free ports, and stops it in a
@@ -44,7 +44,7 @@ def config(limit: int = LIMIT, model: str = "tiny_llama") -> list[str]:
 
 
 CONFIG = config()
-# the README's recipe, with this machine's resources instead of a GPU node's
+# docs/cluster.md's recipe, with this machine's resources instead of a GPU node's
 LAUNCHER = [
     "hydra/launcher=slurm",
     "hydra.launcher.partition=debug",

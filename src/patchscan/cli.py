@@ -194,7 +194,7 @@ def check_group_choices(argv: list[str]) -> None:
                 raise UserError(f"unknown {key} {option!r}; choose from {', '.join(choices)}")
 
 
-# model keys the README documents that a model config may lack: given as model.KEY=..., Hydra would want a +
+# model keys docs/models.md documents that a model config may lack: given as model.KEY=..., Hydra would want a +
 OPTIONAL_MODEL_KEYS = ("path", "id", "revision", "trust_remote_code")
 
 

@@ -17,7 +17,7 @@ from patchscan import grids
 from patchscan.errors import UserError
 
 # The target prompts --scope names (configs/patchscope/NAME.yaml, the ones with one prompt).
-SCOPES = ("entity_description", "token_identity")
+TARGET_PROMPTS = ("entity_description", "token_identity")
 
 
 def one_line(text: str) -> str:
@@ -52,8 +52,8 @@ def target_prompt(lm, scope: str | None, target: str | None, placeholder: str | 
     if target is not None:
         return ps.TargetPrompt(lm, target, placeholder=placeholder or "x")
     scope = scope or "entity_description"
-    if scope not in SCOPES:
-        raise UserError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}, or give --target TEXT")
+    if scope not in TARGET_PROMPTS:
+        raise UserError(f"unknown scope {scope!r}; choose from {', '.join(TARGET_PROMPTS)}, or give --target TEXT")
     prompt = ps.TargetPrompt.named(lm, scope)
     return ps.TargetPrompt(lm, prompt.text, placeholder=placeholder) if placeholder else prompt
 
@@ -86,7 +86,9 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="patchscan inspect", description=__doc__.split("\n\n")[1])
     parser.add_argument("--text", required=True, help="the source text; its last token's state is read")
     parser.add_argument("--model", default="smollm2_135m", help="a config name, hub id ORG/NAME, folder or .gguf")
-    parser.add_argument("--scope", default=None, help=f"the target prompt: {' or '.join(SCOPES)} (default the first)")
+    parser.add_argument(
+        "--scope", default=None, help=f"the target prompt: {' or '.join(TARGET_PROMPTS)} (default the first)"
+    )
     parser.add_argument("--target", default=None, help='a target prompt of your own, e.g. "The capital city of x"')
     parser.add_argument("--placeholder", default=None, help="the placeholder of --target (default x)")
     parser.add_argument("--layers", default="all", help="blocks ℓ: all, a slice 0:10[:step] or a list 0,5,10")

@@ -1,4 +1,4 @@
-"""The row contract (DESIGN §5, README "What a run writes"), defined once for every experiment.
+"""The row contract (docs/design.md §5, docs/running.md "What a run writes"), defined once for every experiment.
 
 Every row carries what re-runs it alone (`run_columns`: example, method, both models, source and
 target token ids, positions and blocks). Next-token rows add `next_token_columns`; generation
