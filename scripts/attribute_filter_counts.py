@@ -14,9 +14,9 @@ import sys
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
+from patchscan.experiments.attributes import AttributeExperiment
 from patchscan.models import load_model
 from patchscan.paths import config_dir
-from patchscan.scopes.attributes import AttributeScope
 
 
 def main(overrides: list[str]) -> None:
@@ -30,7 +30,7 @@ def main(overrides: list[str]) -> None:
                 *overrides,
             ],
         )
-    scope = AttributeScope(cfg)
+    scope = AttributeExperiment(cfg)
     scope.bind(load_model(cfg.model))
     examples = scope.examples()
     rows = scope.frame(scope._filter_rows(examples))

@@ -49,7 +49,7 @@ from patchscan.engine.counting import Counts, count_work
 from patchscan.engine.naive import naive_generate, naive_logits
 from patchscan.metrics.text import contains_answer
 from patchscan.models import load_model
-from patchscan.worklog import peak_memory_mb
+from patchscan.runs.worklog import peak_memory_mb
 
 try:  # absent from engines older than issue 19 part 2: no shared decoding there
     from patchscan.engine import sharing
@@ -59,7 +59,7 @@ try:  # absent from engines older than issue 19: no stops there
     from patchscan.metrics.answers import StopAfterDescription, StopWhenFound, first_description
 except ImportError:  # pragma: no cover (older engines)
     StopAfterDescription = StopWhenFound = None
-    from patchscan.scopes.entities import first_description
+    from patchscan.experiments.entities import first_description
 
 TEXTS = [
     "The Eiffel Tower is located in the city of",
@@ -137,7 +137,7 @@ class Recorder:
 
 
 def capture_rows(args) -> int:
-    """Source prompts per capture forward: as the scopes choose it (Scope.capture_batch_size)."""
+    """Source prompts per capture forward: as the scopes choose it (Experiment.capture_batch_size)."""
     return 64 if args.batch_size == "auto" else args.batch_size
 
 
@@ -145,11 +145,11 @@ def scope_for(view, overrides: list[str]):
     """A scope composed from the project's configs, bound to the loaded model, recording its generations."""
     from hydra import compose, initialize_config_dir
 
-    from patchscan.scopes import get_scope
+    from patchscan.experiments import get_experiment
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    scope = get_scope(cfg.experiment.name)(cfg)
+    scope = get_experiment(cfg.experiment.name)(cfg)
     scope.engine = Recorder()
     scope.bind(view)
     return scope, scope.engine
@@ -182,7 +182,7 @@ def next_token_grid(view, args, key: str) -> Measured:
 def attribute_generation_grid(view, args) -> Measured:
     """(c): each row stops once its subject's capital appears, as attribute_extraction runs it
     (generation.stop_when_correct); --no-stop, or an engine without stops, generates full length."""
-    from patchscan.prompts import placeholder_position
+    from patchscan.experiments.prompts import placeholder_position
 
     ids, pos = placeholder_position(view, ATTRIBUTE, "x")
     subjects = [view.encode(s) for s in SUBJECTS[: args.examples]]

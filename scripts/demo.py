@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 
 from patchscan.engine import Patch, capture, generate
+from patchscan.experiments.prompts import placeholder_position
 from patchscan.models import load_model
-from patchscan.prompts import placeholder_position
 
 PROMPTS = [
     "The Eiffel Tower is located in the city of",

@@ -39,7 +39,7 @@ import torch
 import patchscan as ps
 from patchscan import engine
 from patchscan.metrics.answers import StopAfterDescription
-from patchscan.worklog import peak_memory_mb
+from patchscan.runs.worklog import peak_memory_mb
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*")  # transformers' rename notice, once per call
 START = time.monotonic()  # the budget counts from here (after the imports: a few seconds)
@@ -208,7 +208,7 @@ def build(shape: str, tokenizer, device: torch.device, dtype: torch.dtype, seed:
 def dry_run_bytes_per_row():
     """ADAPTER, the one line to fix when the dry run moves (planning.py -> dry_run.py): the dry run's
     memory estimate of one row (its KV cache, logits, activations) at a sequence length; the dry run
-    plans weights + the largest micro-batch x this (planning.PlanEngine._forward, Plan.peak_bytes)."""
+    plans weights + the largest micro-batch x this (planning.CountingEngine._forward, Plan.peak_bytes)."""
     try:
         from patchscan.engine.batching import bytes_per_row  # after the dry-run reorganisation
     except ImportError:

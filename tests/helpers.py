@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from patchscan import runner
+from patchscan.runs import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 LRE = ROOT / "tests" / "fixtures" / "lre"  # small relation files the team wrote; ../shared/data/lre has the real ones
@@ -22,14 +22,14 @@ IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 
 def compose(*overrides: str):
     """The config `patchscan run OVERRIDES` would run (Hydra's compose API, the CLI's own overrides)."""
-    from patchscan.cli import compose_config
+    from patchscan.cli.main import compose_config
 
     return compose_config(list(overrides))
 
 
 def run_in(run_dir: Path, *overrides: str) -> Path:
     """`patchscan run OVERRIDES hydra.run.dir=RUN_DIR`, in this process; a UserError is raised."""
-    from patchscan.cli import run_in_process
+    from patchscan.cli.main import run_in_process
 
     run_in_process(list(overrides), run_dir)
     return run_dir
@@ -38,7 +38,7 @@ def run_in(run_dir: Path, *overrides: str) -> Path:
 def cli(*args, cwd: Path, check: bool = True, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
     """`patchscan ARGS` in a subprocess, for the command line's contract."""
     proc = subprocess.run(
-        [sys.executable, "-m", "patchscan.cli", *args],
+        [sys.executable, "-m", "patchscan.cli.main", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -88,7 +88,7 @@ def cli_here(*args: str) -> subprocess.CompletedProcess:
     import io
     import traceback
 
-    from patchscan.cli import main
+    from patchscan.cli.main import main
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     argv = sys.argv

@@ -7,7 +7,7 @@
 >>> len(ps.next_token(lm, [target.patch(src.at(layer=2), layer=2)]).to_frame())
 1
 
-The flow of an experiment is one way: dataset -> scope (work items) -> runner (batches) -> engine
+The flow of an experiment is one way: dataset -> experiment (work items) -> runner (batches) -> engine
 (patched runs) -> rows -> Parquet -> metrics and plots. The names below load lazily, so
 `import patchscan` costs little and loads neither Hydra, pandas nor matplotlib.
 """
@@ -23,20 +23,20 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "patchscan.models.loading",
     "ModelView": "patchscan.models.view",
-    "capture": "patchscan.states",
-    "State": "patchscan.states",
-    "States": "patchscan.states",
-    "TargetPrompt": "patchscan.targets",
-    "Patch": "patchscan.targets",
-    "next_token": "patchscan.readouts",
-    "generate": "patchscan.readouts",
-    "NextTokenResult": "patchscan.results",
-    "GenerationResult": "patchscan.results",
-    "LogitLens": "patchscan.lenses",
-    "AffineLens": "patchscan.lenses",
-    "AffineMaps": "patchscan.lenses",
-    "overwrite": "patchscan.intervene",
-    "edit_blocks": "patchscan.intervene",
+    "capture": "patchscan.api.states",
+    "State": "patchscan.api.states",
+    "States": "patchscan.api.states",
+    "TargetPrompt": "patchscan.api.targets",
+    "Patch": "patchscan.api.targets",
+    "next_token": "patchscan.api.readouts",
+    "generate": "patchscan.api.readouts",
+    "NextTokenResult": "patchscan.api.results",
+    "GenerationResult": "patchscan.api.results",
+    "LogitLens": "patchscan.api.lenses",
+    "AffineLens": "patchscan.api.lenses",
+    "AffineMaps": "patchscan.api.lenses",
+    "overwrite": "patchscan.api.intervene",
+    "edit_blocks": "patchscan.api.intervene",
     "UserError": "patchscan.errors",
 }
 __all__ = sorted(_EXPORTS)
@@ -47,8 +47,9 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    if name.isidentifier() and importlib.util.find_spec(f"patchscan.{name}") is not None:
-        return importlib.import_module(f"patchscan.{name}")  # a submodule: ps.readouts, ps.lenses, ...
+    for package in ("patchscan.api", "patchscan"):  # a module: ps.readouts, ps.lenses (the API's), ps.grids
+        if name.isidentifier() and importlib.util.find_spec(f"{package}.{name}") is not None:
+            return importlib.import_module(f"{package}.{name}")
     raise AttributeError(f"module 'patchscan' has no attribute {name!r}")
 
 

@@ -14,7 +14,7 @@ import torch
 
 from patchscan.engine.capture import capture
 from patchscan.engine.mappings import Affine, cached_maps, map_folder
-from patchscan.fingerprints import map_cache_key, model_fingerprint
+from patchscan.models.fingerprints import map_cache_key, model_fingerprint
 from patchscan.models.view import ModelView
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from patchscan.errors import UserError
-from patchscan.fingerprints import note_maps
-from patchscan.store import write_atomic
+from patchscan.models.fingerprints import note_maps
+from patchscan.runs.store import write_atomic
 
 log = logging.getLogger(__name__)
 

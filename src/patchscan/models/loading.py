@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from patchscan.errors import UserError
-from patchscan.fingerprints import note_model, set_weight_files
 from patchscan.models.dtypes import default_dtype, note_dtype
 from patchscan.models.families import family_of
+from patchscan.models.fingerprints import note_model, set_weight_files
 from patchscan.models.view import ModelView
 from patchscan.paths import model_cache_root, model_config
-from patchscan.store import write_atomic
+from patchscan.runs.store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     view = ModelView(model=model, tokenizer=tokenizer, name=str(name))
     _ = view.block_returns_tuple  # probed now, before any hook is set (a wrapped model: on first use)
-    note_model(view)  # a run records every model it loads (patchscan.fingerprints.Inputs)
+    note_model(view)  # a run records every model it loads (patchscan.models.fingerprints.Inputs)
     return view
 
 

@@ -1,0 +1,158 @@
+"""Target prompts with a placeholder, and the patches they make.
+
+A `TargetPrompt` is tokenized once; its placeholder's last token is the target position i*.
+`patch(state, layer=ℓ*)` makes one `Patch` (keyword-only: which block, which position, which
+vector); `baseline()` the same prompt run unpatched, explicitly, so a grid can hold both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from patchscan import grids
+from patchscan.api.states import State, States
+from patchscan.engine.patching import Patch as EnginePatch
+from patchscan.errors import UserError
+from patchscan.experiments.prompts import placeholder_position
+from patchscan.models.view import ModelView
+
+
+@dataclass(kw_only=True)
+class Patch(EnginePatch):
+    """One patched run: `vector` overwrites block `target_layer`'s output at `target_position` of
+    `target_ids`; `vector=None` is the unpatched baseline (see `Patch.baseline`).
+
+    >>> import patchscan as ps
+    >>> p = ps.Patch(target_ids=(1, 2, 3), target_position=-1, target_layer=2, vector=None)
+    >>> p.is_baseline
+    True
+
+    Every field is keyword-only, so a block is never mistaken for a position. `source` (the `State`
+    the vector came from) and `target_prompt` (the text) only label result frames.
+    """
+
+    source: State | None = None
+    target_prompt: str | None = None
+
+    @classmethod
+    def baseline(cls, *, target_ids: Sequence[int], target_position: int = -1, target_prompt: str | None = None):
+        """The target prompt run unpatched: what the model says with nothing overwritten.
+
+        >>> import patchscan as ps
+        >>> ps.Patch.baseline(target_ids=(1, 2, 3)).vector is None
+        True
+        """
+        return cls(
+            target_ids=tuple(target_ids),
+            target_position=target_position,
+            target_layer=0,
+            vector=None,
+            target_prompt=target_prompt,
+        )
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.vector is None
+
+
+def _vector(state: State | torch.Tensor) -> tuple[torch.Tensor, State | None]:
+    if isinstance(state, State):
+        return state.vector, state
+    if isinstance(state, torch.Tensor) and state.dim() == 1:
+        return state, None
+    raise UserError(f"a patch takes a State or a 1-d tensor, not {type(state).__name__}")
+
+
+class TargetPrompt:
+    """A target prompt T whose placeholder marks the target position i*.
+
+    >>> import patchscan as ps
+    >>> lm = ps.load_model("tiny_llama", device="cpu")
+    >>> target = ps.TargetPrompt(lm, "cat -> cat\\n1135 -> 1135\\nhello -> hello\\n?", placeholder="?")
+    >>> target.position == len(target.token_ids) - 1
+    True
+    >>> src = ps.capture(lm, "The Eiffel Tower", layers=[2], positions=[-1])
+    >>> patch = target.patch(src.at(layer=2), layer=3)
+    >>> patch.target_layer, patch.source.layer, target.patch(src.at(layer=2)).target_layer
+    (3, 2, 2)
+
+    The placeholder (one token; its last occurrence counts) is the text `x` of the paper's prompts
+    or `?` of the identity prompt. `TargetPrompt.named(lm, "entity_description")` reads the
+    prompts of configs/patchscope/ (token_identity, entity_description).
+    """
+
+    def __init__(self, lm: ModelView, text: str, placeholder: str = "x"):
+        self.lm, self.text, self.placeholder = lm, text, placeholder
+        ids, self.position = placeholder_position(lm, text, placeholder)
+        self.token_ids = tuple(ids)
+
+    @classmethod
+    def named(cls, lm: ModelView, name: str) -> TargetPrompt:
+        """The target prompt of a patchscope config (configs/patchscope/NAME.yaml).
+
+        >>> import patchscan as ps
+        >>> lm = ps.load_model("tiny_llama", device="cpu")
+        >>> ps.TargetPrompt.named(lm, "token_identity").placeholder
+        '?'
+        """
+        from patchscan.paths import compose_option, config_dir
+
+        cfg = compose_option("patchscope", name)
+        if cfg is None or not cfg.get("target_prompt"):
+            raise UserError(
+                f"no patchscope config with one target prompt named {name!r} in {config_dir() / 'patchscope'}"
+            )
+        return cls(lm, cfg["target_prompt"], placeholder=cfg["placeholder"])
+
+    def __repr__(self) -> str:
+        return f"TargetPrompt({self.text!r}, placeholder={self.placeholder!r}, position={self.position})"
+
+    def patch(self, state: State | torch.Tensor, layer: int | None = None, position: int | None = None) -> Patch:
+        """Patch `state` into block `layer` (ℓ*; default: the State's own block, ℓ* = ℓ) at the
+        placeholder (or at `position`)."""
+        vector, source = _vector(state)
+        if layer is None and source is None:
+            raise UserError("a bare tensor has no block of its own: pass layer= (the target block ℓ*)")
+        return Patch(
+            target_ids=self.token_ids,
+            target_position=self.position if position is None else position,
+            target_layer=self.lm.check_layer(source.layer if layer is None else layer, "target layer"),
+            vector=vector,
+            source=source,
+            target_prompt=self.text,
+        )
+
+    def baseline(self) -> Patch:
+        """This prompt run unpatched."""
+        return Patch.baseline(target_ids=self.token_ids, target_position=self.position, target_prompt=self.text)
+
+    def grid(
+        self,
+        states: States | Iterable[States],
+        source_layers: Sequence[int] | str | None = None,
+        target_layers: Sequence[int] | str = "same",
+        position: int | None = None,
+    ) -> list[Patch]:
+        """Patches for every (ℓ, ℓ*) pair: each source block `source_layers` (default: all captured)
+        into each of `target_layers` ("same": ℓ* = ℓ; or any spec of `patchscan.grids`: "all", a
+        list, "0:4"), for each captured States.
+
+        >>> import patchscan as ps
+        >>> lm = ps.load_model("tiny_llama", device="cpu")
+        >>> src = ps.capture(lm, "Paris", layers=[0, 1], positions=[-1])
+        >>> [(p.source.layer, p.target_layer) for p in ps.TargetPrompt(lm, "x").grid(src, target_layers="all")]
+        [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]
+        """
+        many = [states] if isinstance(states, States) else list(states)
+        same = isinstance(target_layers, str) and target_layers.strip().lower() == "same"
+        targets = None if same else grids.blocks(target_layers, self.lm.n_blocks, "target_layers", self.lm.name)
+        patches = []
+        for s in many:
+            sources = s.layers if source_layers is None else grids.blocks(source_layers, s.n_blocks, "source_layers")
+            for layer in sources:
+                for t in [layer] if targets is None else targets:
+                    patches.append(self.patch(s.at(layer=layer, position=position), layer=t))
+        return patches

@@ -1,0 +1,1 @@
+"""The command line: argv to Hydra configs to runs (main) and the one-example `inspect` command."""
