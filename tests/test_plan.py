@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from patchscan.planning import make_plan
+from patchscan.dry_run import make_plan
 from patchscan.scopes import get_scope
 from patchscan.worklog import read_shard_logs
 from tests.helpers import LRE, cli_here, compose, run_in

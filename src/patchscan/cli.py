@@ -143,8 +143,8 @@ def write_error(exc: OSError, kept: str) -> str:
 
 
 def dry_run(cfg, scope) -> dict:
-    """Print what the run would do, loading no weights (patchscan.planning)."""
-    from patchscan.planning import make_plan
+    """Print what the run would do, loading no weights (patchscan.dry_run)."""
+    from patchscan.dry_run import make_plan
 
     if cfg.experiment.name == "cross_model":
         raise UserError("runner.dry_run is not supported for cross_model yet (it fits maps between two models)")
