@@ -57,6 +57,7 @@ def run_job(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     from patchscan.data import drops
+    from patchscan.dry_run import check_fits
     from patchscan.engine.counting import count_work
     from patchscan.models import load_model
     from patchscan.runner import execute, finalize, open_run, plan_run, run_metadata
@@ -74,6 +75,7 @@ def run_job(cfg) -> dict:
     validate(cfg)
     scope_cls = get_scope(name)
     scope = scope_cls(cfg)  # reads and checks the data before any model is loaded
+    check_fits(cfg)  # the dry run's memory estimate refuses a generation that cannot fit, before any run dir
     if cfg.runner.get("dry_run"):
         return dry_run(cfg, scope)
     plan = open_run(cfg, Path(hydra_cfg.runtime.output_dir))  # refuses a different config or a second writer

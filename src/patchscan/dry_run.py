@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -244,9 +245,11 @@ class CountingBackend(Backend):
         return torch.zeros(1, view.vocab_size).expand(len(rows), -1)
 
     def _decode(self, view, rows: int, seq_len: int, steps: int) -> list[list[int]]:
-        """Greedy decoding after a prefill: one-token forwards; stand-in tokens, `steps` a row."""
-        for _ in range(steps - 1):
+        """Greedy decoding after a prefill: `steps - 1` one-token forwards; stand-in tokens, `steps` a row."""
+        if steps > 1:
             self.forward(view, rows, 1, seq_len)
+            self.counts.forward_passes += steps - 2
+            self.counts.forward_tokens += rows * (steps - 2)
         return [stand_in_tokens(view, steps) for _ in range(rows)]
 
     def plain_generate(self, view, prompts, max_new_tokens: int, stops) -> list[list[int]]:
@@ -365,6 +368,32 @@ class Plan:
             f"{gib(self.activation_bytes)} largest micro-batch (KV cache, logits, activations){runtime}",
         ]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def check_fits(cfg: DictConfig) -> None:
+    """Refuse, before any run dir is accepted, a generation that cannot fit by the dry run's memory
+    estimate: the weights and one row (`bytes_per_row` at `generation.max_new_tokens`) against the
+    device's whole memory (the GPU's, `runner.gpu_memory_gb` for one this machine lacks, or the RAM)."""
+    steps = (cfg.get("generation") or {}).get("max_new_tokens")
+    if not steps:
+        return
+    key = "target_model" if cfg.get("target_model") else "model"  # the model that generates
+    view, _, _ = counting_view(cfg[key])
+    row = bytes_per_row(view, int(steps))
+    if view.device.type == "cuda":
+        gpu = cfg.runner.get("gpu_memory_gb")
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(view.device).total_memory
+        else:
+            total = float(gpu or 80.0) * 2**30
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if view.weight_bytes + row > total:
+        raise UserError(
+            f"generation.max_new_tokens={steps}: one generated row needs {row / 2**30:.1f} GiB (KV cache, logits, "
+            f"activations) beside {view.weight_bytes / 2**30:.1f} GiB of weights of {cfg[key].get('name') or key}, "
+            f"over the {total / 2**30:.1f} GiB of {view.device}"
+        )
 
 
 def make_plan(cfg: DictConfig, scope) -> Plan:
