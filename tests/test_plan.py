@@ -47,6 +47,28 @@ CASES = {
         "generation.max_new_tokens=4",
         "runner.examples_per_part=3",
     ],
+    "entity_resolution": [
+        "+experiment=entity_resolution",
+        "generation.stop_when_correct=false",
+        "model=tiny_neox",
+        "dataset.limit=3",
+        "sweep.source_layers=[0,3]",
+        "generation.max_new_tokens=8",
+        "runner.examples_per_part=2",
+    ],
+    "multihop": [
+        "+experiment=multihop",
+        "generation.stop_when_correct=false",
+        "model=tiny_llama",
+        f"dataset.path={LRE}",
+        "dataset.relations=[city_in_country,country_capital_city]",
+        "multihop.require_single_hops=false",  # the filter makes the plan an upper bound: without it, exact
+        "multihop.per_pair_limit=2",
+        "sweep.source_layers=[1,3]",
+        "sweep.target_layers=[0,2]",
+        "generation.max_new_tokens=4",
+        "runner.examples_per_part=3",
+    ],
 }
 
 

@@ -278,7 +278,7 @@ class CountingEngine:
     `patched_next_token`, every micro-batch answered by a `CountingBackend`; the experiment runs
     unchanged. Also counts the patched runs (`cells`), unpatched generations and captured prompts.
 
-    `planning` is read by the three data-dependent steps stand-in outputs cannot decide (`Scope.planning`)."""
+    `planning` is read by the data-dependent steps stand-in outputs cannot decide (`Scope.planning`)."""
 
     planning = True
 
@@ -301,6 +301,11 @@ class CountingEngine:
             out = engine.generate(view, patches, backend=self.backend, **kwargs)
         self.backend.counts.tokens_generated += counted.tokens_generated
         return out
+
+    @staticmethod
+    def embed_texts(texts: list[str]) -> torch.Tensor:
+        """Stand-ins for the sentence embeddings (MiniLM's 384 dimensions): a dry run loads no model."""
+        return torch.zeros(len(texts), 384)
 
     def patched_next_token(self, view, patches, **kwargs) -> TopK:
         self.cells += sum(p.vector is not None for p in patches)
