@@ -69,6 +69,30 @@ CASES = {
         "generation.max_new_tokens=4",
         "runner.examples_per_part=3",
     ],
+    "cross_model": [
+        "+experiment=cross_model",
+        "model=tiny_llama",
+        "target_model=tiny_llama_wide",
+        "dataset.limit=5",
+        "maps.train_texts=60",
+        "sweep.source_layers=[0,3]",
+        "sweep.target_layers=[1,5]",
+        "runner.examples_per_part=2",
+    ],
+    "cross_model_entity": [
+        "+experiment=cross_model",
+        "task=entity_description",
+        "generation.stop_when_correct=false",
+        "model=tiny_llama",
+        "target_model=tiny_llama_wide",
+        "dataset.limit=3",
+        "maps.train_texts=60",
+        "sweep.source_layers=[3]",
+        "sweep.target_layers=[5]",
+        "generation.max_new_tokens=5",
+        "dataset=builtin_texts",
+        "runner.examples_per_part=2",
+    ],
 }
 
 

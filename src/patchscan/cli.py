@@ -91,7 +91,15 @@ def run_job(cfg) -> dict:
         _accept(plan.run_dir, cfg, hydra_cfg)
         drops.report(scope.dropped)  # in the run's log file
         try:
-            execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name, view=view, setup=setup)
+            execute(
+                plan,
+                scope.run_chunk,
+                int(cfg.runner.examples_per_part),
+                desc=name,
+                view=view,
+                setup=setup,
+                target_view=scope.target_view,  # cross_model's M*: its work is counted too
+            )
             return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
         except KeyboardInterrupt:
             where = plan.run_dir if plan.results_dir == plan.run_dir / "results" else plan.results_dir
@@ -148,8 +156,6 @@ def dry_run(cfg, scope) -> dict:
     """Print what the run would do, loading no weights (patchscan.dry_run)."""
     from patchscan.dry_run import make_plan
 
-    if cfg.experiment.name == "cross_model":
-        raise UserError("runner.dry_run is not supported for cross_model yet (it fits maps between two models)")
     plan = make_plan(cfg, scope)
     print(plan.report())
     return plan.as_dict()

@@ -224,6 +224,12 @@ class CountingBackend(Backend):
     def greedy_head(self, view) -> None:
         return None
 
+    def fit_affine(self, x: torch.Tensor, y: torch.Tensor, ridge: float) -> StandInMap:
+        return StandInMap(y.shape[-1])
+
+    def cached_maps(self, folder, files: dict, shape: tuple[int, int], fit) -> dict:
+        return fit()  # counted as a first run fits them; the map cache is neither read nor written
+
     def capture(self, view, batch, positions, layers, want, with_logprobs):
         width = max(len(p) for p in batch)
         self.forward(view, len(batch), width, width)
@@ -266,6 +272,19 @@ class CountingBackend(Backend):
         return self._decode(view, sum(map(len, parts)), width, max_new_tokens)
 
 
+class StandInMap:
+    """A fitted map standing in for a least-squares one: a state's mean, repeated over the output width.
+    Stand-in states are constant vectors, one value per (prompt, position, block): they stay distinct."""
+
+    kind = "stand-in"
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return h.float().mean(-1, keepdim=True).expand(*h.shape[:-1], self.width).to(h.dtype)
+
+
 def stand_in_tokens(view, n: int) -> list[int]:
     """`n` generated tokens standing in for a real continuation: an ordinary token (no EOS: no early end)."""
     special = set(view.tokenizer.all_special_ids)
@@ -278,7 +297,7 @@ class CountingEngine:
     `patched_next_token`, every micro-batch answered by a `CountingBackend`; the experiment runs
     unchanged. Also counts the patched runs (`cells`), unpatched generations and captured prompts.
 
-    `planning` is read by the data-dependent steps stand-in outputs cannot decide (`Scope.planning`)."""
+    `planning` is read by the filters, which stand-in outputs cannot decide (`Scope.planning`)."""
 
     planning = True
 
@@ -289,6 +308,12 @@ class CountingEngine:
     @property
     def counts(self) -> Counts:
         return self.backend.counts
+
+    def fit_lens_maps(self, view, texts, layers, *args, **kwargs):
+        return engine.fit_lens_maps(view, texts, layers, *args, backend=self.backend, **kwargs)
+
+    def fit_cross_model_maps(self, source, target, texts, pairs, *args, **kwargs):
+        return engine.fit_cross_model_maps(source, target, texts, pairs, *args, backend=self.backend, **kwargs)
 
     def capture(self, view, prompts, layers, positions, **kwargs):
         self.captured += len(prompts)
@@ -408,7 +433,8 @@ def make_plan(cfg: DictConfig, scope) -> Plan:
     view, where, note = counting_view(cfg.model)
     engine = CountingEngine(cfg.runner.get("gpu_memory_gb"))
     scope.engine = engine
-    scope.bind(view)
+    target = counting_view(cfg.target_model)[0] if cfg.get("target_model") else None  # cross_model's M*
+    scope.bind(view, target)
     setup = Counts(**engine.counts.as_dict())
     examples = scope.examples()
     for i, example in enumerate(examples):

@@ -2,6 +2,7 @@
 `embed_texts`, the sentence-embedding model experiments score descriptions with (model work too:
 a dry run's `CountingEngine` stands in for all of it)."""
 
+from patchscan.engine.alignment import fit_cross_model_maps, fit_lens_maps
 from patchscan.engine.capture import capture
 from patchscan.engine.mappings import Affine, Identity, Scale, load_mapping
 from patchscan.engine.patching import Patch, generate, patched_logits, patched_next_token
@@ -14,6 +15,8 @@ __all__ = [
     "patched_next_token",
     "generate",
     "embed_texts",
+    "fit_lens_maps",
+    "fit_cross_model_maps",
     "Identity",
     "Scale",
     "Affine",

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import groupby
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,7 @@ from patchscan.engine.head import GreedyHead, last_logits, next_tokens
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
 from patchscan.engine.identical import identical_runs, per_row, shared_stop
 from patchscan.engine.kv import PreallocatedLayer, cache_kwargs, caches_merge, merged_cache, returned_cache
+from patchscan.engine.mappings import Affine, cached_maps
 from patchscan.engine.sharing import SharedDecoding, can_share
 from patchscan.models.view import ModelView
 
@@ -357,6 +359,14 @@ class Backend:
 
     def greedy_head(self, view: ModelView) -> GreedyHead | None:
         return GreedyHead.for_view(view)
+
+    def fit_affine(self, x: torch.Tensor, y: torch.Tensor, ridge: float) -> Affine:
+        """A fitted map's least squares (`engine.alignment`: affine lens, cross-model maps)."""
+        return Affine.fit(x, y, ridge=ridge)
+
+    def cached_maps(self, folder: Callable[[], Path], files: dict, shape: tuple[int, int], fit) -> dict:
+        """Fitted maps from the map cache in `folder()` (its key is the models' content), else `fit()`."""
+        return cached_maps(folder(), files, shape, fit)
 
     def capture(self, view: ModelView, batch, positions, layers, want, with_logprobs):
         return capture_batch(view, batch, positions, layers, want, with_logprobs)

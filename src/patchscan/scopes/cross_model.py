@@ -24,6 +24,7 @@ from patchscan.errors import UserError
 from patchscan.lenses import AffineMaps
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.models import load_model
+from patchscan.paths import cache_root
 from patchscan.rows import next_token_columns
 from patchscan.scopes.base import Scope
 from patchscan.scopes.entities import EntityScope
@@ -49,15 +50,17 @@ class CrossModelScope(Scope):
     def bind(self, view, target_view=None) -> None:
         super().bind(view, target_view or load_model(self.cfg.target_model))
         self.set_layer_pairs()
-        self.maps = AffineMaps.fit_between(
+        fitted = self.engine.fit_cross_model_maps(
             view,
             self.target_view,
-            self.train_texts,
+            list(self.train_texts),
             self.pairs,
+            cache_root() / "maps",
             ridge=float(self.cfg.maps.ridge),
             max_positions=int(self.cfg.maps.max_positions),
             batch_size=self.capture_batch_size(),
         )
+        self.maps = AffineMaps(fitted)
         if self.entity_scope is not None:
             self.entity_scope.engine = self.engine  # a dry run's counting engine counts its work too
             self.entity_scope.bind(view, self.target_view, maps=self.maps)
