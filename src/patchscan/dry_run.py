@@ -250,6 +250,11 @@ class CountingBackend(Backend):
         self.forward(view, len(rows), len(ids) - position, len(ids))
         return torch.zeros(1, view.vocab_size).expand(len(rows), -1)
 
+    def top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stand-in best tokens (the first k ids, log-probability 0), with no pass over the vocabulary."""
+        n = logits.shape[0]
+        return torch.arange(k).expand(n, k), torch.zeros(n, k)
+
     def _decode(self, view, rows: int, seq_len: int, steps: int) -> list[list[int]]:
         """Greedy decoding after a prefill: `steps - 1` one-token forwards; stand-in tokens, `steps` a row."""
         if steps > 1:

@@ -236,9 +236,9 @@ def patched_next_token(view: ModelView, patches: list[Patch], top_k: int = 5, **
     """The top-k next tokens of every patched run (k=1 gives the prediction)."""
     ids = torch.empty((len(patches), top_k), dtype=torch.long)
     lps = torch.empty((len(patches), top_k))
+    backend = kwargs.get("backend") or MODEL
     for rows, logits in iter_patched_logits(view, patches, **kwargs):
-        top = logits.topk(top_k, dim=-1)  # log-probabilities of the top k only: no full log-softmax
-        ids[rows], lps[rows] = top.indices.cpu(), (top.values - logits.logsumexp(-1, keepdim=True)).cpu()
+        ids[rows], lps[rows] = backend.top_k(logits, top_k)
     return TopK(ids, lps)
 
 
@@ -374,6 +374,11 @@ class Backend:
     def logits(self, view: ModelView, cache: PrefixCache, patches: list[Patch], rows: list[int], skip: bool):
         """Last-position logits of `rows` (one group), patched."""
         return _prefill(view, cache, patches, rows, skip, use_cache=False)[0]
+
+    def top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, log-probabilities) of the k best tokens: log-probabilities of the top k only, no full log-softmax."""
+        top = logits.topk(k, dim=-1)
+        return top.indices.cpu(), (top.values - logits.logsumexp(-1, keepdim=True)).cpu()
 
     def plain_generate(self, view: ModelView, prompts, max_new_tokens: int, stops) -> list[list[int]]:
         return plain_generate(view, prompts, max_new_tokens, stops)
