@@ -188,3 +188,17 @@ def test_plan_13b_from_its_config_alone(tmp_path):
     weights = float(out.split("GiB = ")[1].split(" GiB weights")[0])
     assert 24.0 < weights < 24.5  # 13.0e9 parameters x 2 bytes = 26 GB = 24.2 GiB
     assert weights < peak < 0.8 * 80
+
+
+def test_plan_filters_keep_every_example(no_weights):
+    """The filters (multihop's single hops, attribute_extraction's `filter`) are counted as if every example
+    passed: the plan with a filter counts the unfiltered plan's cells and more work (the filter's own)."""
+    hops = [o for o in CASES["multihop"] if not o.startswith("multihop.require_single_hops")]
+    cases = [
+        (CASES["multihop"], [*hops, "multihop.require_single_hops=true"]),
+        ([*CASES["attribute_extraction"], "filter=false"], [*CASES["attribute_extraction"], "filter=true"]),
+    ]
+    for without, with_filter in cases:
+        a, b = plan_in_process(without), plan_in_process(with_filter)
+        assert b.cells == a.cells > 0 and b.counts.forward_passes >= a.counts.forward_passes
+        assert "assumes every example passes the filter" in " ".join(b.notes)

@@ -438,8 +438,8 @@ def make_plan(cfg: DictConfig, scope) -> Plan:
     view, where, note = counting_view(cfg.model)
     engine = CountingEngine(cfg.runner.get("gpu_memory_gb"))
     scope.engine = engine
-    target = counting_view(cfg.target_model)[0] if cfg.get("target_model") else None  # cross_model's M*
-    scope.bind(view, target)
+    targets = [counting_view(cfg.target_model)[0]] if cfg.get("target_model") else []  # cross_model's M*
+    scope.bind(view, *targets)
     setup = Counts(**engine.counts.as_dict())
     examples = scope.examples()
     for i, example in enumerate(examples):
