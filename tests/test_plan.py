@@ -1,5 +1,6 @@
 """Plan before you spend (issue 12, point 5): a dry run prints what a config will do without
-loading weights, and its counts equal what a real run records."""
+loading weights, and its counts equal what a real run records, for every experiment (issue 26: the
+dry run is the engine's own scheduler with a counting backend)."""
 
 from __future__ import annotations
 

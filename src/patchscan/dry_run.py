@@ -237,11 +237,11 @@ class CountingBackend(Backend):
         row = 0
         for ids, pos in zip(batch, positions):
             for position in pos:
-                for i, layer in enumerate(layers):  # one value per (prompt, position, block): runs the real
-                    key = (tuple(ids), position, layer)  # engine finds identical (engine.identical) are so here
+                for i, layer in enumerate(layers):  # one value per (prompt, position, block), so the runs
+                    key = (tuple(ids), position, layer)  # that are identical for the real engine are so here
                     states[i, row] = self.state_ids.setdefault(key, float(len(self.state_ids) + 1))
                 row += 1
-        return states, (torch.zeros(row, view.vocab_size) if with_logprobs else None)
+        return states, (torch.zeros(1, view.vocab_size).expand(row, -1) if with_logprobs else None)
 
     def logits(self, view, cache, patches, rows, skip):
         first = patches[rows[0]]
@@ -261,7 +261,8 @@ class CountingBackend(Backend):
             self.forward(view, rows, 1, seq_len)
             self.counts.forward_passes += steps - 2
             self.counts.forward_tokens += rows * (steps - 2)
-        return [stand_in_tokens(view, steps) for _ in range(rows)]
+        tokens = stand_in_tokens(view, steps)
+        return [list(tokens) for _ in range(rows)]
 
     def plain_generate(self, view, prompts, max_new_tokens: int, stops) -> list[list[int]]:
         width = max(len(p) for p in prompts)
