@@ -206,9 +206,9 @@ def build(shape: str, tokenizer, device: torch.device, dtype: torch.dtype, seed:
 
 
 def dry_run_bytes_per_row():
-    """ADAPTER, the one line to fix when the dry run moves (planning.py -> dry_run.py): the dry run's
-    memory estimate of one row (its KV cache, logits, activations) at a sequence length; the dry run
-    plans weights + the largest micro-batch x this (planning.CountingEngine._forward, Plan.peak_bytes)."""
+    """ADAPTER, the one line to fix when the estimate moves: the dry run's memory estimate of one row
+    (its KV cache, logits, activations) at a sequence length; the dry run plans weights + the largest
+    micro-batch x this (dry_run.CountingBackend.forward, Plan.peak_bytes)."""
     try:
         from patchscan.engine.batching import bytes_per_row  # after the dry-run reorganisation
     except ImportError:

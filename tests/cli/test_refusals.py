@@ -230,3 +230,15 @@ def test_eval_of_a_read_only_run_dir_is_one_line(done, tmp_path):
         subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
         proc = cli_here("eval", str(run))
         one_line_error(proc, "cannot write", "Read-only file system")
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_generation_that_cannot_fit_is_refused_before_the_run_dir(tmp_path, command):
+    """`max_new_tokens=1000000000` (a 128 GB allocation once the run had started): the dry run's memory
+    estimate refuses it, in one line, before any run dir is accepted, and before a plan counts it."""
+    run = tmp_path / "run"
+    proc = cli_here(
+        command, *ATTR, f"dataset.path={LRE}", "generation.max_new_tokens=1000000000", f"hydra.run.dir={run}"
+    )
+    one_line_error(proc, "generation.max_new_tokens=1000000000", "GiB")
+    assert list(tmp_path.iterdir()) == []

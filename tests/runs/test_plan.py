@@ -1,5 +1,6 @@
 """Plan before you spend (issue 12, point 5): a dry run prints what a config will do without
-loading weights, and its counts equal what a real run records."""
+loading weights, and its counts equal what a real run records, for every experiment (issue 26: the
+dry run is the engine's own scheduler with a counting backend)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,52 @@ CASES = {
         "sweep.target_layers=[0,2]",
         "generation.max_new_tokens=4",
         "runner.examples_per_part=3",
+    ],
+    "entity_resolution": [
+        "+experiment=entity_resolution",
+        "generation.stop_when_correct=false",
+        "model=tiny_neox",
+        "dataset.limit=3",
+        "sweep.source_layers=[0,3]",
+        "generation.max_new_tokens=8",
+        "runner.examples_per_part=2",
+    ],
+    "multihop": [
+        "+experiment=multihop",
+        "generation.stop_when_correct=false",
+        "model=tiny_llama",
+        f"dataset.path={LRE}",
+        "dataset.relations=[city_in_country,country_capital_city]",
+        "multihop.require_single_hops=false",  # the filter makes the plan an upper bound: without it, exact
+        "multihop.per_pair_limit=2",
+        "sweep.source_layers=[1,3]",
+        "sweep.target_layers=[0,2]",
+        "generation.max_new_tokens=4",
+        "runner.examples_per_part=3",
+    ],
+    "cross_model": [
+        "+experiment=cross_model",
+        "model=tiny_llama",
+        "target_model=tiny_llama_wide",
+        "dataset.limit=5",
+        "maps.train_texts=60",
+        "sweep.source_layers=[0,3]",
+        "sweep.target_layers=[1,5]",
+        "runner.examples_per_part=2",
+    ],
+    "cross_model_entity": [
+        "+experiment=cross_model",
+        "task=entity_description",
+        "generation.stop_when_correct=false",
+        "model=tiny_llama",
+        "target_model=tiny_llama_wide",
+        "dataset.limit=3",
+        "maps.train_texts=60",
+        "sweep.source_layers=[3]",
+        "sweep.target_layers=[5]",
+        "generation.max_new_tokens=5",
+        "dataset=builtin_texts",
+        "runner.examples_per_part=2",
     ],
 }
 
@@ -142,3 +189,17 @@ def test_plan_13b_from_its_config_alone(tmp_path):
     weights = float(out.split("GiB = ")[1].split(" GiB weights")[0])
     assert 24.0 < weights < 24.5  # 13.0e9 parameters x 2 bytes = 26 GB = 24.2 GiB
     assert weights < peak < 0.8 * 80
+
+
+def test_plan_filters_keep_every_example(no_weights):
+    """The filters (multihop's single hops, attribute_extraction's `filter`) are counted as if every example
+    passed: the plan with a filter counts the unfiltered plan's cells and more work (the filter's own)."""
+    hops = [o for o in CASES["multihop"] if not o.startswith("multihop.require_single_hops")]
+    cases = [
+        (CASES["multihop"], [*hops, "multihop.require_single_hops=true"]),
+        ([*CASES["attribute_extraction"], "filter=false"], [*CASES["attribute_extraction"], "filter=true"]),
+    ]
+    for without, with_filter in cases:
+        a, b = plan_in_process(without), plan_in_process(with_filter)
+        assert b.cells == a.cells > 0 and b.counts.forward_passes >= a.counts.forward_passes
+        assert "assumes every example passes the filter" in " ".join(b.notes)

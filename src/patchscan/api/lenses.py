@@ -18,11 +18,9 @@ from pathlib import Path
 import torch
 
 from patchscan.api.states import State
-from patchscan.engine.alignment import fit_cross_model_maps
-from patchscan.engine.capture import capture as capture_ids
-from patchscan.engine.mappings import Affine, cached_maps, load_mapping, map_folder
+from patchscan.engine.alignment import fit_cross_model_maps, fit_lens_maps
+from patchscan.engine.mappings import Affine, load_mapping
 from patchscan.errors import UserError
-from patchscan.models.fingerprints import map_cache_key, model_fingerprint
 from patchscan.models.view import ModelView
 from patchscan.paths import cache_root
 
@@ -205,21 +203,5 @@ class AffineLens(LogitLens):
         """Fit block ℓ -> last block maps by least squares on every position of `texts` (the first
         `positions_per_text` tokens of each, at most `max_positions` in all)."""
         layers = sorted({lm.check_layer(b) for b in (range(lm.n_blocks) if layers is None else layers)})
-        ids = [lm.encode(t)[:positions_per_text] for t in texts]
-
-        def fit() -> dict[int, Affine]:
-            log.info("fitting affine-lens maps on %d texts", len(ids))
-            last = lm.n_blocks - 1
-            caps = capture_ids(lm, ids, layers + [last], [list(range(len(x))) for x in ids], batch_size=batch_size)
-            states = torch.cat([c.states for c in caps], dim=1)[:, :max_positions]
-            if states.shape[1] <= lm.width // 4:
-                raise UserError(
-                    f"affine lens: only {states.shape[1]} training positions for width {lm.width}; add texts"
-                )
-            return {b: Affine.fit(states[k], states[-1], ridge=float(ridge)) for k, b in enumerate(layers)}
-
-        if not cache:
-            return cls(lm, fit())
-        key = map_cache_key("affine_lens", model_fingerprint(lm), str(lm.dtype), ids, max_positions, float(ridge))
-        folder = map_folder(cache_root() / "maps", "affine-lens", [lm.name], key)
-        return cls(lm, cached_maps(folder, {b: f"block{b}.pt" for b in layers}, (lm.width, lm.width), fit))
+        maps = fit_lens_maps(lm, list(texts), layers, positions_per_text, max_positions, ridge, batch_size, cache)
+        return cls(lm, maps)

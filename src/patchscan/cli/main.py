@@ -61,6 +61,7 @@ def run_job(cfg) -> dict:
     from patchscan.experiments import get_experiment
     from patchscan.models import load_model
     from patchscan.runs.config_checks import validate
+    from patchscan.runs.dry_run import check_fits
     from patchscan.runs.runner import execute, finalize, open_run, plan_run, run_metadata
 
     name = cfg.get("experiment", {}).get("name")
@@ -74,6 +75,7 @@ def run_job(cfg) -> dict:
     validate(cfg)
     scope_cls = get_experiment(name)
     scope = scope_cls(cfg)  # reads and checks the data before any model is loaded
+    check_fits(cfg)  # the dry run's memory estimate refuses a generation that cannot fit, before any run dir
     if cfg.runner.get("dry_run"):
         return dry_run(cfg, scope)
     plan = open_run(cfg, Path(hydra_cfg.runtime.output_dir))  # refuses a different config or a second writer
@@ -89,7 +91,15 @@ def run_job(cfg) -> dict:
         _accept(plan.run_dir, cfg, hydra_cfg)
         drops.report(scope.dropped)  # in the run's log file
         try:
-            execute(plan, scope.run_chunk, int(cfg.runner.examples_per_part), desc=name, view=view, setup=setup)
+            execute(
+                plan,
+                scope.run_chunk,
+                int(cfg.runner.examples_per_part),
+                desc=name,
+                view=view,
+                setup=setup,
+                target_view=scope.target_view,  # cross_model's M*: its work is counted too
+            )
             return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
         except KeyboardInterrupt:
             where = plan.run_dir if plan.results_dir == plan.run_dir / "results" else plan.results_dir
@@ -146,8 +156,6 @@ def dry_run(cfg, scope) -> dict:
     """Print what the run would do, loading no weights (patchscan.runs.dry_run)."""
     from patchscan.runs.dry_run import make_plan
 
-    if cfg.experiment.name == "cross_model":
-        raise UserError("runner.dry_run is not supported for cross_model yet (it fits maps between two models)")
     plan = make_plan(cfg, scope)
     print(plan.report())
     return plan.as_dict()

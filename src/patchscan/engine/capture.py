@@ -65,15 +65,19 @@ def capture(
     positions: list[list[int]],
     batch_size: int = 32,
     with_logprobs: bool = False,
+    backend=None,
 ) -> list[Captured]:
     """Run each prompt once and gather block outputs at the given positions.
 
     `positions[p]` lists positions of prompt p (negative ones count from its end). With
     `with_logprobs`, also return the model's next-token log-probabilities there (p_L of DESIGN §2),
     read out from the last block's output so no full-vocabulary logits are made for other positions.
+    Each batch runs through `backend.capture` (`engine.patching.Backend`; the dry run's counts it),
+    by default `capture_batch`.
     """
     layers = grids.blocks(layers, view.n_blocks, "layers", view.name, distinct=False)  # internal: repeats are harmless
     want = sorted(set(layers) | ({view.n_blocks - 1} if with_logprobs else set()))
+    run = capture_batch if backend is None else backend.capture
     results: list[Captured] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -81,27 +85,37 @@ def capture(
             [resolve_position(p, len(ids), "source position") for p in positions[start + b]]
             for b, ids in enumerate(batch)
         ]
-        input_ids, mask = pad_batch(batch, view.tokenizer.pad_token_id or 0)
-        rows = torch.tensor([b for b, ps in enumerate(pos) for _ in ps], device=view.input_device)
-        cols = torch.tensor([p for ps in pos for p in ps], device=view.input_device)
-        store: dict[int, torch.Tensor] = {}
-
-        def make_hook(layer):
-            def hook(module, inputs, output):  # indices to the block's device, states to the output device
-                hidden = hidden_of(output)
-                store[layer] = hidden[rows.to(hidden.device), cols.to(hidden.device)].to(view.device)  # noqa: B023 (hook lives one iteration)
-
-            return hook
-
-        with block_hooks(view.blocks, {layer: make_hook(layer) for layer in want}):
-            # The base model (no LM head) avoids full-vocabulary logits at every position.
-            base = getattr(view.model, "base_model", view.model)
-            base(input_ids=input_ids.to(view.input_device), attention_mask=mask.to(view.input_device), use_cache=False)
-        stacked = torch.stack([store[layer] for layer in layers])  # (n_layers, n_rows, width)
-        logprobs = next_token_logprobs(view, store[view.n_blocks - 1]) if with_logprobs else None
+        stacked, logprobs = run(view, batch, pos, layers, want, with_logprobs)
         offset = 0
         for ps in pos:
             sl = slice(offset, offset + len(ps))
             results.append(Captured(layers, ps, stacked[:, sl], None if logprobs is None else logprobs[sl]))
             offset += len(ps)
     return results
+
+
+@torch.no_grad()
+def capture_batch(
+    view: ModelView, batch: list[list[int]], pos: list[list[int]], layers: list[int], want: list[int], with_logprobs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward of a right-padded batch: (states (n_layers, n_rows, width), log-probs or None),
+    rows prompt by prompt and position by position."""
+    input_ids, mask = pad_batch(batch, view.tokenizer.pad_token_id or 0)
+    rows = torch.tensor([b for b, ps in enumerate(pos) for _ in ps], device=view.input_device)
+    cols = torch.tensor([p for ps in pos for p in ps], device=view.input_device)
+    store: dict[int, torch.Tensor] = {}
+
+    def make_hook(layer):
+        def hook(module, inputs, output):  # indices to the block's device, states to the output device
+            hidden = hidden_of(output)
+            store[layer] = hidden[rows.to(hidden.device), cols.to(hidden.device)].to(view.device)
+
+        return hook
+
+    with block_hooks(view.blocks, {layer: make_hook(layer) for layer in want}):
+        # The base model (no LM head) avoids full-vocabulary logits at every position.
+        base = getattr(view.model, "base_model", view.model)
+        base(input_ids=input_ids.to(view.input_device), attention_mask=mask.to(view.input_device), use_cache=False)
+    stacked = torch.stack([store[layer] for layer in layers])  # (n_layers, n_rows, width)
+    logprobs = next_token_logprobs(view, store[view.n_blocks - 1]) if with_logprobs else None
+    return stacked, logprobs

@@ -50,24 +50,25 @@ def _positions(args, kwargs) -> int:
 
 
 @contextmanager
-def count_work(model: nn.Module | None) -> Iterator[Counts]:
-    """Count forward passes of `model` (through its base model) while the block runs."""
+def count_work(*models: nn.Module | None) -> Iterator[Counts]:
+    """Count forward passes of `models` (each through its base model; None is skipped, a model given
+    twice counts once: cross_model's source and target) while the block runs."""
     counts = Counts()
-    handle = None
-    if model is not None:
-        base = getattr(model, "base_model", model)
+    handles = []
 
-        def hook(module, args, kwargs):
-            counts.forward_passes += 1
-            counts.forward_tokens += _positions(args, kwargs)
+    def hook(module, args, kwargs):
+        counts.forward_passes += 1
+        counts.forward_tokens += _positions(args, kwargs)
 
-        handle = base.register_forward_pre_hook(hook, with_kwargs=True)
+    bases = {id(b): b for b in (getattr(m, "base_model", m) for m in models if m is not None)}
+    for base in bases.values():
+        handles.append(base.register_forward_pre_hook(hook, with_kwargs=True))
     _OPEN.append(counts)
     try:
         yield counts
     finally:
         _OPEN.remove(counts)
-        if handle is not None:
+        for handle in handles:
             handle.remove()
 
 

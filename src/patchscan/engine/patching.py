@@ -7,6 +7,10 @@ the suffix (usually one token). For next-token read-outs of a one-token suffix, 
 to the patched one are skipped, since their work at that position would be overwritten.
 Generation continues greedily from the patched prefill (the patch is applied there only), each
 row until its EOS or its stop (`engine.decoding`).
+
+The scheduling (groups, micro-batches, their sizes from the memory budget, the batch loops) is
+written once, here; the model work of each micro-batch goes through a `Backend`. The real one
+runs the model; the dry run's `CountingBackend` (`patchscan.runs.dry_run`) counts the same calls.
 """
 
 from __future__ import annotations
@@ -16,17 +20,19 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import groupby
+from pathlib import Path
 
 import torch
 
 from patchscan.engine.batching import FORWARD_OVERHEAD, plan_layer_chunks, rows_for_budget, run_with_backoff
-from patchscan.engine.capture import resolve_position
+from patchscan.engine.capture import capture_batch, resolve_position
 from patchscan.engine.counting import note_generated
 from patchscan.engine.decoding import Padding, Stop, greedy_decode, plain_generate
 from patchscan.engine.head import GreedyHead, last_logits, next_tokens
 from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
 from patchscan.engine.identical import identical_runs, per_row, shared_stop
 from patchscan.engine.kv import PreallocatedLayer, cache_kwargs, caches_merge, merged_cache, returned_cache
+from patchscan.engine.mappings import Affine, cached_maps
 from patchscan.engine.sharing import SharedDecoding, can_share
 from patchscan.models.view import ModelView
 
@@ -189,21 +195,23 @@ def iter_patched_logits(
     skip_blocks_below: bool = True,
     progress: Callable[[int], None] | None = None,
     memory_budget_gb: float | None = None,
+    backend: Backend | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (patch indices, last-position logits) micro-batch by micro-batch.
 
     `batch_size="auto"` sizes micro-batches from free GPU memory or `memory_budget_gb`; an
     out-of-memory error halves the micro-batch and retries it.
     """
+    backend = backend or MODEL
     patches = [p.resolved(view) for p in patches]
-    cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
+    cache = backend.prefix_cache(view, capacity=8 if reuse_prefix else 0)
     for (ids, position), indices in _groups(patches).items():
         skip = skip_blocks_below and position == len(ids) - 1 and all(patches[i].vector is not None for i in indices)
-        size = _batch_size(view, batch_size, len(ids), memory_budget_gb)
+        size = backend.batch_size(view, batch_size, len(ids), memory_budget_gb)
         for chunk in _micro_batches(view, indices, patches, size, skip):
-            for rows, (logits, _) in run_with_backoff(
+            for rows, logits in run_with_backoff(
                 chunk,
-                lambda rows: _prefill(view, cache, patches, rows, skip, use_cache=False),  # noqa: B023 (called at once)
+                lambda rows: backend.logits(view, cache, patches, rows, skip),  # noqa: B023 (called at once)
             ):
                 if progress:
                     progress(len(rows))
@@ -228,9 +236,9 @@ def patched_next_token(view: ModelView, patches: list[Patch], top_k: int = 5, **
     """The top-k next tokens of every patched run (k=1 gives the prediction)."""
     ids = torch.empty((len(patches), top_k), dtype=torch.long)
     lps = torch.empty((len(patches), top_k))
+    backend = kwargs.get("backend") or MODEL
     for rows, logits in iter_patched_logits(view, patches, **kwargs):
-        top = logits.topk(top_k, dim=-1)  # log-probabilities of the top k only: no full log-softmax
-        ids[rows], lps[rows] = top.indices.cpu(), (top.values - logits.logsumexp(-1, keepdim=True)).cpu()
+        ids[rows], lps[rows] = backend.top_k(logits, top_k)
     return TopK(ids, lps)
 
 
@@ -244,6 +252,7 @@ def generate(
     memory_budget_gb: float | None = None,
     stops: Sequence[Stop | None] | None = None,
     share_lower_blocks: bool = True,
+    backend: Backend | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of the patched target prompts (the patch acts in the prefill only).
 
@@ -257,6 +266,7 @@ def generate(
     tokens run blocks 0..ℓ* once while decoding (`engine.sharing`; unknown architectures decode plainly).
     Identical patches (same target, position, block and vector) are generated once (`engine.identical`).
     """
+    backend = backend or MODEL
     patches = [p.resolved(view) for p in patches]
     stops = list(stops) if stops is not None else [None] * len(patches)
     if len(stops) != len(patches):
@@ -273,73 +283,57 @@ def generate(
         if progress:
             progress(sum(len(groups[r]) for r in rows))
 
-    for rows, tokens in _generate_plain(view, runs, run_stops, max_new_tokens, sizing):
+    for rows, tokens in _generate_plain(backend, view, runs, run_stops, max_new_tokens, sizing):
         deliver(rows, tokens)
     options = (reuse_prefix, share_lower_blocks)
-    for rows, tokens in _generate_patched(view, runs, run_stops, max_new_tokens, sizing, options):
+    for rows, tokens in _generate_patched(backend, view, runs, run_stops, max_new_tokens, sizing, options):
         deliver(rows, tokens)
     note_generated(sum(len(t) for t in out))
     return per_row(view, groups, out, stops)
 
 
-def _generate_plain(view, patches, stops, max_new_tokens, sizing) -> Iterator[tuple[list[int], list[list[int]]]]:
+def _generate_plain(
+    backend, view, patches, stops, max_new_tokens, sizing
+) -> Iterator[tuple[list[int], list[list[int]]]]:
     """Unpatched rows, sorted by length so each batch pads little."""
     plain = sorted((i for i, p in enumerate(patches) if p.vector is None), key=lambda i: len(patches[i].target_ids))
     if not plain:
         return
     longest = len(patches[plain[-1]].target_ids)
-    size = _batch_size(view, sizing[0], longest + max_new_tokens, sizing[1])
+    size = backend.batch_size(view, sizing[0], longest + max_new_tokens, sizing[1])
     for s in range(0, len(plain), size):
         yield from run_with_backoff(
             plain[s : s + size],
-            lambda rows: plain_generate(
+            lambda rows: backend.plain_generate(
                 view, [patches[i].target_ids for i in rows], max_new_tokens, [stops[i] for i in rows]
             ),
         )
 
 
 def _generate_patched(
-    view, patches, stops, max_new_tokens, sizing, options
+    backend, view, patches, stops, max_new_tokens, sizing, options
 ) -> Iterator[tuple[list[int], list[list[int]]]]:
     """Patched rows in batches that may hold several target prompts: each prompt's rows run their
     own prefill (one prefix cache, the patched suffix), then the batch decodes as one, the caches
     merged with left padding and a mask (`kv.merged_cache`). Many small groups (multihop's
     per-example prompts) so make full batches instead of many small ones."""
     reuse_prefix, share = options
-    cache = PrefixCache(view, capacity=8 if reuse_prefix else 0)
-
-    head = GreedyHead.for_view(view)
-    readout = partial(next_tokens, view, head)
+    cache = backend.prefix_cache(view, capacity=8 if reuse_prefix else 0)
+    head = backend.greedy_head(view)
     groups = _groups(patches, patched_only=True)
-
-    @torch.no_grad()
-    def decode(rows: list[int], first, kv, padding, paths) -> list[list[int]]:
-        row_stops = [stops[i] for i in rows]
-        if not (share and len(rows) > 1 and can_share(view, kv)):
-            return greedy_decode(view, first, kv, max_new_tokens, row_stops, head=head, padding=padding)
-        shared = SharedDecoding(view.blocks, kv, [patches[i].target_layer for i in rows], paths)
-        with shared.installed():
-            return greedy_decode(view, first, kv, max_new_tokens, row_stops, shared, head=head, padding=padding)
-
     merges = caches_merge(view.model.config)
 
-    @torch.no_grad()
     def run(rows: list[int]) -> list[list[int]]:
         parts = _by_group(patches, rows)
         if len(parts) > 1 and not merges:  # e.g. sliding-window layers: prompt by prompt
             return [t for part in parts for t in run(part)]
-        room = max_new_tokens if len(parts) == 1 else 0  # prompts that merge get their room in the merged cache
-        prefilled = [_prefill(view, cache, patches, part, False, True, room=room, readout=readout) for part in parts]
-        caches = [kv for _, kv in prefilled]
-        kv, mask = (caches[0], None) if len(parts) == 1 else merged_cache(view.model.config, caches, max_new_tokens)
-        padding = None if mask is None else Padding(mask, view.input_device)
-        paths = [g for g, part in enumerate(parts) for _ in part]  # rows of different prompts share nothing
-        return decode(rows, torch.cat([first for first, _ in prefilled]), kv, padding, paths)
+        row_stops = [stops[i] for i in rows]
+        return backend.generate_parts(view, cache, head, patches, parts, row_stops, max_new_tokens, share)
 
     flat = [i for indices in groups.values() for i in indices]
     if flat:
         longest = max(len(ids) for ids, _ in groups)
-        size = _batch_size(view, sizing[0], longest + max_new_tokens, sizing[1])
+        size = backend.batch_size(view, sizing[0], longest + max_new_tokens, sizing[1])
         for s in range(0, len(flat), size):
             yield from run_with_backoff(flat[s : s + size], run)
 
@@ -348,3 +342,67 @@ def _by_group(patches: list[Patch], rows: list[int]) -> list[list[int]]:
     """`rows` cut where the target prompt or position changes (rows come group by group)."""
     key = lambda i: (patches[i].target_ids, patches[i].target_position)  # noqa: E731 (the group key)
     return [list(part) for _, part in groupby(rows, key=key)]
+
+
+class Backend:
+    """The model work of one micro-batch, as the schedulers above (and `capture.capture`) ask for it.
+
+    This one runs the model. The dry run's `CountingBackend` (`patchscan.runs.dry_run`) answers the same
+    calls by counting forward passes, tokens and memory, and returns stand-in outputs.
+    """
+
+    def batch_size(self, view: ModelView, batch_size, seq_len: int, budget_gb: float | None) -> int:
+        return _batch_size(view, batch_size, seq_len, budget_gb)
+
+    def prefix_cache(self, view: ModelView, capacity: int) -> PrefixCache:
+        return PrefixCache(view, capacity=capacity)
+
+    def greedy_head(self, view: ModelView) -> GreedyHead | None:
+        return GreedyHead.for_view(view)
+
+    def fit_affine(self, x: torch.Tensor, y: torch.Tensor, ridge: float) -> Affine:
+        """A fitted map's least squares (`engine.alignment`: affine lens, cross-model maps)."""
+        return Affine.fit(x, y, ridge=ridge)
+
+    def cached_maps(self, folder: Callable[[], Path], files: dict, shape: tuple[int, int], fit) -> dict:
+        """Fitted maps from the map cache in `folder()` (its key is the models' content), else `fit()`."""
+        return cached_maps(folder(), files, shape, fit)
+
+    def capture(self, view: ModelView, batch, positions, layers, want, with_logprobs):
+        return capture_batch(view, batch, positions, layers, want, with_logprobs)
+
+    def logits(self, view: ModelView, cache: PrefixCache, patches: list[Patch], rows: list[int], skip: bool):
+        """Last-position logits of `rows` (one group), patched."""
+        return _prefill(view, cache, patches, rows, skip, use_cache=False)[0]
+
+    def top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, log-probabilities) of the k best tokens: log-probabilities of the top k only, no full log-softmax."""
+        top = logits.topk(k, dim=-1)
+        return top.indices.cpu(), (top.values - logits.logsumexp(-1, keepdim=True)).cpu()
+
+    def plain_generate(self, view: ModelView, prompts, max_new_tokens: int, stops) -> list[list[int]]:
+        return plain_generate(view, prompts, max_new_tokens, stops)
+
+    @torch.no_grad()
+    def generate_parts(
+        self, view, cache, head, patches, parts: list[list[int]], stops, max_new_tokens: int, share: bool
+    ) -> list[list[int]]:
+        """Greedy continuations of the rows of `parts` (groups whose caches merge): each part's
+        patched prefill, then one decode of all rows."""
+        readout = partial(next_tokens, view, head)
+        room = max_new_tokens if len(parts) == 1 else 0  # prompts that merge get their room in the merged cache
+        prefilled = [_prefill(view, cache, patches, part, False, True, room=room, readout=readout) for part in parts]
+        caches = [kv for _, kv in prefilled]
+        kv, mask = (caches[0], None) if len(parts) == 1 else merged_cache(view.model.config, caches, max_new_tokens)
+        padding = None if mask is None else Padding(mask, view.input_device)
+        first = torch.cat([first for first, _ in prefilled])
+        rows = [i for part in parts for i in part]
+        if not (share and len(rows) > 1 and can_share(view, kv)):
+            return greedy_decode(view, first, kv, max_new_tokens, stops, head=head, padding=padding)
+        paths = [g for g, part in enumerate(parts) for _ in part]  # rows of different prompts share nothing
+        shared = SharedDecoding(view.blocks, kv, [patches[i].target_layer for i in rows], paths)
+        with shared.installed():
+            return greedy_decode(view, first, kv, max_new_tokens, stops, shared, head=head, padding=padding)
+
+
+MODEL = Backend()

@@ -352,8 +352,6 @@ class AttributeExperiment(Experiment):
 
     def _input_embedding(self, token_id: int) -> torch.Tensor:
         """What block 0 receives for this token (the model's own input embedding, with any scaling)."""
-        if self.planning:  # a stand-in per token, as distinct as the real ones (engine.identical)
-            return torch.full((self.view.width,), -1.0 - int(token_id))
         with torch.no_grad():
             ids = torch.tensor([[int(token_id)]], device=self.view.input_device)
             return self.view.embed(ids)[0, 0]

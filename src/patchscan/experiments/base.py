@@ -28,7 +28,8 @@ class Experiment:
     `examples` only reads and tokenizes, and returns plain data (dicts of strings, ints and token
     ids); all model work happens in `run_chunk`, through `self.engine` (`capture`, `generate`,
     `patched_next_token`), so that shards split it, a resume redoes only missing chunks, and a dry
-    run (`patchscan.runs.dry_run`) can swap in an engine that counts the work instead of doing it.
+    run (`patchscan.runs.dry_run`) can swap in an engine that counts the work instead of doing it (the
+    engine's own schedulers, a counting backend, stand-in outputs: the experiment runs unchanged).
     """
 
     name = "base"
@@ -99,8 +100,9 @@ class Experiment:
 
     @property
     def planning(self) -> bool:
-        """True in a dry run: the engine returns placeholders, so data-dependent filters keep every
-        example (the plan is an upper bound)."""
+        """True in a dry run. Read only by the filters (attribute_extraction's `filter`, multihop's
+        single hops), which then keep every example (the plan is an upper bound): a stand-in
+        generation cannot contain an answer the engine never sees."""
         return bool(getattr(self.engine, "planning", False))
 
     # ------------------------------------------------------------------ shared set-up

@@ -26,6 +26,7 @@ from patchscan.experiments.base import Experiment
 from patchscan.experiments.entities import EntityExperiment
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.models import load_model
+from patchscan.paths import cache_root
 from patchscan.runs.row_schema import next_token_columns
 
 TASKS = ("next_token", "entity_description")
@@ -51,15 +52,17 @@ class CrossModelExperiment(Experiment):
     def bind(self, view, target_view=None) -> None:
         super().bind(view, target_view or load_model(self.cfg.target_model))
         self.set_layer_pairs()
-        self.maps = AffineMaps.fit_between(
+        fitted = self.engine.fit_cross_model_maps(
             view,
             self.target_view,
-            self.train_texts,
+            list(self.train_texts),
             self.pairs,
+            cache_root() / "maps",
             ridge=float(self.cfg.maps.ridge),
             max_positions=int(self.cfg.maps.max_positions),
             batch_size=self.capture_batch_size(),
         )
+        self.maps = AffineMaps(fitted)
         if self.entity_scope is not None:
             self.entity_scope.engine = self.engine  # a dry run's counting engine counts its work too
             self.entity_scope.bind(view, self.target_view, maps=self.maps)

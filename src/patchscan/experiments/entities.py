@@ -24,14 +24,15 @@ from patchscan.metrics.stats import grouped_mean_se
 __all__ = ["EntityExperiment", "first_description", "score_descriptions"]
 
 
-def score_descriptions(df: pd.DataFrame, embedding: bool = True) -> pd.DataFrame:
-    """Add rouge_l (and embedding_cosine) columns comparing `description` with `object`."""
+def score_descriptions(df: pd.DataFrame, embedding: bool = True, embed_texts=None) -> pd.DataFrame:
+    """Add rouge_l (and embedding_cosine) columns comparing `description` with `object`; the sentence
+    embeddings by `embed_texts` (default MiniLM's, `metrics.similarity.embed`)."""
     from patchscan.metrics.similarity import embedding_cosine, rouge_l
 
     df = df.copy()
     df["rouge_l"] = rouge_l(df["description"].tolist(), df["object"].tolist())
     if embedding:
-        df["embedding_cosine"] = embedding_cosine(df["description"].tolist(), df["object"].tolist())
+        df["embedding_cosine"] = embedding_cosine(df["description"].tolist(), df["object"].tolist(), embed_texts)
     return df
 
 
@@ -108,9 +109,8 @@ class EntityExperiment(Experiment):
         )
         texts = iter(self.target_view.decode(g) for g in gens)
         rows = [self._row(e, s, t, next(texts)) | {"stop_when_correct": stop} for e in examples for s, t in self.pairs]
-        if self.planning:  # a dry run loads no model, the embedding model included
-            return self.frame(rows)
-        return score_descriptions(self.frame(rows), bool(self.cfg.similarity.embedding))
+        embedding = bool(self.cfg.similarity.embedding)
+        return score_descriptions(self.frame(rows), embedding, self.engine.embed_texts)
 
     @staticmethod
     def metrics(df: pd.DataFrame, cfg: DictConfig) -> dict:

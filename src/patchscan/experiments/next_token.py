@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from patchscan.api.lenses import AffineLens, LogitLens
 from patchscan.data.texts import load_texts
-from patchscan.engine import Identity, Patch
+from patchscan.engine import Patch
 from patchscan.errors import UserError
 from patchscan.experiments.base import Experiment
 from patchscan.experiments.prompts import placeholder_position
@@ -90,20 +90,18 @@ class NextTokenExperiment(Experiment):
         self.maps = self.lenses["affine_lens"].maps if n_train else {}
 
     def _affine_lens(self) -> AffineLens:
-        """Block ℓ -> last block maps fitted on the held-out texts (cached by content); a dry run fits
-        nothing and must not cache maps, so it gets identity maps."""
-        if self.planning:
-            return AffineLens(self.view, {layer: Identity() for layer in self.source_layers})
+        """Block ℓ -> last block maps fitted on the held-out texts (cached by content), by the engine."""
         acfg = self.cfg.affine_lens
-        return AffineLens.fit(
+        maps = self.engine.fit_lens_maps(
             self.view,
             self.train_texts,
-            layers=self.source_layers,
+            self.source_layers,
             positions_per_text=int(acfg.positions_per_text),
             max_positions=int(acfg.max_positions),
             ridge=float(acfg.ridge),
             batch_size=self.capture_batch_size(),
         )
+        return AffineLens(self.view, maps)
 
     def examples(self) -> list[dict]:
         src = self.cfg.source

@@ -4,13 +4,14 @@
     patchscan plan +experiment=attribute_extraction model=llama2_13b model.config_path=config.json
 
 The model is built from its Hugging Face config on the `meta` device (exact parameter count, no
-memory), wrapped in a `PlanView` that tokenizes with the model's tokenizer where one is available
+memory), wrapped in a `CountingView` that tokenizes with the model's tokenizer where one is available
 without weights (else the built-in tokenizer, and token counts are approximate). The scope then
 runs its own `bind`, `examples` and `run_chunk` unchanged, chunk by chunk as the runner would,
-with `CountingEngine` in place of the batched engine: it schedules every call as the engine does
-(the same prefix groups, micro-batch sizes from the same memory estimate, the same
-layer-aware cuts) and counts forward passes, tokens and memory instead of running them. Data-
-dependent steps take their upper bound: every generated row runs `max_new_tokens` steps (no early
+with a `CountingEngine` in place of the batched engine: the engine's own schedulers (the same
+prefix groups, micro-batch sizes from the same memory estimate, the same layer-aware cuts, the
+same batch loops) hand each micro-batch to a `CountingBackend`, which counts forward passes,
+tokens and memory instead of running them and returns stand-in outputs. Data-dependent steps
+take their upper bound: every generated row runs `max_new_tokens` steps (no early
 end-of-sequence) and filters keep every example.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,12 +28,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from patchscan import engine
 from patchscan.engine.batching import rows_for_budget
-from patchscan.engine.capture import Captured, resolve_position
-from patchscan.engine.counting import Counts
-from patchscan.engine.identical import identical_runs
-from patchscan.engine.kv import caches_merge
-from patchscan.engine.patching import TopK, _batch_size, _by_group, _groups, _micro_batches, bytes_per_row
+from patchscan.engine.counting import Counts, count_work
+from patchscan.engine.patching import Backend, TopK, bytes_per_row
 from patchscan.errors import UserError
 from patchscan.models.loading import (
     DEFAULT_BUILTIN,
@@ -99,8 +99,20 @@ def hf_config(model_cfg) -> tuple[object, object | None, str]:
     return config, tokenizer, str(where)
 
 
-class PlanView(ModelView):
-    """A ModelView of a model built on the `meta` device: shapes and tokenizer, no weights."""
+class _StandInEmbedding(torch.nn.Module):
+    """Input embeddings standing in for a meta model's: one value per token, as distinct as real ones."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (-1.0 - ids.float()).unsqueeze(-1).expand(*ids.shape, self.width)
+
+
+class CountingView(ModelView):
+    """A ModelView of a model built on the `meta` device: shapes and tokenizer, no weights. What an
+    experiment reads from the model itself (input embeddings, read-outs) are stand-ins on the CPU."""
 
     def __init__(self, model, tokenizer, name: str, device: torch.device):
         self._planned_device = device
@@ -112,7 +124,11 @@ class PlanView(ModelView):
 
     @property
     def input_device(self) -> torch.device:
-        return self._planned_device
+        return torch.device("cpu")  # the stand-ins' device; `device` is the planned one, for the memory budget
+
+    @property
+    def embed(self) -> torch.nn.Module:
+        return _StandInEmbedding(self.width)
 
     def _probe_block_output(self) -> bool:
         return True
@@ -129,8 +145,8 @@ class PlanView(ModelView):
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
-def plan_view(model_cfg) -> tuple[PlanView, str, str | None]:
-    """A PlanView for a model config; (view, where its config came from, a note or None)."""
+def counting_view(model_cfg) -> tuple[CountingView, str, str | None]:
+    """A CountingView for a model config; (view, where its config came from, a note or None)."""
     from transformers import AutoModelForCausalLM
 
     config, tokenizer, where = hf_config(model_cfg)
@@ -143,165 +159,188 @@ def plan_view(model_cfg) -> tuple[PlanView, str, str | None]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     name = str(model_cfg.get("name") or model_cfg.get("id") or model_cfg.get("source"))
-    return PlanView(model, tokenizer, name, resolve_device(model_cfg.get("device"))), where, note
+    return CountingView(model, tokenizer, name, resolve_device(model_cfg.get("device"))), where, note
 
 
-class _PrefixLru:
-    """Which target prefixes the engine's PrefixCache would have to compute (same capacity, LRU)."""
+class _CountingPrefixCache:
+    """Which target prefixes the engine's PrefixCache would compute (same capacity, LRU): a miss is
+    one forward of the prefix."""
 
-    def __init__(self, capacity: int):
-        self.capacity, self.store = capacity, OrderedDict()
+    def __init__(self, backend: CountingBackend, view, capacity: int):
+        self.backend, self.view, self.capacity, self.store = backend, view, capacity, OrderedDict()
 
-    def miss(self, prefix: tuple) -> bool:
+    def get(self, prefix: tuple) -> None:
         if not prefix:
-            return False
+            return
         if prefix in self.store:
             self.store.move_to_end(prefix)
-            return False
+            return
+        self.backend.forward(self.view, 1, len(prefix), len(prefix))
         if self.capacity > 0:
             self.store[prefix] = True
             while len(self.store) > self.capacity:
                 self.store.popitem(last=False)
-        return True
 
 
 @dataclass
-class CountingEngine:
-    """Stands in for `patchscan.engine` in a dry run: schedules as the engine does, counts, returns zeros."""
+class CountingBackend(Backend):
+    """The engine's model work, counted: the engine's own schedulers (`engine.patching`,
+    `engine.capture`) call it micro-batch by micro-batch as they would the model, and it adds up
+    forward passes, token positions and the largest micro-batch's memory (`bytes_per_row`, the
+    engine's own estimate), and returns stand-in outputs of the real ones' shapes: every generated
+    row runs `max_new_tokens` steps (no early end), states distinct per (prompt, position, block)."""
 
-    view: PlanView
     gpu_memory_gb: float | None = None
-    planning: bool = True
     counts: Counts = field(default_factory=Counts)
-    cells: int = 0  # patched runs
-    unpatched: int = 0  # unpatched generations (baselines, filters)
-    captured: int = 0  # source prompts captured
     batch_sizes: set = field(default_factory=set)  # micro-batch sizes the memory budget allows
     largest_batch: int = 0
     peak_batch_bytes: int = 0
     state_ids: dict = field(default_factory=dict)  # (prompt ids, position, block) -> its stand-in state's value
 
-    def _forward(self, rows: int, positions: int, seq_len: int) -> None:
+    def forward(self, view, rows: int, positions: int, seq_len: int) -> None:
         self.counts.forward_passes += 1
         self.counts.forward_tokens += rows * positions
         self.largest_batch = max(self.largest_batch, rows)
-        self.peak_batch_bytes = max(self.peak_batch_bytes, rows * bytes_per_row(self.view, seq_len))
+        self.peak_batch_bytes = max(self.peak_batch_bytes, rows * bytes_per_row(view, seq_len))
 
-    def _size(self, batch_size, seq_len: int, budget_gb) -> int:
+    def batch_size(self, view, batch_size, seq_len: int, budget_gb) -> int:
         if (
             batch_size in (None, "auto", 0)
             and budget_gb is None
-            and self.view.device.type == "cuda"
+            and view.device.type == "cuda"
             and not torch.cuda.is_available()
         ):
-            free = (self.gpu_memory_gb or 80.0) * 2**30 - self.view.weight_bytes
-            size = rows_for_budget(bytes_per_row(self.view, seq_len), torch.device("cpu"), 0.8 * free / 2**30)
+            # a dry run may plan for a GPU this machine lacks: runner.gpu_memory_gb (80) stands in for its free memory
+            free = (self.gpu_memory_gb or 80.0) * 2**30 - view.weight_bytes
+            size = rows_for_budget(bytes_per_row(view, seq_len), torch.device("cpu"), 0.8 * free / 2**30)
         else:
-            size = _batch_size(self.view, batch_size, seq_len, budget_gb)
+            size = super().batch_size(view, batch_size, seq_len, budget_gb)
         self.batch_sizes.add(size)
         return size
 
-    def capture(self, view, prompts, layers, positions, batch_size: int = 32, with_logprobs: bool = False):
-        layers = [view.check_layer(layer) for layer in layers]
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            width = max(len(p) for p in batch)
-            self._forward(len(batch), width, width)
-            for b, ids in enumerate(batch):
-                pos = [resolve_position(p, len(ids), "source position") for p in positions[start + b]]
-                logprobs = torch.zeros(len(pos), view.unembed.weight.shape[0]) if with_logprobs else None
-                out.append(Captured(layers, pos, self._stand_ins(view, ids, layers, pos), logprobs))
+    def prefix_cache(self, view, capacity: int) -> _CountingPrefixCache:
+        return _CountingPrefixCache(self, view, capacity)
+
+    def greedy_head(self, view) -> None:
+        return None
+
+    def fit_affine(self, x: torch.Tensor, y: torch.Tensor, ridge: float) -> StandInMap:
+        return StandInMap(y.shape[-1])
+
+    def cached_maps(self, folder, files: dict, shape: tuple[int, int], fit) -> dict:
+        return fit()  # counted as a first run fits them; the map cache is neither read nor written
+
+    def capture(self, view, batch, positions, layers, want, with_logprobs):
+        width = max(len(p) for p in batch)
+        self.forward(view, len(batch), width, width)
+        states = torch.empty(len(layers), sum(map(len, positions)), view.width)
+        row = 0
+        for ids, pos in zip(batch, positions):
+            for position in pos:
+                for i, layer in enumerate(layers):  # one value per (prompt, position, block), so the runs
+                    key = (tuple(ids), position, layer)  # that are identical for the real engine are so here
+                    states[i, row] = self.state_ids.setdefault(key, float(len(self.state_ids) + 1))
+                row += 1
+        return states, (torch.zeros(1, view.vocab_size).expand(row, -1) if with_logprobs else None)
+
+    def logits(self, view, cache, patches, rows, skip):
+        first = patches[rows[0]]
+        ids, position = first.target_ids, first.target_position
+        cache.get(ids[:position])
+        self.forward(view, len(rows), len(ids) - position, len(ids))
+        return torch.zeros(1, view.vocab_size).expand(len(rows), -1)
+
+    def top_k(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stand-in best tokens (the first k ids, log-probability 0), with no pass over the vocabulary."""
+        n = logits.shape[0]
+        return torch.arange(k).expand(n, k), torch.zeros(n, k)
+
+    def _decode(self, view, rows: int, seq_len: int, steps: int) -> list[list[int]]:
+        """Greedy decoding after a prefill: `steps - 1` one-token forwards; stand-in tokens, `steps` a row."""
+        if steps > 1:
+            self.forward(view, rows, 1, seq_len)
+            self.counts.forward_passes += steps - 2
+            self.counts.forward_tokens += rows * (steps - 2)
+        tokens = stand_in_tokens(view, steps)
+        return [list(tokens) for _ in range(rows)]
+
+    def plain_generate(self, view, prompts, max_new_tokens: int, stops) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        self.forward(view, len(prompts), width, width + max_new_tokens)
+        return self._decode(view, len(prompts), width + max_new_tokens, max_new_tokens)
+
+    def generate_parts(self, view, cache, head, patches, parts, stops, max_new_tokens: int, share: bool):
+        for part in parts:
+            ids, position = patches[part[0]].target_ids, patches[part[0]].target_position
+            cache.get(ids[:position])
+            self.forward(view, len(part), len(ids) - position, len(ids) + max_new_tokens)
+        width = max(len(patches[part[0]].target_ids) for part in parts) + max_new_tokens
+        return self._decode(view, sum(map(len, parts)), width, max_new_tokens)
+
+
+class StandInMap:
+    """A fitted map standing in for a least-squares one: a state's mean, repeated over the output width.
+    Stand-in states are constant vectors, one value per (prompt, position, block): they stay distinct."""
+
+    kind = "stand-in"
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return h.float().mean(-1, keepdim=True).expand(*h.shape[:-1], self.width).to(h.dtype)
+
+
+def stand_in_tokens(view, n: int) -> list[int]:
+    """`n` generated tokens standing in for a real continuation: an ordinary token (no EOS: no early end)."""
+    special = set(view.tokenizer.all_special_ids)
+    token = next(t for t in range(view.vocab_size) if t not in special)
+    return [token] * n
+
+
+class CountingEngine:
+    """Stands in for `patchscan.engine` in a dry run: the engine's own `capture`, `generate` and
+    `patched_next_token`, every micro-batch answered by a `CountingBackend`; the experiment runs
+    unchanged. Also counts the patched runs (`cells`), unpatched generations and captured prompts.
+
+    `planning` is read by the filters, which stand-in outputs cannot decide (`Experiment.planning`)."""
+
+    planning = True
+
+    def __init__(self, gpu_memory_gb: float | None = None):
+        self.backend = CountingBackend(gpu_memory_gb)
+        self.cells = self.unpatched = self.captured = 0
+
+    @property
+    def counts(self) -> Counts:
+        return self.backend.counts
+
+    def fit_lens_maps(self, view, texts, layers, *args, **kwargs):
+        return engine.fit_lens_maps(view, texts, layers, *args, backend=self.backend, **kwargs)
+
+    def fit_cross_model_maps(self, source, target, texts, pairs, *args, **kwargs):
+        return engine.fit_cross_model_maps(source, target, texts, pairs, *args, backend=self.backend, **kwargs)
+
+    def capture(self, view, prompts, layers, positions, **kwargs):
         self.captured += len(prompts)
+        return engine.capture(view, prompts, layers, positions, backend=self.backend, **kwargs)
+
+    def generate(self, view, patches, **kwargs):
+        self.cells += sum(p.vector is not None for p in patches)
+        self.unpatched += sum(p.vector is None for p in patches)
+        with count_work(None) as counted:  # the tokens the engine reports it generated (note_generated)
+            out = engine.generate(view, patches, backend=self.backend, **kwargs)
+        self.backend.counts.tokens_generated += counted.tokens_generated
         return out
 
-    def _stand_ins(self, view, ids, layers: list[int], positions: list[int]) -> torch.Tensor:
-        """States that stand in for captured ones: one value per (prompt, position, block), so runs the
-        real engine finds identical (one state patched twice: engine.identical) are identical here too."""
-        states = torch.empty(len(layers), len(positions), view.width)
-        for i, layer in enumerate(layers):
-            for j, position in enumerate(positions):
-                key = (tuple(ids), position, layer)
-                states[i, j] = self.state_ids.setdefault(key, float(len(self.state_ids) + 1))
-        return states
+    @staticmethod
+    def embed_texts(texts: list[str]) -> torch.Tensor:
+        """Stand-ins for the sentence embeddings (MiniLM's 384 dimensions): a dry run loads no model."""
+        return torch.zeros(len(texts), 384)
 
-    def _prefill_and_decode(self, rows: int, suffix: int, seq_len: int, steps: int) -> None:
-        self._forward(rows, suffix, seq_len)
-        self._decode(rows, seq_len, steps)
-
-    def _decode(self, rows: int, seq_len: int, steps: int) -> None:
-        """Greedy decoding after a prefill: one-token forwards, and the tokens they generate."""
-        for _ in range(steps - 1):
-            self._forward(rows, 1, seq_len)
-        self.counts.tokens_generated += rows * steps
-
-    def generate(
-        self,
-        view,
-        patches,
-        max_new_tokens: int = 20,
-        batch_size=256,
-        reuse_prefix: bool = True,
-        progress=None,
-        memory_budget_gb=None,
-        stops=None,  # rows that stop early only lower the work: the plan keeps its upper bound
-        share_lower_blocks=True,  # so does sharing blocks 0..ℓ* between rows
-    ):
-        rows = [p.resolved(view) for p in patches]
-        self.cells += sum(p.vector is not None for p in rows)
-        self.unpatched += sum(p.vector is None for p in rows)
-        patches = [rows[g[0]] for g in identical_runs(rows)]  # as the engine: identical runs once
-        plain = sorted((i for i, p in enumerate(patches) if p.vector is None), key=lambda i: len(patches[i].target_ids))
-        if plain:
-            longest = len(patches[plain[-1]].target_ids)
-            size = self._size(batch_size, longest + max_new_tokens, memory_budget_gb)
-            for s in range(0, len(plain), size):
-                batch = plain[s : s + size]
-                width = max(len(patches[i].target_ids) for i in batch)
-                self._prefill_and_decode(len(batch), width, width + max_new_tokens, max_new_tokens)
-        lru = _PrefixLru(8 if reuse_prefix else 0)
-        groups = _groups(patches, patched_only=True)
-        flat = [i for indices in groups.values() for i in indices]
-        if flat:  # as the engine: batches across target prompts, one prefill per prompt, decoded as one
-            longest = max(len(ids) for ids, _ in groups)
-            size = self._size(batch_size, longest + max_new_tokens, memory_budget_gb)
-            merges = caches_merge(view.model.config)
-            for s in range(0, len(flat), size):
-                parts = _by_group(patches, flat[s : s + size])
-                for batch in [parts] if merges or len(parts) == 1 else [[part] for part in parts]:
-                    for part in batch:
-                        ids, position = patches[part[0]].target_ids, patches[part[0]].target_position
-                        if lru.miss(ids[:position]):
-                            self._forward(1, position, position)
-                        self._forward(len(part), len(ids) - position, len(ids) + max_new_tokens)
-                    width = max(len(patches[part[0]].target_ids) for part in batch) + max_new_tokens
-                    self._decode(sum(map(len, batch)), width, max_new_tokens)
-        return [[] for _ in rows]
-
-    def patched_next_token(
-        self,
-        view,
-        patches,
-        top_k: int = 5,
-        batch_size=256,
-        reuse_prefix: bool = True,
-        skip_blocks_below: bool = True,
-        progress=None,
-        memory_budget_gb=None,
-    ) -> TopK:
-        patches = [p.resolved(view) for p in patches]
-        lru = _PrefixLru(8 if reuse_prefix else 0)
-        for (ids, position), indices in _groups(patches).items():
-            skip = (
-                skip_blocks_below and position == len(ids) - 1 and all(patches[i].vector is not None for i in indices)
-            )
-            size = self._size(batch_size, len(ids), memory_budget_gb)
-            for chunk in _micro_batches(view, indices, patches, size, skip):
-                if lru.miss(ids[:position]):
-                    self._forward(1, position, position)
-                self._forward(len(chunk), len(ids) - position, len(ids))
-            self.cells += sum(1 for i in indices if patches[i].vector is not None)
-        return TopK(torch.zeros((len(patches), top_k), dtype=torch.long), torch.zeros((len(patches), top_k)))
+    def patched_next_token(self, view, patches, **kwargs) -> TopK:
+        self.cells += sum(p.vector is not None for p in patches)
+        return engine.patched_next_token(view, patches, backend=self.backend, **kwargs)
 
 
 @dataclass
@@ -367,14 +406,41 @@ class Plan:
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
+def check_fits(cfg: DictConfig) -> None:
+    """Refuse, before any run dir is accepted, a generation that cannot fit by the dry run's memory
+    estimate: the weights and one row (`bytes_per_row` at `generation.max_new_tokens`) against the
+    device's whole memory (the GPU's, `runner.gpu_memory_gb` for one this machine lacks, or the RAM)."""
+    steps = (cfg.get("generation") or {}).get("max_new_tokens")
+    if not steps:
+        return
+    key = "target_model" if cfg.get("target_model") else "model"  # the model that generates
+    view, _, _ = counting_view(cfg[key])
+    row = bytes_per_row(view, int(steps))
+    if view.device.type == "cuda":
+        gpu = cfg.runner.get("gpu_memory_gb")
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(view.device).total_memory
+        else:
+            total = float(gpu or 80.0) * 2**30
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if view.weight_bytes + row > total:
+        raise UserError(
+            f"generation.max_new_tokens={steps}: one generated row needs {row / 2**30:.1f} GiB (KV cache, logits, "
+            f"activations) beside {view.weight_bytes / 2**30:.1f} GiB of weights of {cfg[key].get('name') or key}, "
+            f"over the {total / 2**30:.1f} GiB of {view.device}"
+        )
+
+
 def make_plan(cfg: DictConfig, scope) -> Plan:
     """Run the scope's own code on a meta-device model with the counting engine; return the plan."""
     from patchscan.runs.runner import shard_examples
 
-    view, where, note = plan_view(cfg.model)
-    engine = CountingEngine(view, cfg.runner.get("gpu_memory_gb"))
+    view, where, note = counting_view(cfg.model)
+    engine = CountingEngine(cfg.runner.get("gpu_memory_gb"))
     scope.engine = engine
-    scope.bind(view)
+    targets = [counting_view(cfg.target_model)[0]] if cfg.get("target_model") else []  # cross_model's M*
+    scope.bind(view, *targets)
     setup = Counts(**engine.counts.as_dict())
     examples = scope.examples()
     for i, example in enumerate(examples):
@@ -382,7 +448,7 @@ def make_plan(cfg: DictConfig, scope) -> Plan:
     num_shards, shard = int(cfg.runner.num_shards), int(cfg.runner.shard)
     mine = shard_examples(examples, num_shards, shard)
     per_part = int(cfg.runner.examples_per_part)
-    engine.counts = Counts()
+    engine.backend.counts = Counts()
     for start in range(0, len(mine), per_part):
         scope.run_chunk(mine[start : start + per_part], lambda n: None)
     notes = [note] if note else []
@@ -408,9 +474,9 @@ def make_plan(cfg: DictConfig, scope) -> Plan:
         engine.cells,
         engine.unpatched,
         engine.captured,
-        sorted(engine.batch_sizes),
-        engine.largest_batch,
-        engine.peak_batch_bytes,
+        sorted(engine.backend.batch_sizes),
+        engine.backend.largest_batch,
+        engine.backend.peak_batch_bytes,
         CPU_RUNTIME_BYTES if view.device.type == "cpu" else 0,
         notes,
     )

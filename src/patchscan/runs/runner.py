@@ -648,10 +648,12 @@ def execute(
     desc: str,
     view=None,
     setup: Counts | None = None,
+    target_view=None,
 ) -> None:
     """Run the examples chunk by chunk, writing one Parquet part per chunk, with progress.
 
-    With the model's `view`, each chunk's model work is counted into `results/_shard-SSS.json`.
+    With the model's `view` (and cross_model's `target_view`), each chunk's model work is counted
+    into `results/_shard-SSS.json`.
     """
     from patchscan.engine.counting import count_work
     from patchscan.runs.worklog import ShardLog
@@ -663,7 +665,7 @@ def execute(
     try:
         for start in range(0, len(plan.todo), examples_per_part):
             chunk = plan.todo[start : start + examples_per_part]
-            with count_work(None if view is None else view.model) as counts:
+            with count_work(*(None if v is None else v.model for v in (view, target_view))) as counts:
                 df = with_keys(run_chunk(chunk, progress.add_runs), chunk)
             name = f"part-{plan.shard:03d}-{chunk[0]['_index']:07d}.parquet"
             write_part(df, plan.results_dir, name, plan.run_id)
