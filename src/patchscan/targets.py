@@ -79,15 +79,25 @@ class TargetPrompt:
     >>> patch.target_layer, patch.source.layer, target.patch(src.at(layer=2)).target_layer
     (3, 2, 2)
 
-    The placeholder (one token; its last occurrence counts) is the text `x` of the paper's prompts
-    or `?` of the identity prompt. `TargetPrompt.named(lm, "entity_description")` reads the
-    prompts of configs/patchscope/ (token_identity, entity_description).
+    The placeholder is the text `x` of the paper's prompts or `?` of the identity prompt, found as a
+    word of its own (not the x of "fox") and one token; where it occurs several times, `occurrence`
+    picks one (0 the first, -1 the last), else the prompt is refused.
+    `TargetPrompt.named(lm, "entity_description")` reads the prompts of configs/patchscope/
+    (token_identity, entity_description).
     """
 
-    def __init__(self, lm: ModelView, text: str, placeholder: str = "x"):
-        self.lm, self.text, self.placeholder = lm, text, placeholder
-        ids, self.position = placeholder_position(lm, text, placeholder)
+    def __init__(self, lm: ModelView, text: str, placeholder: str = "x", occurrence: int | None = None):
+        if not isinstance(text, str) or not isinstance(placeholder, str):
+            kinds = f"{type(text).__name__} and {type(placeholder).__name__}"
+            raise UserError(f"a target prompt and its placeholder are text, not {kinds}")
+        self.lm, self.text, self.placeholder, self.occurrence = lm, text, placeholder, occurrence
+        ids, self.position = placeholder_position(lm, text, placeholder, occurrence)
         self.token_ids = tuple(ids)
+
+    @property
+    def placeholder_token(self) -> str:
+        """The token patched, as text (what the model reads at the target position)."""
+        return self.lm.tokenizer.decode([self.token_ids[self.position]])
 
     @classmethod
     def named(cls, lm: ModelView, name: str) -> TargetPrompt:
@@ -105,7 +115,9 @@ class TargetPrompt:
             raise UserError(
                 f"no patchscope config with one target prompt named {name!r} in {config_dir() / 'patchscope'}"
             )
-        return cls(lm, cfg["target_prompt"], placeholder=cfg["placeholder"])
+        return cls(
+            lm, cfg["target_prompt"], placeholder=cfg["placeholder"], occurrence=cfg.get("placeholder_occurrence")
+        )
 
     def __repr__(self) -> str:
         return f"TargetPrompt({self.text!r}, placeholder={self.placeholder!r}, position={self.position})"
