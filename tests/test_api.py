@@ -88,7 +88,7 @@ def test_patch_is_keyword_only_and_baseline_is_explicit():
     target = ps.TargetPrompt(lm, IDENTITY, placeholder="?")
     base = target.baseline()
     assert base.is_baseline and base.target_position == target.position
-    with pytest.raises(ValueError, match="State or a 1-d tensor"):
+    with pytest.raises(ValueError, match="must be a State or a tensor, not list"):
         target.patch([1.0, 2.0], layer=1)
 
 

@@ -86,3 +86,97 @@ def test_shipped_target_prompts_have_one_placeholder():
         prompts = [cfg["target_prompt"]] if cfg.get("target_prompt") else list(cfg["target_prompts"].values())
         for prompt in prompts:
             assert len(word_spans(prompt, cfg["placeholder"])) == 1, (name, prompt)
+
+
+# ---------------------------------------------------------------- values checked where they enter
+
+
+def test_max_new_tokens_zero_negative_or_absurd_is_refused():
+    lm = tiny("tiny_llama")
+    patches = [ps.TargetPrompt(lm, "about x").baseline()]
+    for bad in (0, -2, 1_000_000_000, 2.5):
+        one_line(lambda bad=bad: ps.generate(lm, patches, max_new_tokens=bad), rf"max_new_tokens={bad!r} is not valid")
+
+
+def test_patched_vector_of_another_width_or_two_dimensional_is_refused_at_every_entry_point():
+    lm = tiny("tiny_llama")
+    target = ps.TargetPrompt(lm, "about x")
+    one_line(lambda: target.patch(torch.zeros(lm.width + 3), layer=1), rf"width {lm.width + 3} .*width {lm.width}")
+    one_line(lambda: target.patch(torch.zeros(2, lm.width), layer=1), rf"shape \(2, {lm.width}\)")
+    one_line(lambda: target.patch(torch.zeros(lm.width, dtype=torch.long), layer=1), "floating")
+    by_hand = ps.Patch(target_ids=target.token_ids, target_position=-1, target_layer=1, vector=torch.zeros(5))
+    one_line(lambda: ps.next_token(lm, [by_hand]), r"vector of patch 0 has width 5")
+    one_line(lambda: ps.generate(lm, [by_hand], max_new_tokens=2), r"vector of patch 0 has width 5")
+
+    def overwrite():
+        with ps.overwrite(lm, layer=1, position=0, vector=torch.zeros(3)):
+            pass
+
+    one_line(overwrite, "width 3")
+
+
+def test_lenses_refuse_a_state_of_another_width():
+    lm, wide = tiny("tiny_llama"), tiny("tiny_llama_wide")
+    state = ps.capture(wide, "Paris", layers=[1], positions=[-1]).at(layer=1)
+    one_line(lambda: ps.LogitLens(lm)(state), rf"width {wide.width} .*, but tiny_llama's states have width {lm.width}")
+    lens = ps.AffineLens(lm, {1: ps.engine.Affine.fit(torch.randn(100, lm.width), torch.randn(100, lm.width))})
+    one_line(lambda: lens(state), rf"width {wide.width}")
+    one_line(lambda: ps.LogitLens(lm).top_tokens("Paris"), "must be a State or a tensor, not str")
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda lm: ps.load_model(123), "load_model takes a model name, a path or a model config.*123"),
+        (lambda lm: ps.capture(lm, 42), "capture takes a text or a list of texts, not 42"),
+        (lambda lm: ps.capture(lm, ["Paris", 7]), r"not \['Paris', 7\]"),
+        (lambda lm: ps.AffineLens.fit(lm, []), r"AffineLens.fit needs a non-empty list of texts.*\[\]"),
+        (lambda lm: ps.AffineLens.fit(lm, "one text"), "AffineLens.fit needs a non-empty list of texts"),
+        (lambda lm: ps.next_token(lm, [ps.TargetPrompt(lm, "x").baseline()], top_k=10**6), "top_k=1000000"),
+        (lambda lm: ps.next_token(lm, [ps.TargetPrompt(lm, "x").baseline()], top_k=0), "top_k=0"),
+        (
+            lambda lm: ps.next_token(
+                lm, [ps.Patch(target_ids=(1, lm.vocab_size + 5), target_position=-1, target_layer=1, vector=None)]
+            ),
+            r"target ids of patch 0 hold 49157: tiny_llama's token ids are 0\.\.49151",
+        ),
+        (lambda lm: ps.load_model("tiny_llama", device="nonsense"), "unknown device 'nonsense'"),
+    ],
+)
+def test_bad_api_values_are_one_line(call, match):
+    one_line(lambda: call(tiny("tiny_llama")), match)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_load_model_on_cuda_without_a_gpu_is_one_line():
+    one_line(lambda: ps.load_model("tiny_llama", device="cuda"), "device='cuda' but no CUDA GPU is available")
+
+
+# ---------------------------------------------------------------- a State knows its model
+
+
+def test_a_state_of_another_model_needs_allow_other_model():
+    a, b = tiny("tiny_llama"), tiny("tiny_qwen2")
+    assert a.width == b.width  # the same width: nothing else would catch it
+    src = ps.capture(a, "The Eiffel Tower", layers=[1], positions=[-1])
+    target = ps.TargetPrompt(b, "about x")
+    one_line(lambda: target.patch(src.at(layer=1)), "captured from 'tiny_llama', not from 'tiny_qwen2'")
+    one_line(lambda: target.grid(src), "allow_other_model=True")
+    patch = target.patch(src.at(layer=1), allow_other_model=True)
+    assert patch.source.model == "tiny_llama" and len(ps.next_token(b, [patch])) == 1
+    assert len(target.grid(src, allow_other_model=True)) == 1
+    mapped = src.at(layer=1).map(lambda v: 2 * v, model=b)  # a mapped state belongs to the model mapped into
+    assert mapped.model == "tiny_qwen2" and target.patch(mapped).source.model == "tiny_qwen2"
+    assert ps.TargetPrompt(a, "about x").patch(src.at(layer=1)).source.model == "tiny_llama"
+
+
+def test_cross_model_patching_through_fitted_maps_still_works():
+    a, b = tiny("tiny_llama"), tiny("tiny_llama_wide")
+    texts = ["The Eiffel Tower is in Paris, the capital of France."] * 4
+    maps = ps.AffineMaps.fit_between(a, b, texts, [(1, 2)], max_positions=40)
+    state = ps.capture(a, "The Eiffel Tower", layers=[1], positions=[-1]).at(layer=1)
+    target = ps.TargetPrompt(b, "about x")
+    as_tensor = target.patch(maps.apply(state, 1, 2), layer=2)
+    as_state = target.patch(state.map(maps[1, 2], model=b), layer=2)
+    assert torch.equal(as_tensor.vector, as_state.vector)
+    assert len(ps.next_token(b, [as_tensor, as_state])) == 2

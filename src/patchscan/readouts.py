@@ -19,15 +19,32 @@ from patchscan.models.view import ModelView
 from patchscan.results import GenerationResult, NextTokenResult
 from patchscan.targets import Patch
 
+MAX_NEW_TOKENS = 100_000  # more is a mistake (a 1e9-token KV cache), refused before any allocation
 
-def _checked(patches: Sequence[Patch]) -> list[Patch]:
+
+def _checked(lm: ModelView, patches: Sequence[Patch]) -> list[Patch]:
+    """The patches, each checked against `lm` where it enters: target ids in its vocabulary, the
+    vector one state of its width (`ModelView.check_state`), so a hand-made Patch is checked too."""
+    if isinstance(patches, engine.Patch):
+        patches = [patches]
     patches = list(patches)
     if not patches:
         raise UserError("no patches to run: pass a list of patches (TargetPrompt.patch, .baseline or .grid)")
     bad = [p for p in patches if not isinstance(p, engine.Patch)]
     if bad:
         raise UserError(f"expected Patch objects (TargetPrompt.patch), got {type(bad[0]).__name__}")
+    for k, p in enumerate(patches):
+        lm.check_token_ids(p.target_ids, f"target ids of patch {k}")
+        if p.vector is not None:
+            lm.check_state(p.vector, f"vector of patch {k}")
     return patches
+
+
+def _count(value, name: str, most: int, why: str) -> int:
+    """A whole number from 1 to `most` (`why` says where the bound comes from)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise UserError(f"{name}={value!r} is not valid; use a whole number from 1 to {most} ({why})")
+    return value
 
 
 def next_token(
@@ -46,7 +63,8 @@ def next_token(
     `batch_size` rows run per forward ("auto": from free GPU memory); the outcome does not depend
     on it.
     """
-    patches = _checked(patches)
+    patches = _checked(lm, patches)
+    top_k = _count(top_k, "top_k", lm.vocab_size, f"{lm.name}'s vocabulary")
     top = engine.patched_next_token(lm, patches, top_k=top_k, batch_size=batch_size)
     return NextTokenResult(lm, patches, top.ids, top.logprobs)
 
@@ -66,8 +84,9 @@ def generate(
 
     A row stops after an end-of-sequence token (kept) or `max_new_tokens` tokens.
     """
-    patches = _checked(patches)
-    tokens = engine.generate(lm, patches, max_new_tokens=int(max_new_tokens), batch_size=batch_size)
+    patches = _checked(lm, patches)
+    max_new_tokens = _count(max_new_tokens, "max_new_tokens", MAX_NEW_TOKENS, "tokens generated per patch")
+    tokens = engine.generate(lm, patches, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return GenerationResult(lm, patches, tokens)
 
 
@@ -87,7 +106,7 @@ def continuation_logprobs(
     The same patch at the same position in a full forward gives what generation computed with the
     patch in its prefill, since later positions see it only through attention.
     """
-    resolved = [p.resolved(lm) for p in patches]
+    resolved = [p.resolved(lm) for p in _checked(lm, patches)]
     out: list[list[float]] = []
     pad = lm.tokenizer.pad_token_id or 0
     for start in range(0, len(resolved), batch_size):
