@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import patchscan as ps
-from patchscan.engine.naive import naive_generate, naive_logits
 from tests.conftest import registered_by_us, tiny
+from tests.reference import naive_generate, naive_logits
 
 IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 THREE_ARCHS = ["tiny_gpt2", "tiny_llama", "tiny_neox"]

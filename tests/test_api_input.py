@@ -180,3 +180,25 @@ def test_cross_model_patching_through_fitted_maps_still_works():
     as_state = target.patch(state.map(maps[1, 2], model=b), layer=2)
     assert torch.equal(as_tensor.vector, as_state.vector)
     assert len(ps.next_token(b, [as_tensor, as_state])) == 2
+
+
+def test_an_attribute_subject_only_inside_another_word_is_dropped_and_counted(tmp_path):
+    """The span finder is the placeholder's: "fish" is not the fish of "crayfish" (a real TSV row)."""
+    from patchscan.scopes.attributes import AttributeScope
+    from tests.helpers import compose
+    from tests.test_tables import HEADER
+
+    (tmp_path / "tsv").mkdir()
+    (tmp_path / "tsv" / "animal_food.tsv").write_text(
+        HEADER
+        + "0\t0\tThe food of x\t-1\tb\tplankton\tfish\t prefers to eat crayfish\t4\t"
+        + "[' prefers', ' to', ' eat', ' crayfish']\n"
+        + "1\t1\tThe food of x\t-1\tb\tgrass\tcow\t a cow\t2\t[' a', ' cow']\n"
+    )
+    cfg = compose("experiment=attribute_extraction", "model=tiny_llama", "dataset=patchscopes_tsv",
+                  f"dataset.tsv={tmp_path / 'tsv'}", "table.paper=null")  # fmt: skip
+    scope = AttributeScope(cfg)
+    scope.bind(tiny("tiny_llama"))
+    examples = scope.examples()
+    assert [e["subject"] for e in examples] == ["cow"]
+    assert scope.dropped["samples whose subject is not a word of its own in their source text"] == 1

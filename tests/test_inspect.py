@@ -6,12 +6,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from patchscan.engine.naive import naive_generate
 from patchscan.errors import UserError
 from patchscan.grids import blocks
 from patchscan.inspection import inspect_main, one_line, show_main, show_view
 from tests.conftest import tiny
 from tests.helpers import cli, cli_here, run_in
+from tests.reference import naive_generate
 
 
 def view_lines(view: str) -> list[list[str]]:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from patchscan.engine import Patch, generate, sharing
-from patchscan.engine.naive import naive_generate
 from tests.conftest import FAMILY_ARCHS, tiny
 from tests.helpers import varied_stops
+from tests.reference import naive_generate
 from tests.test_offload import model_state, offloaded
 
 NEW = 10
