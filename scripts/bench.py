@@ -46,10 +46,13 @@ import patchscan
 from patchscan import engine
 from patchscan.engine import Patch, capture, generate, patched_next_token
 from patchscan.engine.counting import Counts, count_work
-from patchscan.engine.naive import naive_generate, naive_logits
 from patchscan.metrics.text import contains_answer
 from patchscan.models import load_model
 from patchscan.runs.worklog import peak_memory_mb
+
+# the naive reference lives with the tests (tests/reference.py: it shares no code with the engine)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import naive_generate, naive_logits  # noqa: E402
 
 try:  # absent from engines older than issue 19 part 2: no shared decoding there
     from patchscan.engine import sharing

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import patchscan as ps
-from patchscan.engine.naive import naive_generate, naive_logits
 from tests.conftest import registered_by_us, tiny
+from tests.reference import naive_generate, naive_logits
 
 IDENTITY = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 THREE_ARCHS = ["tiny_gpt2", "tiny_llama", "tiny_neox"]
@@ -88,7 +88,7 @@ def test_patch_is_keyword_only_and_baseline_is_explicit():
     target = ps.TargetPrompt(lm, IDENTITY, placeholder="?")
     base = target.baseline()
     assert base.is_baseline and base.target_position == target.position
-    with pytest.raises(ValueError, match="State or a 1-d tensor"):
+    with pytest.raises(ValueError, match="must be a State or a tensor, not list"):
         target.patch([1.0, 2.0], layer=1)
 
 

@@ -10,12 +10,12 @@ from patchscan.data.texts import load_texts
 from patchscan.engine import Patch, capture, generate, patched_logits, patched_next_token
 from patchscan.engine.capture import next_token_logprobs
 from patchscan.engine.hooks import block_hooks, patch_hook, skip_blocks
-from patchscan.engine.naive import naive_generate, naive_logits
 from patchscan.engine.patching import _batch_size, bytes_per_row
 from patchscan.errors import UserError
 from patchscan.models.loading import BuiltinModel, _package_folder, builtin_spec
 from tests.conftest import tiny
 from tests.helpers import IDENTITY, SOURCES, grid_patches
+from tests.reference import naive_generate, naive_logits
 
 
 def test_patched_logits_equal_naive(family_view):
@@ -220,3 +220,15 @@ def test_a_missing_builtin_package_names_the_install_command():
         _package_folder(spec)
     with pytest.raises(UserError, match="gemma3_270m"):
         builtin_spec("gemma4")
+
+
+def test_the_naive_reference_shares_no_code_with_the_engine():
+    """tests/reference.py imports nothing of patchscan: a bug in the engine's hooks or position
+    resolution cannot be in the reference too, so the equivalence tests compare two methods."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).parent / "reference.py").read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.startswith("patchscan")], imported

@@ -10,12 +10,12 @@ import torch
 
 from patchscan.engine import Patch, capture, generate
 from patchscan.engine.decoding import truncate_at_stop
-from patchscan.engine.naive import naive_generate
 from patchscan.experiments.prompts import placeholder_position
 from patchscan.metrics.answers import StopAfterDescription, StopWhenFound, description_decided, first_description
 from patchscan.metrics.text import contains_answer
 from tests.conftest import tiny
 from tests.helpers import compose
+from tests.reference import naive_generate
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTITY_PROMPT = (

@@ -9,9 +9,9 @@ from patchscan.engine import Patch, generate
 from patchscan.engine.counting import count_work
 from patchscan.engine.decoding import truncate_at_stop
 from patchscan.engine.identical import AllStopped, identical_runs, shared_stop
-from patchscan.engine.naive import naive_generate
 from patchscan.metrics.answers import StopWhenFound
 from tests.conftest import tiny
+from tests.reference import naive_generate
 
 
 @pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", "tiny_neox"])

@@ -10,9 +10,9 @@ import torch
 from patchscan.engine import Patch, generate, patching
 from patchscan.engine.decoding import Padding, _hf_generate, plain_generate
 from patchscan.engine.kv import PreallocatedLayer, merged_cache
-from patchscan.engine.naive import naive_generate
 from tests.conftest import ARCHS, tiny
 from tests.helpers import varied_stops
+from tests.reference import naive_generate
 
 NEW = 8
 TEXTS = ["The capital city of x is a", "Hello x", "One two three four x five six seven", "a b x"]

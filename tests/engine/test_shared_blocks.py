@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from patchscan.engine import Patch, generate, sharing
-from patchscan.engine.naive import naive_generate
 from tests.conftest import FAMILY_ARCHS, tiny
 from tests.engine.test_offload import model_state, offloaded
 from tests.helpers import varied_stops
+from tests.reference import naive_generate
 
 NEW = 10
 

@@ -7,12 +7,12 @@ import json
 import pandas as pd
 
 from patchscan.engine import Patch, capture
-from patchscan.engine.naive import naive_generate
 from patchscan.experiments.entities import first_description
 from patchscan.metrics.similarity import embedding_cosine, rouge_l
 from patchscan.metrics.text import contains_answer
 from tests.conftest import tiny
 from tests.helpers import LRE, run_in
+from tests.reference import naive_generate
 
 
 def run_on_fixture_relations(tmp_path, experiment: str, relations: str, *overrides: str):

@@ -15,11 +15,11 @@ from scipy.stats import ttest_rel
 
 from patchscan.data.patchscopes_tsv import cropped_source, tsv_samples
 from patchscan.engine import Patch, capture, patched_next_token
-from patchscan.engine.naive import naive_generate
 from patchscan.metrics.stats import any_target_block, bonferroni, over_blocks, paired_ttest, significance_mark
 from patchscan.metrics.table2 import attribute_table, format_table
 from tests.conftest import tiny
 from tests.helpers import compose
+from tests.reference import naive_generate
 
 HEADER = (
     "\tsample_id\tprompt_target\tposition_target\ttarget_baseline\tobject\tsubject\tprompt_source\t"

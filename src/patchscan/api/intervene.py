@@ -76,9 +76,12 @@ def overwrite(
         edits = {(layer, position): vector}
     by_block: dict[int, list[tuple[int, torch.Tensor]]] = {}
     for (block, pos), vec in edits.items():
-        vec = vec.vector if isinstance(vec, State) else torch.as_tensor(vec)
-        if vec.shape[-1] != lm.width:
-            raise UserError(f"a vector of width {vec.shape[-1]} cannot overwrite {lm.name}'s states (width {lm.width})")
+        if not isinstance(vec, (State, torch.Tensor)):
+            try:
+                vec = torch.as_tensor(vec)
+            except (TypeError, ValueError, RuntimeError):
+                pass  # check_state names it
+        vec = lm.check_state(vec, "vector", (1, 2))
         by_block.setdefault(lm.check_layer(int(block)), []).append((int(pos), vec))
     hooks = {block: _edit_hook(block_edits, every_call) for block, block_edits in by_block.items()}
     with block_hooks(lm.blocks, hooks):

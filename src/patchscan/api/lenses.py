@@ -27,8 +27,9 @@ from patchscan.paths import cache_root
 log = logging.getLogger(__name__)
 
 
-def _tensor(state: State | torch.Tensor) -> torch.Tensor:
-    return state.vector if isinstance(state, State) else state
+def _tensor(lm: ModelView, state: State | torch.Tensor) -> torch.Tensor:
+    """A state (or a (..., width) tensor of states) of `lm`, checked (`ModelView.check_state`)."""
+    return lm.check_state(state, "state read by the lens", dims=(1, 2, 3))
 
 
 class LogitLens:
@@ -49,7 +50,7 @@ class LogitLens:
 
     def map(self, state: State | torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """The state as the last block would hold it: unchanged for the logit lens."""
-        return _tensor(state)
+        return _tensor(self.lm, state)
 
     def __call__(self, state: State | torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Next-token logits (float32) of a state or of a (..., width) tensor of states."""
@@ -86,7 +87,7 @@ class AffineMaps:
         return self.maps[pair]
 
     def apply(self, state: State | torch.Tensor, source_layer: int, target_layer: int) -> torch.Tensor:
-        return self[source_layer, target_layer](_tensor(state))
+        return self[source_layer, target_layer](state.vector if isinstance(state, State) else state)
 
     def save(self, folder: str | Path) -> None:
         """One file per pair (s{ℓ}-t{ℓ*}.pt), each written atomically."""
@@ -172,7 +173,7 @@ class AffineLens(LogitLens):
         layer = self.lm.check_layer(layer)
         if layer not in self.maps:
             raise UserError(f"the affine lens has no map for block {layer}; fitted blocks: {self.layers}")
-        return self.maps[layer](_tensor(state))
+        return self.maps[layer](_tensor(self.lm, state))
 
     def save(self, folder: str | Path) -> None:
         for layer, affine in self.maps.items():
@@ -202,6 +203,8 @@ class AffineLens(LogitLens):
     ) -> AffineLens:
         """Fit block ℓ -> last block maps by least squares on every position of `texts` (the first
         `positions_per_text` tokens of each, at most `max_positions` in all)."""
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
+            raise UserError(f"AffineLens.fit needs a non-empty list of texts to fit on, not {texts!r:.80}")
         layers = sorted({lm.check_layer(b) for b in (range(lm.n_blocks) if layers is None else layers)})
         maps = fit_lens_maps(lm, list(texts), layers, positions_per_text, max_positions, ridge, batch_size, cache)
         return cls(lm, maps)

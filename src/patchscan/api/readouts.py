@@ -12,19 +12,36 @@ from collections.abc import Sequence
 from patchscan import engine
 from patchscan.api.results import GenerationResult, NextTokenResult
 from patchscan.api.targets import Patch
-from patchscan.engine.scoring import continuation_logprobs  # noqa: F401 - public as ps.readouts.continuation_logprobs
+from patchscan.engine import scoring
 from patchscan.errors import UserError
 from patchscan.models.view import ModelView
 
+MAX_NEW_TOKENS = 100_000  # more is a mistake (a 1e9-token KV cache), refused before any allocation
 
-def _checked(patches: Sequence[Patch]) -> list[Patch]:
+
+def _checked(lm: ModelView, patches: Sequence[Patch]) -> list[Patch]:
+    """The patches, each checked against `lm` where it enters: target ids in its vocabulary, the
+    vector one state of its width (`ModelView.check_state`), so a hand-made Patch is checked too."""
+    if isinstance(patches, engine.Patch):
+        patches = [patches]
     patches = list(patches)
     if not patches:
         raise UserError("no patches to run: pass a list of patches (TargetPrompt.patch, .baseline or .grid)")
     bad = [p for p in patches if not isinstance(p, engine.Patch)]
     if bad:
         raise UserError(f"expected Patch objects (TargetPrompt.patch), got {type(bad[0]).__name__}")
+    for k, p in enumerate(patches):
+        lm.check_token_ids(p.target_ids, f"target ids of patch {k}")
+        if p.vector is not None:
+            lm.check_state(p.vector, f"vector of patch {k}")
     return patches
+
+
+def _count(value, name: str, most: int, why: str) -> int:
+    """A whole number from 1 to `most` (`why` says where the bound comes from)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise UserError(f"{name}={value!r} is not valid; use a whole number from 1 to {most} ({why})")
+    return value
 
 
 def next_token(
@@ -43,7 +60,8 @@ def next_token(
     `batch_size` rows run per forward ("auto": from free GPU memory); the outcome does not depend
     on it.
     """
-    patches = _checked(patches)
+    patches = _checked(lm, patches)
+    top_k = _count(top_k, "top_k", lm.vocab_size, f"{lm.name}'s vocabulary")
     top = engine.patched_next_token(lm, patches, top_k=top_k, batch_size=batch_size)
     return NextTokenResult(lm, patches, top.ids, top.logprobs)
 
@@ -63,6 +81,25 @@ def generate(
 
     A row stops after an end-of-sequence token (kept) or `max_new_tokens` tokens.
     """
-    patches = _checked(patches)
-    tokens = engine.generate(lm, patches, max_new_tokens=int(max_new_tokens), batch_size=batch_size)
+    patches = _checked(lm, patches)
+    max_new_tokens = _count(max_new_tokens, "max_new_tokens", MAX_NEW_TOKENS, "tokens generated per patch")
+    tokens = engine.generate(lm, patches, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return GenerationResult(lm, patches, tokens)
+
+
+def continuation_logprobs(
+    lm: ModelView, patches: Sequence[Patch], continuations: Sequence[Sequence[int]], batch_size: int = 8
+) -> list[list[float]]:
+    """Log-probabilities of given continuations of patched target prompts (engine.scoring: one plain
+    forward per batch over prompt + continuation with each patch hooked in).
+
+    >>> import patchscan as ps
+    >>> lm = ps.load_model("tiny_llama", device="cpu")
+    >>> p = ps.TargetPrompt(lm, "hello x", placeholder="x").baseline()
+    >>> [round(x, 3) <= 0 for x in ps.readouts.continuation_logprobs(lm, [p], [[42, 7]])[0]]
+    [True, True]
+
+    The same patch at the same position in a full forward gives what generation computed with the
+    patch in its prefill, since later positions see it only through attention.
+    """
+    return scoring.continuation_logprobs(lm, _checked(lm, patches), continuations, batch_size)

@@ -28,8 +28,10 @@ class State:
     >>> state.layer, state.position, tuple(state.vector.shape)
     (1, 1, (64,))
 
-    `position` is resolved (0-based, counted from the start). `map(fn)` gives the same state with
-    its vector mapped, e.g. by an affine map before a cross-model patch.
+    `position` is resolved (0-based, counted from the start); `model` names the model it came from
+    (`ModelView.name`), so patching it into another model is refused unless asked for. `map(fn)`
+    gives the same state with its vector mapped, e.g. by an affine map before a cross-model patch
+    (`map(fn, model=target_lm)`: the mapped state then belongs to the target model).
     """
 
     vector: torch.Tensor
@@ -37,10 +39,13 @@ class State:
     position: int
     text: str | None = None
     token_ids: tuple[int, ...] = ()
+    model: str | None = None
 
-    def map(self, fn) -> State:
-        """This state with `fn(vector)` as its vector (the provenance stays)."""
-        return State(fn(self.vector), self.layer, self.position, self.text, self.token_ids)
+    def map(self, fn, model=None) -> State:
+        """This state with `fn(vector)` as its vector; the provenance stays, and `model` (a
+        ModelView or its name) is the model whose space `fn` maps into (default: this state's)."""
+        owner = self.model if model is None else getattr(model, "name", model)
+        return State(fn(self.vector), self.layer, self.position, self.text, self.token_ids, owner)
 
 
 @dataclass
@@ -68,6 +73,7 @@ class States:
     tensor: torch.Tensor  # (n_layers, n_positions, width)
     logprobs: torch.Tensor | None = None  # (n_positions, vocab)
     n_blocks: int = 0  # of the model, for negative layers
+    model: str | None = None  # the model's name (ModelView.name): where these states came from
 
     def _position_index(self, position: int | None) -> int:
         if position is None:
@@ -91,7 +97,7 @@ class States:
         """The state of block `layer` at `position` (may be omitted when one position was captured);
         either may be negative or a one-block spec such as `last`."""
         j, k = self._position_index(position), self._layer_index(layer)
-        return State(self.tensor[k, j], self.layers[k], self.positions[j], self.text, tuple(self.token_ids))
+        return State(self.tensor[k, j], self.layers[k], self.positions[j], self.text, tuple(self.token_ids), self.model)
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         layer, position = key
@@ -132,6 +138,8 @@ def capture(
     end, of the tokenized text for positions, BOS included where the tokenizer adds one).
     """
     single = isinstance(text_or_texts, str)
+    if not single and not (isinstance(text_or_texts, Sequence) and all(isinstance(t, str) for t in text_or_texts)):
+        raise UserError(f"capture takes a text or a list of texts, not {text_or_texts!r:.80}")
     texts = [text_or_texts] if single else list(text_or_texts)
     if not texts:
         raise UserError("capture needs at least one text")
@@ -147,7 +155,7 @@ def capture(
     wanted = [grids.positions(spec, len(x), "positions", repr(t), distinct=False) for t, x in zip(texts, ids)]
     caps = capture_ids(lm, ids, layers, wanted, batch_size=batch_size, with_logprobs=logprobs)
     out = [
-        States(text, x, list(c.layers), list(c.positions), c.states, c.logprobs, lm.n_blocks)
+        States(text, x, list(c.layers), list(c.positions), c.states, c.logprobs, lm.n_blocks, lm.name)
         for text, x, c in zip(texts, ids, caps)
     ]
     return out[0] if single else out

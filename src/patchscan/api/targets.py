@@ -58,12 +58,19 @@ class Patch(EnginePatch):
         return self.vector is None
 
 
-def _vector(state: State | torch.Tensor) -> tuple[torch.Tensor, State | None]:
-    if isinstance(state, State):
-        return state.vector, state
-    if isinstance(state, torch.Tensor) and state.dim() == 1:
-        return state, None
-    raise UserError(f"a patch takes a State or a 1-d tensor, not {type(state).__name__}")
+def _vector(lm: ModelView, state: State | torch.Tensor, allow_other_model: bool) -> tuple[torch.Tensor, State | None]:
+    """The vector to patch into `lm` (one state of its width) and the State it came from, if any.
+
+    A State captured from another model is refused unless `allow_other_model` (patching across
+    models without a map is an ablation, so it is asked for by name); a mapped state
+    (`State.map(fn, model=target)`) belongs to the model it was mapped into."""
+    source = state if isinstance(state, State) else None
+    if source is not None and source.model is not None and source.model != lm.name and not allow_other_model:
+        raise UserError(
+            f"this state was captured from {source.model!r}, not from {lm.name!r} (the target model): map it "
+            "(AffineMaps.fit_between, State.map(fn, model=...)) or pass allow_other_model=True"
+        )
+    return lm.check_state(state, "patched vector"), source
 
 
 class TargetPrompt:
@@ -79,15 +86,25 @@ class TargetPrompt:
     >>> patch.target_layer, patch.source.layer, target.patch(src.at(layer=2)).target_layer
     (3, 2, 2)
 
-    The placeholder (one token; its last occurrence counts) is the text `x` of the paper's prompts
-    or `?` of the identity prompt. `TargetPrompt.named(lm, "entity_description")` reads the
-    prompts of configs/patchscope/ (token_identity, entity_description).
+    The placeholder is the text `x` of the paper's prompts or `?` of the identity prompt, found as a
+    word of its own (not the x of "fox") and one token; where it occurs several times, `occurrence`
+    picks one (0 the first, -1 the last), else the prompt is refused.
+    `TargetPrompt.named(lm, "entity_description")` reads the prompts of configs/patchscope/
+    (token_identity, entity_description).
     """
 
-    def __init__(self, lm: ModelView, text: str, placeholder: str = "x"):
-        self.lm, self.text, self.placeholder = lm, text, placeholder
-        ids, self.position = placeholder_position(lm, text, placeholder)
+    def __init__(self, lm: ModelView, text: str, placeholder: str = "x", occurrence: int | None = None):
+        if not isinstance(text, str) or not isinstance(placeholder, str):
+            kinds = f"{type(text).__name__} and {type(placeholder).__name__}"
+            raise UserError(f"a target prompt and its placeholder are text, not {kinds}")
+        self.lm, self.text, self.placeholder, self.occurrence = lm, text, placeholder, occurrence
+        ids, self.position = placeholder_position(lm, text, placeholder, occurrence)
         self.token_ids = tuple(ids)
+
+    @property
+    def placeholder_token(self) -> str:
+        """The token patched, as text (what the model reads at the target position)."""
+        return self.lm.tokenizer.decode([self.token_ids[self.position]])
 
     @classmethod
     def named(cls, lm: ModelView, name: str) -> TargetPrompt:
@@ -105,15 +122,23 @@ class TargetPrompt:
             raise UserError(
                 f"no patchscope config with one target prompt named {name!r} in {config_dir() / 'patchscope'}"
             )
-        return cls(lm, cfg["target_prompt"], placeholder=cfg["placeholder"])
+        return cls(
+            lm, cfg["target_prompt"], placeholder=cfg["placeholder"], occurrence=cfg.get("placeholder_occurrence")
+        )
 
     def __repr__(self) -> str:
         return f"TargetPrompt({self.text!r}, placeholder={self.placeholder!r}, position={self.position})"
 
-    def patch(self, state: State | torch.Tensor, layer: int | None = None, position: int | None = None) -> Patch:
+    def patch(
+        self,
+        state: State | torch.Tensor,
+        layer: int | None = None,
+        position: int | None = None,
+        allow_other_model: bool = False,
+    ) -> Patch:
         """Patch `state` into block `layer` (ℓ*; default: the State's own block, ℓ* = ℓ) at the
-        placeholder (or at `position`)."""
-        vector, source = _vector(state)
+        placeholder (or at `position`). A State of another model needs `allow_other_model=True`."""
+        vector, source = _vector(self.lm, state, allow_other_model)
         if layer is None and source is None:
             raise UserError("a bare tensor has no block of its own: pass layer= (the target block ℓ*)")
         return Patch(
@@ -135,6 +160,7 @@ class TargetPrompt:
         source_layers: Sequence[int] | str | None = None,
         target_layers: Sequence[int] | str = "same",
         position: int | None = None,
+        allow_other_model: bool = False,
     ) -> list[Patch]:
         """Patches for every (ℓ, ℓ*) pair: each source block `source_layers` (default: all captured)
         into each of `target_layers` ("same": ℓ* = ℓ; or any spec of `patchscan.grids`: "all", a
@@ -154,5 +180,6 @@ class TargetPrompt:
             sources = s.layers if source_layers is None else grids.blocks(source_layers, s.n_blocks, "source_layers")
             for layer in sources:
                 for t in [layer] if targets is None else targets:
-                    patches.append(self.patch(s.at(layer=layer, position=position), layer=t))
+                    state = s.at(layer=layer, position=position)
+                    patches.append(self.patch(state, layer=t, allow_other_model=allow_other_model))
         return patches

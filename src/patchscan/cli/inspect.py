@@ -45,17 +45,19 @@ def render(header: Sequence[str], cells: Sequence[tuple[int, int, str]]) -> str:
     return "\n".join(lines)
 
 
-def target_prompt(lm, scope: str | None, target: str | None, placeholder: str | None):
+def target_prompt(lm, scope: str | None, target: str | None, placeholder: str | None, occurrence: int | None = None):
     """The target prompt of --scope NAME, or --target TEXT with its placeholder (default x)."""
     import patchscan as ps
 
     if target is not None:
-        return ps.TargetPrompt(lm, target, placeholder=placeholder or "x")
+        return ps.TargetPrompt(lm, target, placeholder=placeholder or "x", occurrence=occurrence)
     scope = scope or "entity_description"
     if scope not in TARGET_PROMPTS:
         raise UserError(f"unknown scope {scope!r}; choose from {', '.join(TARGET_PROMPTS)}, or give --target TEXT")
     prompt = ps.TargetPrompt.named(lm, scope)
-    return ps.TargetPrompt(lm, prompt.text, placeholder=placeholder) if placeholder else prompt
+    if placeholder or occurrence is not None:
+        return ps.TargetPrompt(lm, prompt.text, placeholder=placeholder or prompt.placeholder, occurrence=occurrence)
+    return prompt
 
 
 def inspect_text(lm, text: str, target, layers: Sequence[int], max_new_tokens: int = 20, position: int = -1):
@@ -91,6 +93,9 @@ def inspect_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--target", default=None, help='a target prompt of your own, e.g. "The capital city of x"')
     parser.add_argument("--placeholder", default=None, help="the placeholder of --target (default x)")
+    parser.add_argument(
+        "--occurrence", type=int, default=None, help="which placeholder, where it occurs several times (0, -1: last)"
+    )
     parser.add_argument("--layers", default="all", help="blocks ℓ: all, a slice 0:10[:step] or a list 0,5,10")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="tokens generated per block (greedy)")
     parser.add_argument("--position", type=int, default=-1, help="the source token (default -1, the last)")
@@ -110,12 +115,13 @@ def inspect_main(argv: Sequence[str]) -> str:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} is not valid; use a whole number >= 1")
     lm = ps.load_model(args.model, device=args.device, dtype=args.dtype)
     layers = grids.blocks(args.layers, lm.n_blocks, "--layers", lm.name)
-    target = target_prompt(lm, args.scope, args.target, args.placeholder)
+    target = target_prompt(lm, args.scope, args.target, args.placeholder, args.occurrence)
     ids = lm.encode(args.text)
     token = lm.tokenizer.decode([ids[grids.position(args.position, len(ids), "--position", repr(args.text))]])
     header = [
         f"{lm.name} ({lm.n_blocks} blocks): {args.text!r}, token {args.position} ({token!r}), block ℓ",
-        f"  -> {shorten(target.text)!r} at {target.placeholder!r}, block ℓ* = ℓ; {args.max_new_tokens} tokens",
+        f"  -> {shorten(target.text)!r} at token {target.position} ({target.placeholder_token!r}), block ℓ* = ℓ; "
+        f"{args.max_new_tokens} tokens",
     ]
     view = render(header, inspect_text(lm, args.text, target, layers, args.max_new_tokens, args.position))
     print(view)

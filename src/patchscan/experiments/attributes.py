@@ -30,7 +30,13 @@ from patchscan.data.texts import read_lines
 from patchscan.engine import Patch, Scale
 from patchscan.errors import UserError
 from patchscan.experiments.base import Experiment
-from patchscan.experiments.prompts import placeholder_position, span_last_token, token_index_of_char
+from patchscan.experiments.prompts import (
+    fill_placeholder,
+    placeholder_position,
+    span_last_token,
+    tokens_of_span,
+    word_spans,
+)
 from patchscan.grids import layer_pairs
 from patchscan.metrics.answers import StopWhenFound
 from patchscan.metrics.stats import any_target_block
@@ -41,11 +47,6 @@ log = logging.getLogger(__name__)
 SOURCE_KINDS = ("subject", "template", "texts")
 CONTROLS = ("prompt_only", "embedding_only", "shuffled_source")  # subject_in_prompt always runs (the filter)
 EMPTY_STATE = np.zeros(0, dtype=np.float32)  # rows other than source_state: an empty list<float>
-
-
-def fill_placeholder(prompt: str, placeholder: str, subject: str) -> str:
-    at = prompt.rfind(placeholder)
-    return prompt[:at] + subject + prompt[at + len(placeholder) :]
 
 
 def _example_order(example_id: str) -> tuple:
@@ -192,23 +193,22 @@ class AttributeExperiment(Experiment):
         )
         self.source_layers = sorted({s for s, _ in self.pairs})
         self.target_layers = sorted({t for _, t in self.pairs})
-        placeholder = self.cfg.patchscope.placeholder
+        placeholder, occurrence = self.cfg.patchscope.placeholder, self.cfg.patchscope.get("placeholder_occurrence")
         text = placeholder_text(view, self.cfg.patchscope.get("placeholder_text"), int(self.cfg.runner.seed))
         self.targets = {}
         for prompt in {s["target_prompt"] for s in self.samples}:
             if text is None:
-                self.targets[prompt] = (prompt, *placeholder_position(view, prompt, placeholder))
+                self.targets[prompt] = (prompt, *placeholder_position(view, prompt, placeholder, occurrence))
             else:
-                self.targets[prompt] = (fill_placeholder(prompt, placeholder, text), *self._last_token_of(prompt, text))
+                self.targets[prompt] = self._last_token_of(prompt, text)
 
-    def _last_token_of(self, prompt: str, text: str) -> tuple[list[int], int]:
-        """The prompt with its placeholder replaced by `text` (any number of tokens): ids, and the
-        position of `text`'s last token."""
-        placeholder = self.cfg.patchscope.placeholder
-        if prompt.rfind(placeholder) < 0:
-            raise UserError(f"target prompt {prompt!r} does not contain the placeholder {placeholder!r}")
-        filled = fill_placeholder(prompt, placeholder, text)
-        return token_index_of_char(self.view, filled, prompt.rfind(placeholder) + len(text) - 1)
+    def _last_token_of(self, prompt: str, text: str) -> tuple[str, list[int], int]:
+        """The prompt with its placeholder replaced by `text` (any number of tokens): the text, its
+        ids, and the position of `text`'s last token."""
+        cfg = self.cfg.patchscope
+        filled, start, end = fill_placeholder(prompt, cfg.placeholder, text, cfg.get("placeholder_occurrence"))
+        ids, _, last = tokens_of_span(self.view, filled, start, end, "placeholder text")
+        return filled, ids, last
 
     def _source_text(self, sample: dict) -> str | None:
         kind = self.cfg.source.kind
@@ -218,7 +218,7 @@ class AttributeExperiment(Experiment):
             return sample["subject"]
         if kind == "template":
             return sample["template"].replace("{}", sample["subject"])
-        return next((t for t in self.texts if sample["subject"] in t), None)
+        return next((t for t in self.texts if word_spans(t, sample["subject"].strip())), None)
 
     def examples(self) -> list[dict]:
         """Source prompts, tokenized, each with its `shuffled_source` donor (the next sample of its
@@ -230,6 +230,9 @@ class AttributeExperiment(Experiment):
             text = self._source_text(sample)
             if text is None:
                 self.example_drops["samples with no line of source.texts_path containing their subject"] += 1
+                continue
+            if not word_spans(text, sample["subject"].strip()):  # only inside another word ("fish" of "crayfish")
+                self.example_drops["samples whose subject is not a word of its own in their source text"] += 1
                 continue
             ids, position = span_last_token(view, text, sample["subject"])
             out.append({**sample, "source_text": text, "ids": ids[: position + 1], "position": position})
@@ -313,7 +316,8 @@ class AttributeExperiment(Experiment):
         """`subject_in_prompt` rows: the target prompt with the subject written in, unpatched (the paper's filter)."""
         view, cfg = self.view, self.cfg
         placeholder = cfg.patchscope.placeholder
-        texts = [fill_placeholder(e["target_prompt"], placeholder, e["subject"]) for e in examples]
+        occurrence = cfg.patchscope.get("placeholder_occurrence")
+        texts = [fill_placeholder(e["target_prompt"], placeholder, e["subject"], occurrence)[0] for e in examples]
         filled = [view.encode(text) for text in texts]
         unique = list(dict.fromkeys(tuple(ids) for ids in filled))  # a sample's windows share one filled prompt
         objects: dict[tuple, set] = {}

@@ -53,7 +53,10 @@ class EntityExperiment(Experiment):
         self.set_layer_pairs()
         self.prompt = self.cfg.patchscope.target_prompt
         self.target_ids, self.target_position = placeholder_position(
-            self.target_view, self.prompt, self.cfg.patchscope.placeholder
+            self.target_view,
+            self.prompt,
+            self.cfg.patchscope.placeholder,
+            self.cfg.patchscope.get("placeholder_occurrence"),
         )
 
     def examples(self) -> list[dict]:

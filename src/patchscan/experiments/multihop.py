@@ -31,7 +31,7 @@ from patchscan.data.lre import load_relations
 from patchscan.engine import Patch
 from patchscan.errors import UserError
 from patchscan.experiments.base import Experiment
-from patchscan.experiments.prompts import placeholder_position, span_last_token
+from patchscan.experiments.prompts import find_word, placeholder_position, span_last_token
 from patchscan.grids import layer_pairs
 from patchscan.metrics.answers import StopWhenFound
 from patchscan.metrics.text import contains_answer
@@ -163,7 +163,7 @@ class MultihopExperiment(Experiment):
 
     def _grid(self, examples: list[dict], progress: Callable[[int], None]) -> list[dict]:
         view, cfg = self.view, self.cfg
-        placeholder = cfg.patchscope.placeholder
+        placeholder, occurrence = cfg.patchscope.placeholder, cfg.patchscope.get("placeholder_occurrence")
         work = _Work()
         add = work.add
         prompts, sources, positions = [], [], []
@@ -172,9 +172,9 @@ class MultihopExperiment(Experiment):
             work.plain(e, "vanilla", e["question"], q_ids)
             cot = cfg.multihop.cot_prefix + e["question"]
             work.plain(e, "cot", cot, view.encode(cot))
-            hop2_ids, hop2_pos = placeholder_position(view, e["hop2_prompt"], placeholder)
+            hop2_ids, hop2_pos = placeholder_position(view, e["hop2_prompt"], placeholder, occurrence)
             src_ids, src_pos = span_last_token(view, e["question"], e["phrase"])
-            head = e["hop2_prompt"][: e["hop2_prompt"].rfind(placeholder)].rstrip()
+            head = e["hop2_prompt"][: find_word(e["hop2_prompt"], placeholder, "placeholder", occurrence)[0]].rstrip()
             head_ids = view.encode(head)
             sources.append(
                 (q_ids, hop2_ids, hop2_pos, src_ids[: src_pos + 1], src_pos, head, head_ids, view.encode(e["phrase"]))

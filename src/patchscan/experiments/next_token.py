@@ -80,7 +80,9 @@ class NextTokenExperiment(Experiment):
         super().bind(view)
         cfg = self.cfg
         self.prompt = identity_prompt(view, cfg.patchscope)
-        self.target_ids, self.target_position = placeholder_position(view, self.prompt, cfg.patchscope.placeholder)
+        self.target_ids, self.target_position = placeholder_position(
+            view, self.prompt, cfg.patchscope.placeholder, cfg.patchscope.get("placeholder_occurrence")
+        )
         self.set_layer_pairs()
         n_train = int(cfg.affine_lens.train_texts) if "affine_lens" in self.methods else 0
         self.train_texts, self.eval_texts = self.held_out(self.texts, n_train, "affine_lens.train_texts")

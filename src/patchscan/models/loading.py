@@ -128,6 +128,22 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def check_device(device) -> torch.device:
+    """The device a model is loaded onto, refused in one line where it cannot be used here (a CUDA
+    device without a GPU, a device index beyond the GPUs, a name torch does not know). Planning
+    (`resolve_device` alone) may name a GPU this machine lacks; loading may not."""
+    try:
+        place = resolve_device(None if device is None else str(device))
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if place.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device={device!r} but no CUDA GPU is available here; use device='cpu' or 'auto'")
+        if place.index is not None and place.index >= torch.cuda.device_count():
+            raise UserError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return place
+
+
 def resolve_dtype(dtype: str | None, device: torch.device | None = None) -> torch.dtype:
     if dtype in (None, "auto"):
         return default_dtype(device)
@@ -310,9 +326,14 @@ def load_model(
     """
     if isinstance(name_or_path_or_config, (str, Path)):
         cfg = model_config(str(name_or_path_or_config))
-    else:
+    elif isinstance(name_or_path_or_config, Mapping):
         cfg = dict(name_or_path_or_config)
+    else:
+        raise UserError(
+            f"load_model takes a model name, a path or a model config (a mapping), not {name_or_path_or_config!r:.80}"
+        )
     cfg.update({k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
+    check_device(cfg.get("device"))
     source = cfg.get("source", "hub")
     name = cfg.get("name") or cfg.get("id") or source
     if source not in SOURCES:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from patchscan import grids
+from patchscan.errors import UserError
 from patchscan.models.families import Family, check, module_at
 
 # Module attributes holding forward hooks: set aside while the block output is probed, shared by
@@ -151,6 +152,41 @@ class ModelView:
     def check_layer(self, layer: int, what: str = "layer") -> int:
         """Resolve one (possibly negative) block index by the one block grammar (`patchscan.grids`)."""
         return grids.block(layer, self.n_blocks, what, self.name)
+
+    def check_state(self, value, what: str = "vector", dims: tuple[int, ...] = (1,)) -> torch.Tensor:
+        """`value` as a tensor of states of this model: `dims` dimensions (1: one state), the last of
+        width `width`. The one check every entry point taking a vector uses (patches, overwrite,
+        lenses), so a wrong shape is one line, not a broadcast or a traceback deep in a forward."""
+        vector = getattr(value, "vector", value)  # a State gives its vector
+        if not isinstance(vector, torch.Tensor):
+            raise UserError(f"the {what} must be a State or a tensor, not {type(value).__name__}")
+        shape = tuple(vector.shape)
+        if vector.dim() in dims and shape[-1:] != (self.width,):
+            raise UserError(
+                f"the {what} has width {shape[-1] if shape else 0} (shape {shape}), but {self.name}'s states "
+                f"have width {self.width}"
+            )
+        if vector.dim() not in dims or not vector.is_floating_point():
+            wanted = " or ".join({1: "(width,)", 2: "(rows, width)"}.get(d, f"(..., width) of {d} dims") for d in dims)
+            raise UserError(
+                f"the {what} has shape {shape} ({vector.dtype}); {self.name}'s states here are floating tensors "
+                f"of shape {wanted.replace('width', str(self.width))}"
+            )
+        return vector
+
+    def check_token_ids(self, ids, what: str = "token ids") -> tuple[int, ...]:
+        """Token ids as ints, each a row of the embedding (0 <= id < vocab_size), at least one."""
+        try:
+            out = tuple(int(t) for t in ids)
+        except (TypeError, ValueError):
+            raise UserError(f"the {what} must be a sequence of whole numbers, not {ids!r:.80}") from None
+        rows = int(getattr(self.embed, "num_embeddings", self.vocab_size))
+        bad = [t for t in out if not 0 <= t < rows]
+        if not out or bad:
+            raise UserError(
+                f"the {what} {'are empty' if not out else f'hold {bad[0]}'}: {self.name}'s token ids are 0..{rows - 1}"
+            )
+        return out
 
     @torch.no_grad()
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
