@@ -185,8 +185,8 @@ def test_cross_model_patching_through_fitted_maps_still_works():
 def test_an_attribute_subject_only_inside_another_word_is_dropped_and_counted(tmp_path):
     """The span finder is the placeholder's: "fish" is not the fish of "crayfish" (a real TSV row)."""
     from patchscan.experiments.attributes import AttributeExperiment
+    from tests.experiments.test_tables import HEADER
     from tests.helpers import compose
-    from tests.test_tables import HEADER
 
     (tmp_path / "tsv").mkdir()
     (tmp_path / "tsv" / "animal_food.tsv").write_text(

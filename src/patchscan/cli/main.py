@@ -350,7 +350,7 @@ def compose_config(argv: list[str], run_dir: str | Path | None = None):
         return cfg
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.name = "cli"  # the name `python -m patchscan.cli.main` gets: the log file is cli.log
+        cfg.hydra.job.name = "cli"  # as configs/config.yaml names it: the log file is cli.log
     HydraConfig.instance().set_config(cfg)
     task = copy.deepcopy(cfg)  # as Hydra's own run_job: the job sees its config without the hydra node
     with read_write(task), open_dict(task):

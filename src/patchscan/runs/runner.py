@@ -308,7 +308,9 @@ def git_commit() -> str | None:
     """The commit of the patchscan checkout this code runs from; None for an installed package or
     without git. Only a repository whose top level is the checkout counts, never one that merely
     contains the installed package (a venv inside some project) or the working directory."""
-    root = Path(__file__).resolve().parents[2]
+    import patchscan
+
+    root = Path(patchscan.__file__).resolve().parents[2]  # src/patchscan/__init__.py -> the checkout
     if not (root / "pyproject.toml").is_file() or not (root / "src" / "patchscan").is_dir():
         return None
     try:
