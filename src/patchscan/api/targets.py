@@ -17,13 +17,14 @@ from patchscan.api.states import State, States
 from patchscan.engine.patching import Patch as EnginePatch
 from patchscan.errors import UserError
 from patchscan.experiments.prompts import placeholder_position
+from patchscan.models.families import DEFAULT_SITE
 from patchscan.models.view import ModelView
 
 
 @dataclass(kw_only=True)
 class Patch(EnginePatch):
-    """One patched run: `vector` overwrites block `target_layer`'s output at `target_position` of
-    `target_ids`; `vector=None` is the unpatched baseline (see `Patch.baseline`).
+    """One patched run: `vector` overwrites block `target_layer`'s output (or its `target_site`) at
+    `target_position` of `target_ids`; `vector=None` is the unpatched baseline (see `Patch.baseline`).
 
     >>> import patchscan as ps
     >>> p = ps.Patch(target_ids=(1, 2, 3), target_position=-1, target_layer=2, vector=None)
@@ -110,17 +111,41 @@ class TargetPrompt:
     def __repr__(self) -> str:
         return f"TargetPrompt({self.text!r}, placeholder={self.placeholder!r}, position={self.position})"
 
-    def patch(self, state: State | torch.Tensor, layer: int | None = None, position: int | None = None) -> Patch:
+    def patch(
+        self,
+        state: State | torch.Tensor,
+        layer: int | None = None,
+        position: int | None = None,
+        site: str | None = None,
+    ) -> Patch:
         """Patch `state` into block `layer` (ℓ*; default: the State's own block, ℓ* = ℓ) at the
-        placeholder (or at `position`)."""
+        placeholder (or at `position`), at `site` of that block (default: the State's own site;
+        resid_post for a bare tensor).
+
+        A state read at one site may be patched into another (an MLP output into the residual, say):
+        the vector is written as is. At "mlp_out" or "attn_out" it replaces that module's output at
+        the position (the residual then adds it), exactly as a forward hook on the module would; at
+        "mlp_in" it is what the MLP reads; at "resid_mid" it replaces the residual between attention
+        and MLP, so the MLP's input and the block's output both see it.
+
+        >>> import patchscan as ps
+        >>> lm = ps.load_model("tiny_llama", device="cpu")
+        >>> src = ps.capture(lm, "Paris", layers=[1], positions=[-1], site="mlp_out")
+        >>> target = ps.TargetPrompt(lm, "x")
+        >>> target.patch(src.at(layer=1)).target_site, target.patch(src.at(layer=1), site="resid_mid").target_site
+        ('mlp_out', 'resid_mid')
+        """
         vector, source = _vector(state)
         if layer is None and source is None:
             raise UserError("a bare tensor has no block of its own: pass layer= (the target block ℓ*)")
+        site = (source.site if source is not None else DEFAULT_SITE) if site is None else site
+        self.lm.site(site)  # refused here, in one line, if unknown or not on this family
         return Patch(
             target_ids=self.token_ids,
             target_position=self.position if position is None else position,
             target_layer=self.lm.check_layer(source.layer if layer is None else layer, "target layer"),
             vector=vector,
+            target_site=site,
             source=source,
             target_prompt=self.text,
         )
@@ -135,10 +160,11 @@ class TargetPrompt:
         source_layers: Sequence[int] | str | None = None,
         target_layers: Sequence[int] | str = "same",
         position: int | None = None,
+        site: str | None = None,
     ) -> list[Patch]:
         """Patches for every (ℓ, ℓ*) pair: each source block `source_layers` (default: all captured)
         into each of `target_layers` ("same": ℓ* = ℓ; or any spec of `patchscan.grids`: "all", a
-        list, "0:4"), for each captured States.
+        list, "0:4"), for each captured States, at `site` of each target block (default: the states' own).
 
         >>> import patchscan as ps
         >>> lm = ps.load_model("tiny_llama", device="cpu")
@@ -154,5 +180,5 @@ class TargetPrompt:
             sources = s.layers if source_layers is None else grids.blocks(source_layers, s.n_blocks, "source_layers")
             for layer in sources:
                 for t in [layer] if targets is None else targets:
-                    patches.append(self.patch(s.at(layer=layer, position=position), layer=t))
+                    patches.append(self.patch(s.at(layer=layer, position=position), layer=t, site=site))
         return patches

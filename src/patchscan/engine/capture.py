@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from patchscan import grids
-from patchscan.engine.hooks import block_hooks, hidden_of
+from patchscan.engine.hooks import block_hooks, hidden_of, site_hooks
 from patchscan.models.view import ModelView
 
 
@@ -65,15 +65,19 @@ def capture(
     positions: list[list[int]],
     batch_size: int = 32,
     with_logprobs: bool = False,
+    site: str = "resid_post",
 ) -> list[Captured]:
-    """Run each prompt once and gather block outputs at the given positions.
+    """Run each prompt once and gather block outputs (or another `site` of the blocks, see
+    models.families.SITES) at the given positions.
 
     `positions[p]` lists positions of prompt p (negative ones count from its end). With
     `with_logprobs`, also return the model's next-token log-probabilities there (p_L of DESIGN §2),
     read out from the last block's output so no full-vocabulary logits are made for other positions.
     """
     layers = grids.blocks(layers, view.n_blocks, "layers", view.name, distinct=False)  # internal: repeats are harmless
-    want = sorted(set(layers) | ({view.n_blocks - 1} if with_logprobs else set()))
+    point = view.site(site)
+    last = {view.n_blocks - 1} if with_logprobs else set()
+    want = sorted(set(layers) | (last if point is None else set()))  # p_L reads the last block's output
     results: list[Captured] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -85,20 +89,25 @@ def capture(
         rows = torch.tensor([b for b, ps in enumerate(pos) for _ in ps], device=view.input_device)
         cols = torch.tensor([p for ps in pos for p in ps], device=view.input_device)
         store: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = store if point is None else {}  # block outputs (for p_L)
 
-        def make_hook(layer):
+        def make_hook(layer, into):
             def hook(module, inputs, output):  # indices to the block's device, states to the output device
                 hidden = hidden_of(output)
-                store[layer] = hidden[rows.to(hidden.device), cols.to(hidden.device)].to(view.device)  # noqa: B023 (hook lives one iteration)
+                into[layer] = hidden[rows.to(hidden.device), cols.to(hidden.device)].to(view.device)  # noqa: B023 (hook lives one iteration)
 
             return hook
 
-        with block_hooks(view.blocks, {layer: make_hook(layer) for layer in want}):
+        at_blocks = {layer: make_hook(layer, store) for layer in want}
+        at_site = {}
+        if point is not None:
+            at_site, at_blocks = at_blocks, {b: make_hook(b, outputs) for b in last}
+        with block_hooks(view.blocks, at_blocks), site_hooks(view.blocks, point, at_site):
             # The base model (no LM head) avoids full-vocabulary logits at every position.
             base = getattr(view.model, "base_model", view.model)
             base(input_ids=input_ids.to(view.input_device), attention_mask=mask.to(view.input_device), use_cache=False)
         stacked = torch.stack([store[layer] for layer in layers])  # (n_layers, n_rows, width)
-        logprobs = next_token_logprobs(view, store[view.n_blocks - 1]) if with_logprobs else None
+        logprobs = next_token_logprobs(view, outputs[view.n_blocks - 1]) if with_logprobs else None
         offset = 0
         for ps in pos:
             sl = slice(offset, offset + len(ps))

@@ -31,7 +31,7 @@ from patchscan.engine.capture import Captured, resolve_position
 from patchscan.engine.counting import Counts
 from patchscan.engine.identical import identical_runs
 from patchscan.engine.kv import caches_merge
-from patchscan.engine.patching import TopK, _batch_size, _by_group, _groups, _micro_batches, bytes_per_row
+from patchscan.engine.patching import _SKIPS, TopK, _batch_size, _by_group, _groups, _micro_batches, bytes_per_row
 from patchscan.errors import UserError
 from patchscan.models.loading import (
     DEFAULT_BUILTIN,
@@ -263,7 +263,7 @@ class CountingEngine:
         groups = _groups(patches, patched_only=True)
         flat = [i for indices in groups.values() for i in indices]
         if flat:  # as the engine: batches across target prompts, one prefill per prompt, decoded as one
-            longest = max(len(ids) for ids, _ in groups)
+            longest = max(len(ids) for ids, _, _ in groups)
             size = self._size(batch_size, longest + max_new_tokens, memory_budget_gb)
             merges = caches_merge(view.model.config)
             for s in range(0, len(flat), size):
@@ -291,9 +291,12 @@ class CountingEngine:
     ) -> TopK:
         patches = [p.resolved(view) for p in patches]
         lru = _PrefixLru(8 if reuse_prefix else 0)
-        for (ids, position), indices in _groups(patches).items():
+        for (ids, position, site), indices in _groups(patches).items():
             skip = (
-                skip_blocks_below and position == len(ids) - 1 and all(patches[i].vector is not None for i in indices)
+                skip_blocks_below
+                and site in _SKIPS
+                and position == len(ids) - 1
+                and all(patches[i].vector is not None for i in indices)
             )
             size = self._size(batch_size, len(ids), memory_budget_gb)
             for chunk in _micro_batches(view, indices, patches, size, skip):
