@@ -209,3 +209,28 @@ def test_the_family_table_names_existing_modules_for_its_sites():
             check(view.model)
     finally:
         view.blocks[0].mlp = mlp
+
+
+def test_a_cli_run_at_mlp_out_writes_its_sites(tmp_path):
+    """`patchscope.target_site=mlp_out` reaches the patches and every row records both sites."""
+    import pandas as pd
+
+    from tests.helpers import cli
+
+    run = tmp_path / "run"
+    args = ["+experiment=next_token", "model=tiny_llama", "dataset.limit=2", "methods=[token_identity,logit_lens]"]
+    cli("run", *args, "patchscope.target_site=mlp_out", f"hydra.run.dir={run}", cwd=tmp_path)
+    df = pd.read_parquet(run / "results")
+    assert {"source_site", "target_site"} <= set(df.columns)
+    assert (df["source_site"] == "resid_post").all()
+    ident, lens = df[df["method"] == "token_identity"], df[df["method"] == "logit_lens"]
+    assert len(ident) and (ident["target_site"] == "mlp_out").all() and (lens["target_site"] == "resid_post").all()
+    bad = cli(
+        "run",
+        *args,
+        "patchscope.target_site=mlp_output",
+        f"hydra.run.dir={tmp_path / 'bad'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert "patchscope.target_site='mlp_output' is not valid; use one of resid_post, resid_mid" in bad.stderr

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from patchscan.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a model is checked, so config checks can read SITES cheaply
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,8 @@ def check(model: nn.Module, model_name: str = "the model") -> Family:
 
 
 def _layout_problems(model: nn.Module, family: Family) -> Iterator[str]:
+    from torch import nn
+
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     blocks = module_at(model, family.blocks)
@@ -247,4 +251,6 @@ def _site_problems(blocks: nn.ModuleList, family: Family) -> Iterator[str]:
 
 
 def _width(module: nn.Module) -> int:
+    from torch import nn
+
     return module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features

@@ -201,8 +201,11 @@ class CountingEngine:
         self.batch_sizes.add(size)
         return size
 
-    def capture(self, view, prompts, layers, positions, batch_size: int = 32, with_logprobs: bool = False):
+    def capture(
+        self, view, prompts, layers, positions, batch_size: int = 32, with_logprobs: bool = False, site="resid_post"
+    ):
         layers = [view.check_layer(layer) for layer in layers]
+        view.site(site)  # refused as the engine refuses it
         out = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
