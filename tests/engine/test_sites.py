@@ -234,3 +234,31 @@ def test_a_cli_run_at_mlp_out_writes_its_sites(tmp_path):
         check=False,
     )
     assert "patchscope.target_site='mlp_output' is not valid; use one of resid_post, resid_mid" in bad.stderr
+
+
+@pytest.mark.parametrize(("site", "skipped"), [("resid_post", 3), ("resid_mid", 2), ("mlp_out", 0), ("attn_out", 0)])
+def test_next_token_skips_the_blocks_below_only_where_exact(site, skipped):
+    """At the last position, blocks 0..ℓ* are skipped for resid_post, 0..ℓ*-1 for resid_mid, none
+    for the others (counted as MLP calls on the one-token suffix), and the result is the hook's."""
+    view = tiny("tiny_llama")
+    target = ps.TargetPrompt(view, TARGET, placeholder="x")
+    vector = 3 * torch.randn(view.width, generator=torch.Generator().manual_seed(1))
+    patch = target.patch(vector, layer=2, site=site)
+    calls = [0] * view.n_blocks
+
+    def counter(b):
+        def hook(module, args):
+            calls[b] += args[0].shape[1] == 1  # the suffix, not the prefix's forward
+
+        return hook
+
+    handles = [block.mlp.register_forward_pre_hook(counter(b)) for b, block in enumerate(view.blocks)]
+    try:
+        got = ps.next_token(view, [patch], top_k=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == [0] * skipped + [1] * (view.n_blocks - skipped)
+    if site != "resid_post":
+        ref = _hooked_logits(view, list(target.token_ids), 2, site, target.position, vector)
+        assert got.token_ids == [int(ref.argmax())]
