@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import patchscan as ps
+from patchscan.errors import UserError
 from tests.conftest import registered_by_us, tiny
 from tests.reference import naive_generate, naive_logits
 
@@ -266,3 +267,66 @@ def test_edit_blocks_callback_equals_overwrite(name):
             overwritten = lm.model(input_ids=ids).logits
     assert torch.allclose(edited, overwritten)
     assert all(not registered_by_us(hook) for block in lm.blocks for hook in block._forward_hooks.values())
+
+
+def test_overwrite_and_edit_blocks_at_a_site_equal_a_hook_on_the_module():
+    """`site=` in the escape hatch: mlp_out as a forward hook on the MLP would write it, resid_mid
+    as the residual between attention and MLP (the MLP's input and the block's sum both see it)."""
+    lm = tiny("tiny_llama")
+    ids = torch.tensor([lm.encode("The Eiffel Tower is in")])
+    vector = 3 * torch.randn(lm.width, generator=torch.Generator().manual_seed(0))
+
+    def mlp_hook(module, inputs, output):
+        output = output.clone()
+        output[:, -1] = vector
+        return output
+
+    def mid_hook(module, args):
+        args[0][:, 2] = 0.5 * args[0][:, 2]
+
+    with torch.no_grad():
+        handle = lm.blocks[1].mlp.register_forward_hook(mlp_hook)
+        ref_mlp = lm.model(input_ids=ids).logits
+        handle.remove()
+        handle = lm.blocks[2].post_attention_layernorm.register_forward_pre_hook(mid_hook)
+        ref_mid = lm.model(input_ids=ids).logits
+        handle.remove()
+        with ps.overwrite(lm, layer=1, position=-1, vector=vector, site="mlp_out"):
+            got_mlp = lm.model(input_ids=ids).logits
+
+        def halve(hidden, layer):
+            hidden = hidden.clone()
+            hidden[:, 2] = 0.5 * hidden[:, 2]
+            return hidden
+
+        with ps.edit_blocks(lm, halve, layers=[2], site="resid_mid"):
+            got_mid = lm.model(input_ids=ids).logits
+        plain = lm.model(input_ids=ids).logits
+    assert torch.equal(got_mlp, ref_mlp) and not torch.equal(got_mlp, plain)
+    assert torch.equal(got_mid, ref_mid) and not torch.equal(got_mid, plain)
+    with pytest.raises(UserError, match="site 'resid_mid' is not available on the 'gptj' family"):
+        with ps.overwrite(tiny("tiny_gptj"), layer=0, position=-1, vector=torch.zeros(64), site="resid_mid"):
+            pass
+
+
+def test_overwrite_at_a_site_in_generate_equals_the_engine():
+    """The escape hatch at mlp_out under HF generate (prefill only) gives what ps.generate gives."""
+    lm = tiny("tiny_llama")
+    target = ps.TargetPrompt(lm, "Syria: Country in the Middle East, x", placeholder="x")
+    src = ps.capture(lm, "Diana, Princess of Wales", layers=[1], positions=[-1], site="mlp_out")
+    patch = target.patch(src.at(layer=1).map(lambda v: 4 * v))
+    assert patch.target_site == "mlp_out"
+    engine_tokens = ps.generate(lm, [patch], max_new_tokens=6).token_ids[0]
+    ids = torch.tensor([target.token_ids])
+    with torch.no_grad(), ps.overwrite(lm, layer=1, position=target.position, vector=patch.vector, site="mlp_out"):
+        out = lm.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=lm.tokenizer.pad_token_id,
+            eos_token_id=sorted(lm.eos_token_ids) or None,
+        )
+    assert out[0, ids.shape[1] :].tolist() == engine_tokens
+    frame = ps.generate(lm, [patch, target.baseline()], max_new_tokens=2).to_frame()
+    assert frame["source_site"].tolist()[0] == "mlp_out" and frame["target_site"].tolist()[0] == "mlp_out"

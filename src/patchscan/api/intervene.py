@@ -1,4 +1,4 @@
-"""The escape hatch: overwrite block outputs at token positions during any plain Hugging Face call.
+"""The escape hatch: overwrite block outputs (or another site) at token positions during any plain Hugging Face call.
 
 For what `next_token` and `generate` do not cover (sampling, beam search, a custom loss, another
 library's loop): inside `with ps.overwrite(lm, ...)` every call of `lm.model` sees the block
@@ -14,8 +14,9 @@ from contextlib import contextmanager
 import torch
 
 from patchscan.api.states import State
-from patchscan.engine.hooks import block_hooks, hidden_of, with_hidden
+from patchscan.engine.hooks import hidden_of, site_hooks, with_hidden
 from patchscan.errors import UserError
+from patchscan.models.families import DEFAULT_SITE
 from patchscan.models.view import ModelView
 
 Edits = Mapping[tuple[int, int], "torch.Tensor | State"]
@@ -51,6 +52,7 @@ def overwrite(
     position: int | None = None,
     vector: torch.Tensor | State | None = None,
     every_call: bool = False,
+    site: str = DEFAULT_SITE,
 ) -> Iterator[None]:
     """Overwrite the output of block `layer` at token `position` with `vector` during plain calls.
 
@@ -69,6 +71,11 @@ def overwrite(
     padding). By default only the first call is edited, so in `lm.model.generate(...)` the patch
     acts in the prefill and later tokens see it through the KV cache, as in `ps.generate`;
     `every_call=True` edits every call.
+
+    `site` overwrites another site of each named block instead of its output (models.families.SITES:
+    "mlp_out" replaces the MLP module's output there, as a forward hook on it would; "resid_mid" the
+    residual between attention and MLP, which the MLP and the block's sum both see; see
+    `TargetPrompt.patch`). A vector read at one site may be written at another.
     """
     if edits is None:
         if layer is None or position is None or vector is None:
@@ -84,13 +91,16 @@ def overwrite(
         vec = lm.check_state(vec, "vector", (1, 2))
         by_block.setdefault(lm.check_layer(int(block)), []).append((int(pos), vec))
     hooks = {block: _edit_hook(block_edits, every_call) for block, block_edits in by_block.items()}
-    with block_hooks(lm.blocks, hooks):
+    with site_hooks(lm.blocks, lm.site(site), hooks):
         yield
 
 
 @contextmanager
 def edit_blocks(
-    lm: ModelView, edit: Callable[[torch.Tensor, int], torch.Tensor], layers: Sequence[int] | None = None
+    lm: ModelView,
+    edit: Callable[[torch.Tensor, int], torch.Tensor],
+    layers: Sequence[int] | None = None,
+    site: str = DEFAULT_SITE,
 ) -> Iterator[None]:
     """Replace block outputs by `edit(hidden, layer)` during plain calls (every call, every position).
 
@@ -103,7 +113,8 @@ def edit_blocks(
     True
 
     `hidden` is the block's output of shape (rows, tokens, width), before the final norm; return a
-    tensor of the same shape. `layers` default to every block.
+    tensor of the same shape. `layers` default to every block. `site` edits another site of each
+    block instead (models.families.SITES, as in `overwrite`): `hidden` is then that site's tensor.
     """
 
     def hook_for(layer: int):
@@ -113,5 +124,5 @@ def edit_blocks(
         return hook
 
     blocks = range(lm.n_blocks) if layers is None else [lm.check_layer(int(b)) for b in layers]
-    with block_hooks(lm.blocks, {b: hook_for(b) for b in blocks}):
+    with site_hooks(lm.blocks, lm.site(site), {b: hook_for(b) for b in blocks}):
         yield

@@ -32,6 +32,8 @@ def _labels(lm: ModelView, patch: Patch) -> dict:
             target_token_ids=patch.target_ids,
             target_position=grids.position(patch.target_position, len(patch.target_ids), "target position"),
             target_layer=None if baseline else lm.check_layer(patch.target_layer),
+            source_site=None if source is None else source.site,
+            target_site=None if baseline else patch.target_site,
         ),
         "source_text": None if source is None else source.text,
         "target_prompt": getattr(patch, "target_prompt", None) or lm.decode(patch.target_ids),

@@ -15,12 +15,13 @@ import torch
 from patchscan import grids
 from patchscan.engine.capture import capture as capture_ids
 from patchscan.errors import UserError
+from patchscan.models.families import DEFAULT_SITE
 from patchscan.models.view import ModelView
 
 
 @dataclass(frozen=True)
 class State:
-    """One hidden state: the output of block `layer` at token `position` of `text`.
+    """One hidden state: the output of block `layer` (or another `site` of it) at token `position` of `text`.
 
     >>> import patchscan as ps
     >>> lm = ps.load_model("tiny_llama", device="cpu")
@@ -28,10 +29,11 @@ class State:
     >>> state.layer, state.position, tuple(state.vector.shape)
     (1, 1, (64,))
 
-    `position` is resolved (0-based, counted from the start); `model` names the model it came from
-    (`ModelView.name`), so patching it into another model is refused unless asked for. `map(fn)`
-    gives the same state with its vector mapped, e.g. by an affine map before a cross-model patch
-    (`map(fn, model=target_lm)`: the mapped state then belongs to the target model).
+    `position` is resolved (0-based, counted from the start); `site` is where in the block it was
+    read (models.families.SITES; "resid_post", the block's output, by default); `model` names the
+    model it came from (`ModelView.name`), so patching it into another model is refused unless asked
+    for. `map(fn)` gives the same state with its vector mapped, e.g. by an affine map before a
+    cross-model patch (`map(fn, model=target_lm)`: the mapped state then belongs to the target model).
     """
 
     vector: torch.Tensor
@@ -40,12 +42,13 @@ class State:
     text: str | None = None
     token_ids: tuple[int, ...] = ()
     model: str | None = None
+    site: str = DEFAULT_SITE
 
     def map(self, fn, model=None) -> State:
         """This state with `fn(vector)` as its vector; the provenance stays, and `model` (a
         ModelView or its name) is the model whose space `fn` maps into (default: this state's)."""
         owner = self.model if model is None else getattr(model, "name", model)
-        return State(fn(self.vector), self.layer, self.position, self.text, self.token_ids, owner)
+        return State(fn(self.vector), self.layer, self.position, self.text, self.token_ids, owner, self.site)
 
 
 @dataclass
@@ -74,6 +77,7 @@ class States:
     logprobs: torch.Tensor | None = None  # (n_positions, vocab)
     n_blocks: int = 0  # of the model, for negative layers
     model: str | None = None  # the model's name (ModelView.name): where these states came from
+    site: str = DEFAULT_SITE  # where in each block the states were read
 
     def _position_index(self, position: int | None) -> int:
         if position is None:
@@ -97,7 +101,15 @@ class States:
         """The state of block `layer` at `position` (may be omitted when one position was captured);
         either may be negative or a one-block spec such as `last`."""
         j, k = self._position_index(position), self._layer_index(layer)
-        return State(self.tensor[k, j], self.layers[k], self.positions[j], self.text, tuple(self.token_ids), self.model)
+        return State(
+            self.tensor[k, j],
+            self.layers[k],
+            self.positions[j],
+            self.text,
+            tuple(self.token_ids),
+            self.model,
+            self.site,
+        )
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         layer, position = key
@@ -121,6 +133,7 @@ def capture(
     positions: Sequence[int] | str | None = None,
     logprobs: bool = False,
     batch_size: int = 32,
+    site: str = DEFAULT_SITE,
 ) -> States | list[States]:
     """Run text(s) once and keep the outputs of blocks `layers` at token `positions`.
 
@@ -136,6 +149,15 @@ def capture(
     shifts positions). `layers` default to every block, `positions` to every token; both take the
     block grammar of `patchscan.grids` (`last`, `"0:4:2"`, `[0, -1]`; negative values count from the
     end, of the tokenized text for positions, BOS included where the tokenizer adds one).
+
+    `site` chooses what of each block is kept, the same names on every family: "resid_post" (the
+    block's output, the default), "resid_mid" (the residual after attention, before the MLP),
+    "attn_out" (the attention module's output), "mlp_in" (the MLP's input, after its norm) and
+    "mlp_out" (the MLP module's output); a site the model's family lacks is refused.
+
+    >>> mlp = ps.capture(lm, "Paris", layers=[1], positions=[-1], site="mlp_out")
+    >>> mlp.site, mlp.at(layer=1).site
+    ('mlp_out', 'mlp_out')
     """
     single = isinstance(text_or_texts, str)
     if not single and not (isinstance(text_or_texts, Sequence) and all(isinstance(t, str) for t in text_or_texts)):
@@ -144,6 +166,7 @@ def capture(
     if not texts:
         raise UserError("capture needs at least one text")
     layers = grids.blocks("all" if layers is None else layers, lm.n_blocks, "layers", lm.name)
+    lm.site(site)  # an unknown site, or one the family lacks, is refused before any work
     ids = [lm.encode(t) for t in texts]
     empty = [t for t, x in zip(texts, ids) if not x]
     if empty:
@@ -153,9 +176,9 @@ def capture(
     longest = max(range(len(ids)), key=lambda k: len(ids[k]))
     grids.positions(spec, len(ids[longest]), "positions", repr(texts[longest]))
     wanted = [grids.positions(spec, len(x), "positions", repr(t), distinct=False) for t, x in zip(texts, ids)]
-    caps = capture_ids(lm, ids, layers, wanted, batch_size=batch_size, with_logprobs=logprobs)
+    caps = capture_ids(lm, ids, layers, wanted, batch_size=batch_size, with_logprobs=logprobs, site=site)
     out = [
-        States(text, x, list(c.layers), list(c.positions), c.states, c.logprobs, lm.n_blocks, lm.name)
+        States(text, x, list(c.layers), list(c.positions), c.states, c.logprobs, lm.n_blocks, lm.name, site)
         for text, x, c in zip(texts, ids, caps)
     ]
     return out[0] if single else out

@@ -17,13 +17,14 @@ from patchscan.api.states import State, States
 from patchscan.engine.patching import Patch as EnginePatch
 from patchscan.errors import UserError
 from patchscan.experiments.prompts import placeholder_position
+from patchscan.models.families import DEFAULT_SITE
 from patchscan.models.view import ModelView
 
 
 @dataclass(kw_only=True)
 class Patch(EnginePatch):
-    """One patched run: `vector` overwrites block `target_layer`'s output at `target_position` of
-    `target_ids`; `vector=None` is the unpatched baseline (see `Patch.baseline`).
+    """One patched run: `vector` overwrites block `target_layer`'s output (or its `target_site`) at
+    `target_position` of `target_ids`; `vector=None` is the unpatched baseline (see `Patch.baseline`).
 
     >>> import patchscan as ps
     >>> p = ps.Patch(target_ids=(1, 2, 3), target_position=-1, target_layer=2, vector=None)
@@ -134,18 +135,37 @@ class TargetPrompt:
         state: State | torch.Tensor,
         layer: int | None = None,
         position: int | None = None,
+        site: str | None = None,
         allow_other_model: bool = False,
     ) -> Patch:
         """Patch `state` into block `layer` (ℓ*; default: the State's own block, ℓ* = ℓ) at the
-        placeholder (or at `position`). A State of another model needs `allow_other_model=True`."""
+        placeholder (or at `position`), at `site` of that block (default: the State's own site;
+        resid_post for a bare tensor). A State of another model needs `allow_other_model=True`.
+
+        A state read at one site may be patched into another (an MLP output into the residual, say):
+        the vector is written as is. At "mlp_out" or "attn_out" it replaces that module's output at
+        the position (the residual then adds it), exactly as a forward hook on the module would; at
+        "mlp_in" it is what the MLP reads; at "resid_mid" it replaces the residual between attention
+        and MLP, so the MLP's input and the block's output both see it.
+
+        >>> import patchscan as ps
+        >>> lm = ps.load_model("tiny_llama", device="cpu")
+        >>> src = ps.capture(lm, "Paris", layers=[1], positions=[-1], site="mlp_out")
+        >>> target = ps.TargetPrompt(lm, "x")
+        >>> target.patch(src.at(layer=1)).target_site, target.patch(src.at(layer=1), site="resid_mid").target_site
+        ('mlp_out', 'resid_mid')
+        """
         vector, source = _vector(self.lm, state, allow_other_model)
         if layer is None and source is None:
             raise UserError("a bare tensor has no block of its own: pass layer= (the target block ℓ*)")
+        site = (source.site if source is not None else DEFAULT_SITE) if site is None else site
+        self.lm.site(site)  # refused here, in one line, if unknown or not on this family
         return Patch(
             target_ids=self.token_ids,
             target_position=self.position if position is None else position,
             target_layer=self.lm.check_layer(source.layer if layer is None else layer, "target layer"),
             vector=vector,
+            target_site=site,
             source=source,
             target_prompt=self.text,
         )
@@ -160,11 +180,12 @@ class TargetPrompt:
         source_layers: Sequence[int] | str | None = None,
         target_layers: Sequence[int] | str = "same",
         position: int | None = None,
+        site: str | None = None,
         allow_other_model: bool = False,
     ) -> list[Patch]:
         """Patches for every (ℓ, ℓ*) pair: each source block `source_layers` (default: all captured)
         into each of `target_layers` ("same": ℓ* = ℓ; or any spec of `patchscan.grids`: "all", a
-        list, "0:4"), for each captured States.
+        list, "0:4"), for each captured States, at `site` of each target block (default: the states' own).
 
         >>> import patchscan as ps
         >>> lm = ps.load_model("tiny_llama", device="cpu")
@@ -181,5 +202,5 @@ class TargetPrompt:
             for layer in sources:
                 for t in [layer] if targets is None else targets:
                     state = s.at(layer=layer, position=position)
-                    patches.append(self.patch(state, layer=t, allow_other_model=allow_other_model))
+                    patches.append(self.patch(state, layer=t, site=site, allow_other_model=allow_other_model))
         return patches

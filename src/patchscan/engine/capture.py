@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from patchscan import grids
-from patchscan.engine.hooks import block_hooks, hidden_of
+from patchscan.engine.hooks import block_hooks, hidden_of, site_hooks
 from patchscan.models.view import ModelView
 
 
@@ -66,8 +66,10 @@ def capture(
     batch_size: int = 32,
     with_logprobs: bool = False,
     backend=None,
+    site: str = "resid_post",
 ) -> list[Captured]:
-    """Run each prompt once and gather block outputs at the given positions.
+    """Run each prompt once and gather block outputs (or another `site` of the blocks, see
+    models.families.SITES) at the given positions.
 
     `positions[p]` lists positions of prompt p (negative ones count from its end). With
     `with_logprobs`, also return the model's next-token log-probabilities there (p_L of DESIGN §2),
@@ -76,6 +78,7 @@ def capture(
     by default `capture_batch`.
     """
     layers = grids.blocks(layers, view.n_blocks, "layers", view.name, distinct=False)  # internal: repeats are harmless
+    view.site(site)  # an unknown site, or one the family lacks, is refused here in one line
     want = sorted(set(layers) | ({view.n_blocks - 1} if with_logprobs else set()))
     run = capture_batch if backend is None else backend.capture
     results: list[Captured] = []
@@ -85,7 +88,7 @@ def capture(
             [resolve_position(p, len(ids), "source position") for p in positions[start + b]]
             for b, ids in enumerate(batch)
         ]
-        stacked, logprobs = run(view, batch, pos, layers, want, with_logprobs)
+        stacked, logprobs = run(view, batch, pos, layers, want, with_logprobs, site)
         offset = 0
         for ps in pos:
             sl = slice(offset, offset + len(ps))
@@ -96,26 +99,44 @@ def capture(
 
 @torch.no_grad()
 def capture_batch(
-    view: ModelView, batch: list[list[int]], pos: list[list[int]], layers: list[int], want: list[int], with_logprobs
+    view: ModelView,
+    batch: list[list[int]],
+    pos: list[list[int]],
+    layers: list[int],
+    want: list[int],
+    with_logprobs,
+    site: str = "resid_post",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One forward of a right-padded batch: (states (n_layers, n_rows, width), log-probs or None),
-    rows prompt by prompt and position by position."""
+    rows prompt by prompt and position by position. `want` are the blocks whose output is read
+    (the captured ones, and the last for p_L); at another site the captured blocks are read there
+    and only the last block's output is read for p_L."""
+    point = view.site(site)
     input_ids, mask = pad_batch(batch, view.tokenizer.pad_token_id or 0)
     rows = torch.tensor([b for b, ps in enumerate(pos) for _ in ps], device=view.input_device)
     cols = torch.tensor([p for ps in pos for p in ps], device=view.input_device)
     store: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = store if point is None else {}  # block outputs (for p_L)
 
-    def make_hook(layer):
+    def make_hook(layer, into):
         def hook(module, inputs, output):  # indices to the block's device, states to the output device
             hidden = hidden_of(output)
-            store[layer] = hidden[rows.to(hidden.device), cols.to(hidden.device)].to(view.device)
+            into[layer] = hidden[rows.to(hidden.device), cols.to(hidden.device)].to(view.device)
 
         return hook
 
-    with block_hooks(view.blocks, {layer: make_hook(layer) for layer in want}):
+    at_blocks = {layer: make_hook(layer, store) for layer in want}
+    at_site = {}
+    if point is not None:
+        last = [view.n_blocks - 1] if with_logprobs else []
+        at_site, at_blocks = (
+            {layer: make_hook(layer, store) for layer in layers},
+            {b: make_hook(b, outputs) for b in last},
+        )
+    with block_hooks(view.blocks, at_blocks), site_hooks(view.blocks, point, at_site):
         # The base model (no LM head) avoids full-vocabulary logits at every position.
         base = getattr(view.model, "base_model", view.model)
         base(input_ids=input_ids.to(view.input_device), attention_mask=mask.to(view.input_device), use_cache=False)
     stacked = torch.stack([store[layer] for layer in layers])  # (n_layers, n_rows, width)
-    logprobs = next_token_logprobs(view, store[view.n_blocks - 1]) if with_logprobs else None
+    logprobs = next_token_logprobs(view, outputs[view.n_blocks - 1]) if with_logprobs else None
     return stacked, logprobs

@@ -3,6 +3,11 @@
 Blocks return a bare tensor or a tuple whose first item is the hidden state, depending on the
 model and the transformers version; `hidden_of` and `with_hidden` handle both. One hook is
 registered per block, never one per batch row.
+
+Sites other than a block's output (issue 28; models.families.SitePoint) hook a sub-module of each
+block instead: `site_hooks` registers the same `fn(module, inputs, output)` functions there, as a
+forward hook on the module (kind "output") or as a pre-hook that hands them the module's first
+input as `output` (kinds "input" and "stream"): every function here works on any site unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +38,48 @@ def block_hooks(blocks: nn.ModuleList, hooks: dict[int, Callable]) -> Iterator[N
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def site_hooks(blocks: nn.ModuleList, site, hooks: dict[int, Callable]) -> Iterator[None]:
+    """`block_hooks` at a site of each block (a models.families.SitePoint; None: the block's output).
+
+    For an input site the function's return value replaces the module's first input; for a stream
+    site (the residual the block goes on adding to) it is copied into that very tensor, so the
+    block's own sum sees it as well as the module."""
+    if site is None:
+        with block_hooks(blocks, hooks):
+            yield
+        return
+    from patchscan.models.families import module_at
+
+    handles = []
+    try:
+        for i, fn in hooks.items():
+            module = module_at(blocks[i], site.path)
+            if site.kind == "output":
+                handles.append(module.register_forward_hook(fn))
+            else:
+                handles.append(module.register_forward_pre_hook(_input_hook(fn, site.kind == "stream")))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _input_hook(fn: Callable, in_place: bool) -> Callable:
+    def pre_hook(module, args):
+        if not args:
+            raise RuntimeError(f"{type(module).__name__} was called without a positional input to hook")
+        new = fn(module, args, args[0])
+        if new is None or new is args[0]:
+            return None
+        if in_place:
+            args[0].copy_(new)
+            return None
+        return (new,) + tuple(args[1:])
+
+    return pre_hook
 
 
 def patch_hook(rows: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> Callable:

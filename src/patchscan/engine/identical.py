@@ -2,7 +2,7 @@
 
 Grids ask for the same run more than once: attribute extraction's `shuffled_source` control patches
 another example's state into the same relation prompt at the same blocks, which is exactly that
-example's own Patchscope run. A run is its target tokens, position, block and vector (compared
+example's own Patchscope run. A run is its target tokens, position, block, site and vector (compared
 bit for bit), so such rows are generated once. Their stops may differ (each row stops when its own
 answer appears): the shared run goes on until every row's stop has held, and each row's tokens are
 then cut where its own stop first holds, which is what it would have generated alone.
@@ -21,12 +21,13 @@ from patchscan.engine.decoding import Stop, truncate_at_stop
 def _key(patch) -> tuple:
     vector = patch.vector
     if vector is None:
-        return (patch.target_ids, patch.target_position, patch.target_layer, None)
+        return (patch.target_ids, patch.target_position, patch.target_layer, patch.target_site, None)
     if vector.device.type == "meta":  # a dry run's stand-in without values: never merged
         return (id(patch),)
     data = vector.detach().to("cpu", copy=False).contiguous()
     digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
-    return (patch.target_ids, patch.target_position, patch.target_layer, str(data.dtype), tuple(data.shape), digest)
+    where = (patch.target_ids, patch.target_position, patch.target_layer, patch.target_site)
+    return (*where, str(data.dtype), tuple(data.shape), digest)
 
 
 def identical_runs(patches: Sequence) -> list[list[int]]:

@@ -11,6 +11,24 @@ row until its EOS or its stop (`engine.decoding`).
 The scheduling (groups, micro-batches, their sizes from the memory budget, the batch loops) is
 written once, here; the model work of each micro-batch goes through a `Backend`. The real one
 runs the model; the dry run's `CountingBackend` (`patchscan.runs.dry_run`) counts the same calls.
+
+A patch may target another site of its block (`target_site`, models.families.SITES): the hooks go
+on that sub-module (`hooks.site_hooks`) and the fast paths stay on only where they stay exact:
+
+- prefix reuse: on for every site. The tokens before i* never see position i* (causal attention),
+  wherever in block ℓ* the patch writes, so their KV cache is the unpatched one.
+- skipping blocks below ℓ* (next-token read-outs at the last position): resid_post skips blocks
+  0..ℓ*, as before; resid_mid skips blocks 0..ℓ*-1, since block ℓ*'s output there is then
+  new + MLP(new), whatever its input was; off for attn_out, mlp_in and mlp_out, whose block output
+  adds the patched branch to a residual that depends on every block below.
+- shared decoding (`engine.sharing`): on for every site. Every site of block ℓ* comes after that
+  block's key and value projections, so blocks 0..ℓ* keep the same KV cache in every row of a
+  target prompt, which is all sharing relies on.
+- the greedy head (`engine.head`) and identical runs: on. The head reads the final hidden state,
+  which the site does not change how to read; identical runs compare the site too.
+
+Rows are grouped by (target ids, position, site), so one micro-batch hooks one site, and
+resid_post rows take exactly the code path they took before sites existed.
 """
 
 from __future__ import annotations
@@ -29,31 +47,40 @@ from patchscan.engine.capture import capture_batch, resolve_position
 from patchscan.engine.counting import note_generated
 from patchscan.engine.decoding import Padding, Stop, greedy_decode, plain_generate
 from patchscan.engine.head import GreedyHead, last_logits, next_tokens
-from patchscan.engine.hooks import block_hooks, grouped_patch_hooks, skip_blocks
+from patchscan.engine.hooks import grouped_patch_hooks, site_hooks, skip_blocks
 from patchscan.engine.identical import identical_runs, per_row, shared_stop
 from patchscan.engine.kv import PreallocatedLayer, cache_kwargs, caches_merge, merged_cache, returned_cache
 from patchscan.engine.mappings import Affine, cached_maps
 from patchscan.engine.sharing import SharedDecoding, can_share
+from patchscan.models.families import DEFAULT_SITE
 from patchscan.models.view import ModelView
+
+# Sites whose next-token read-out may skip lower blocks, and how many blocks below ℓ* that leaves running.
+_SKIPS = {DEFAULT_SITE: 0, "resid_mid": 1}
 
 
 @dataclass(kw_only=True)
 class Patch:
     """One patched run: `vector` overwrites the output of block `target_layer` at `target_position`
-    of `target_ids`. `vector=None` runs the target prompt unpatched (a baseline in the same batch)."""
+    of `target_ids` (or another site of that block: `target_site`, models.families.SITES).
+    `vector=None` runs the target prompt unpatched (a baseline in the same batch)."""
 
     target_ids: tuple[int, ...]
     target_position: int
     target_layer: int
     vector: torch.Tensor | None
+    target_site: str = DEFAULT_SITE
 
     def resolved(self, view: ModelView) -> Patch:
         ids = tuple(int(t) for t in self.target_ids)
+        if self.target_site != DEFAULT_SITE:
+            view.site(self.target_site)  # refused here, in one line, if the family lacks it
         return Patch(
             target_ids=ids,
             target_position=resolve_position(self.target_position, len(ids), "target position"),
             target_layer=view.check_layer(self.target_layer, "target layer"),
             vector=self.vector,
+            target_site=self.target_site,
         )
 
 
@@ -110,11 +137,11 @@ class PrefixCache:
 
 
 def _groups(patches: list[Patch], patched_only: bool = False) -> dict[tuple, list[int]]:
-    """Patch indices by (target ids, position): the rows that can share one prefix cache."""
+    """Patch indices by (target ids, position, site): rows that share one prefix cache and one site."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(patches):
         if not (patched_only and p.vector is None):
-            groups.setdefault((p.target_ids, p.target_position), []).append(i)
+            groups.setdefault((p.target_ids, p.target_position, p.target_site), []).append(i)
     return groups
 
 
@@ -173,6 +200,7 @@ def _prefill(
     input_ids = torch.tensor([suffix] * n, device=view.input_device)
     patched = [k for k, i in enumerate(rows) if patches[i].vector is not None]
     layers = [patches[rows[k]].target_layer for k in patched]
+    point = None if first.target_site == DEFAULT_SITE else view.site(first.target_site)  # one site per group
     hooks = {}
     if patched:
         vectors = torch.stack([patches[rows[k]].vector.to(view.device) for k in patched])  # hooks move them on
@@ -180,9 +208,9 @@ def _prefill(
     kv = cache.expanded(first.target_ids[: first.target_position], n, room=None if room is None else len(suffix) + room)
     kwargs = dict(input_ids=input_ids, use_cache=use_cache, **cache_kwargs(view.model, kv))
     readout = readout or partial(last_logits, view)
-    with block_hooks(view.blocks, hooks):
+    with site_hooks(view.blocks, point, hooks):
         if skip:  # rows are patched at their last position: blocks below the lowest patch do nothing
-            with skip_blocks(view.blocks, min(layers), view.block_returns_tuple):
+            with skip_blocks(view.blocks, min(layers) - _SKIPS[first.target_site], view.block_returns_tuple):
                 return readout(kwargs)
         return readout(kwargs)
 
@@ -205,8 +233,13 @@ def iter_patched_logits(
     backend = backend or MODEL
     patches = [p.resolved(view) for p in patches]
     cache = backend.prefix_cache(view, capacity=8 if reuse_prefix else 0)
-    for (ids, position), indices in _groups(patches).items():
-        skip = skip_blocks_below and position == len(ids) - 1 and all(patches[i].vector is not None for i in indices)
+    for (ids, position, site), indices in _groups(patches).items():
+        skip = (
+            skip_blocks_below
+            and site in _SKIPS
+            and position == len(ids) - 1
+            and all(patches[i].vector is not None for i in indices)
+        )
         size = backend.batch_size(view, batch_size, len(ids), memory_budget_gb)
         for chunk in _micro_batches(view, indices, patches, size, skip):
             for rows, logits in run_with_backoff(
@@ -332,15 +365,15 @@ def _generate_patched(
 
     flat = [i for indices in groups.values() for i in indices]
     if flat:
-        longest = max(len(ids) for ids, _ in groups)
+        longest = max(len(ids) for ids, _, _ in groups)
         size = backend.batch_size(view, sizing[0], longest + max_new_tokens, sizing[1])
         for s in range(0, len(flat), size):
             yield from run_with_backoff(flat[s : s + size], run)
 
 
 def _by_group(patches: list[Patch], rows: list[int]) -> list[list[int]]:
-    """`rows` cut where the target prompt or position changes (rows come group by group)."""
-    key = lambda i: (patches[i].target_ids, patches[i].target_position)  # noqa: E731 (the group key)
+    """`rows` cut where the target prompt, position or site changes (rows come group by group)."""
+    key = lambda i: (patches[i].target_ids, patches[i].target_position, patches[i].target_site)  # noqa: E731
     return [list(part) for _, part in groupby(rows, key=key)]
 
 
@@ -368,8 +401,8 @@ class Backend:
         """Fitted maps from the map cache in `folder()` (its key is the models' content), else `fit()`."""
         return cached_maps(folder(), files, shape, fit)
 
-    def capture(self, view: ModelView, batch, positions, layers, want, with_logprobs):
-        return capture_batch(view, batch, positions, layers, want, with_logprobs)
+    def capture(self, view: ModelView, batch, positions, layers, want, with_logprobs, site="resid_post"):
+        return capture_batch(view, batch, positions, layers, want, with_logprobs, site)
 
     def logits(self, view: ModelView, cache: PrefixCache, patches: list[Patch], rows: list[int], skip: bool):
         """Last-position logits of `rows` (one group), patched."""

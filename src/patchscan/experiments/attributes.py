@@ -94,14 +94,18 @@ def probe_predictions(df: pd.DataFrame, folds: int, seed: int) -> pd.DataFrame:
 class _Work:
     """Patched runs for the engine (`patches`) and, in the same order, what each row needs (`cells`)."""
 
-    def __init__(self):
+    def __init__(self, site: str):
+        self.site = site  # the target site of every patched run
         self.patches: list[Patch] = []
         self.cells: list[tuple] = []
 
     def add(self, e: dict, method: str, s, t, target: tuple[str, list[int], int], vector) -> None:
         _, ids, pos = target
         layer = 0 if t is None else t
-        self.patches.append(Patch(target_ids=tuple(ids), target_position=pos, target_layer=layer, vector=vector))
+        site = self.site if vector is not None else "resid_post"
+        self.patches.append(
+            Patch(target_ids=tuple(ids), target_position=pos, target_layer=layer, vector=vector, target_site=site)
+        )
         self.cells.append((e, method, s, t, target))
 
 
@@ -267,10 +271,11 @@ class AttributeExperiment(Experiment):
             self.source_layers,
             [[k[1]] for k in keys],
             batch_size=self.capture_batch_size(),
+            site=self.source_site,
         )
         by_source = dict(zip(keys, captured))
         caps = [by_source[_source_key(x)] for x in sources]
-        work = _Work()
+        work = _Work(self.target_site)
         for e, cap in zip(kept, caps):
             for s, t in self.pairs:
                 work.add(e, "patchscope", s, t, self._target(e), self.scale(cap.at(s)))

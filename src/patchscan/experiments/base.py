@@ -16,6 +16,7 @@ from patchscan import engine as batched_engine
 from patchscan import grids
 from patchscan.errors import UserError
 from patchscan.grids import layer_pairs
+from patchscan.models.families import DEFAULT_SITE
 from patchscan.models.view import ModelView
 from patchscan.runs import row_schema as row_contract
 
@@ -43,6 +44,10 @@ class Experiment:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         grids.check_sweep(cfg.get("sweep"))
+        # where in a block states are read and written (models.families.SITES; runs.config_checks)
+        patchscope = cfg.get("patchscope") or {}
+        self.source_site = str(patchscope.get("source_site") or DEFAULT_SITE)
+        self.target_site = str(patchscope.get("target_site") or DEFAULT_SITE)
         self.check_source_positions()
         # inputs left out, by reason (patchscan.data.drops): by the loaders, and by the last `examples()`
         self.load_drops: Counter[str] = Counter()
@@ -177,6 +182,7 @@ class Experiment:
             [[e["position"]] for e in examples],
             batch_size=self.capture_batch_size(),
             with_logprobs=with_logprobs,
+            site=self.source_site,
         )
 
     # ------------------------------------------------------------------ rows
@@ -189,8 +195,11 @@ class Experiment:
     def common_columns(self) -> dict:
         return {"model": self.view.name, "target_model": getattr(self, "target_view", self.view).name}
 
-    def run_columns(self, example: dict, method: str, source_layer, target_ids, target_position, target_layer) -> dict:
-        """The row contract's common columns for one patched run of an example (`ids`, `position`)."""
+    def run_columns(
+        self, example: dict, method: str, source_layer, target_ids, target_position, target_layer, target_site=None
+    ) -> dict:
+        """The row contract's common columns for one patched run of an example (`ids`, `position`);
+        the sites are the configured ones (`target_site` overrides, e.g. a lens reads the last block's output)."""
         return row_contract.run_columns(
             example_id=example["example_id"],
             method=method,
@@ -201,4 +210,6 @@ class Experiment:
             target_token_ids=target_ids,
             target_position=target_position,
             target_layer=target_layer,
+            source_site=self.source_site,
+            target_site=target_site or self.target_site,
         )

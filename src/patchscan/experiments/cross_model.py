@@ -45,6 +45,11 @@ class CrossModelExperiment(Experiment):
         # the paper: a random aligned position for next-token, the name's last token for descriptions
         self.default_source_positions = "last" if cfg.task == "entity_description" else "random"
         super().__init__(cfg)
+        if (self.source_site, self.target_site) != ("resid_post", "resid_post"):  # the maps are fitted there
+            bad = self.source_site if self.source_site != "resid_post" else self.target_site
+            raise UserError(
+                f"cross_model maps are fitted between block outputs: patchscope sites must be resid_post, not {bad!r}"
+            )
         texts = load_texts(cfg.maps.texts)
         self.train_texts, self.eval_texts = self.held_out(texts, int(cfg.maps.train_texts), "maps.train_texts")
         self.entity_scope = EntityExperiment(cfg) if cfg.task == "entity_description" else None

@@ -97,6 +97,7 @@ class EntityExperiment(Experiment):
                 target_position=self.target_position,
                 target_layer=t,
                 vector=self.map_state(cap.at(s), s, t),
+                target_site=self.target_site,
             )
             for cap in caps
             for s, t in self.pairs

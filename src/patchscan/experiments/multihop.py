@@ -45,7 +45,8 @@ HOP_METHODS = ("hop1", "hop2")  # the single-hop filter's answers, for every can
 class _Work:
     """Runs for the engine (`patches`) and, in the same order, what each result row needs (`cells`)."""
 
-    def __init__(self):
+    def __init__(self, site: str):
+        self.site = site  # the target site of every patched run
         self.patches: list[Patch] = []
         self.cells: list[tuple] = []
 
@@ -56,6 +57,7 @@ class _Work:
                 target_position=position,
                 target_layer=t if t is not None else 0,
                 vector=vector,
+                target_site=self.site if vector is not None else "resid_post",
             )
         )
         self.cells.append((e, method, s, t, target_ids, position, source_ids, source_position, source_text, prompt))
@@ -142,7 +144,7 @@ class MultihopExperiment(Experiment):
         rows: list[dict] = []
         kept = examples
         if self.cfg.multihop.require_single_hops:
-            work = _Work()
+            work = _Work(self.target_site)
             for e in examples:
                 work.plain(e, "hop1", e["hop1_prompt"], self.view.encode(e["hop1_prompt"]))
                 work.plain(e, "hop2", e["hop2_prompt_filled"], self.view.encode(e["hop2_prompt_filled"]))
@@ -164,7 +166,7 @@ class MultihopExperiment(Experiment):
     def _grid(self, examples: list[dict], progress: Callable[[int], None]) -> list[dict]:
         view, cfg = self.view, self.cfg
         placeholder, occurrence = cfg.patchscope.placeholder, cfg.patchscope.get("placeholder_occurrence")
-        work = _Work()
+        work = _Work(self.target_site)
         add = work.add
         prompts, sources, positions = [], [], []
         for e in examples:
@@ -181,7 +183,9 @@ class MultihopExperiment(Experiment):
             )
             prompts += [src_ids[: src_pos + 1], head_ids, q_ids, view.encode(e["phrase"])]
             positions += [[src_pos], [-1], [-1], [-1]]
-        caps = self.engine.capture(view, prompts, self.layers, positions, batch_size=self.capture_batch_size())
+        caps = self.engine.capture(
+            view, prompts, self.layers, positions, batch_size=self.capture_batch_size(), site=self.source_site
+        )
         for k, (e, (q_ids, hop2_ids, hop2_pos, src_ids, src_pos, head, head_ids, phrase_ids)) in enumerate(
             zip(examples, sources)
         ):

@@ -85,6 +85,11 @@ class NextTokenExperiment(Experiment):
         )
         self.set_layer_pairs()
         n_train = int(cfg.affine_lens.train_texts) if "affine_lens" in self.methods else 0
+        if n_train and self.source_site != "resid_post":  # its maps are fitted between block outputs
+            raise UserError(
+                f"affine_lens maps block outputs: with patchscope.source_site={self.source_site!r} "
+                "leave it out (methods=[token_identity,logit_lens])"
+            )
         self.train_texts, self.eval_texts = self.held_out(self.texts, n_train, "affine_lens.train_texts")
         self.lenses = {"logit_lens": LogitLens(view)}
         if n_train:
@@ -126,12 +131,14 @@ class NextTokenExperiment(Experiment):
         return out
 
     def _row(self, e: dict, cap, method: str, source_layer: int, target: tuple, pred: int) -> dict:
-        """One row: the run's columns, then the prediction scored against p_L (DESIGN §2)."""
+        """One row: the run's columns, then the prediction scored against p_L (DESIGN §2). A lens
+        reads out at the last block's output, so its rows' target site is resid_post."""
         target_ids, target_position, target_layer, prompt = target
         p_l, decode = cap.logprobs[0], self.view.tokenizer.decode
         ref = int(p_l.argmax())
+        site = None if method == "token_identity" else "resid_post"
         return {
-            **self.run_columns(e, method, source_layer, target_ids, target_position, target_layer),
+            **self.run_columns(e, method, source_layer, target_ids, target_position, target_layer, site),
             **next_token_columns(
                 source_text=e["text"],
                 target_prompt=prompt,
@@ -158,7 +165,9 @@ class NextTokenExperiment(Experiment):
         """Rows of token identity: every (ℓ, ℓ*) pair patched into the identity prompt."""
         targets = [self._identity_target(e) for e in examples]
         patches = [
-            Patch(target_ids=tuple(ids), target_position=pos, target_layer=t, vector=c.at(s))
+            Patch(
+                target_ids=tuple(ids), target_position=pos, target_layer=t, vector=c.at(s), target_site=self.target_site
+            )
             for c, (ids, pos, _) in zip(caps, targets)
             for s, t in self.pairs
         ]

@@ -1,8 +1,9 @@
 """The architectures patchscan supports: one row per Hugging Face `model_type`.
 
 Every architecture-specific fact lives in this table: where the blocks, the final norm, the input
-embedding and the unembedding are, where each block's sub-modules are (for sites other than a
-block's output), and which of the engine's fast paths were checked exact on the family (each one
+embedding and the unembedding are, where each block's sub-modules are and the sites they give
+(`SITES`: resid_post, the block's output, and the sub-module sites of `SitePoint`; a site a family
+lacks is a one-line refusal in its row), and which of the engine's fast paths were checked exact on the family (each one
 against the naive reference on the family's tiny random model, tests/conftest.py). A family
 outside the table is refused when a model loads, and `check` confirms, as nnterp does, that the
 named modules exist with the types and widths the engine relies on, so a layout change in
@@ -16,11 +17,13 @@ paths whose equivalence tests pass on it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-
-from torch import nn
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from patchscan.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a model is checked, so config checks can read SITES cheaply
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,51 @@ class BlockParts:
     attention: str
     mlp: str | None
     mlp_norm: str | None
+
+
+# The sites of a block (issue 28), the same names on every family. resid_post is the block's output
+# (the default: every state before sites existed); the others are sub-module inputs and outputs.
+SITES = ("resid_post", "resid_mid", "attn_out", "mlp_in", "mlp_out")
+DEFAULT_SITE = "resid_post"
+
+
+@dataclass(frozen=True)
+class SitePoint:
+    """Where a site is inside a block: a sub-module path and what of it the site is.
+
+    kind "output": the module's output (its first item when a tuple), read and replaced by a
+    forward hook; "input": its first positional input, read and replaced by a pre-hook (the module
+    sees the new tensor, nothing else does); "stream": its first input *is* the residual stream
+    there (the block adds to that very tensor afterwards), so a patch writes it in place and both
+    the module and the block's sum see it. `unless`: a config flag that, when true, removes the
+    site (GPT-NeoX's use_parallel_residual), with `refusal` saying why."""
+
+    path: str
+    kind: str
+    unless: str | None = None
+    refusal: str = ""
+
+
+def _sites(parts: BlockParts, parallel: bool | str = False, flat_mlp: bool = False) -> dict[str, SitePoint | str]:
+    """The site table of a family from its block parts; a string is the one-line refusal.
+
+    parallel: attention and MLP read the same input and add to the block's input together, so there
+    is no residual between them (True, or the config flag that says so). flat_mlp: the MLP runs on
+    tokens flattened to (rows * tokens, width) by bare Linear layers (OPT), which a (row, position)
+    index does not address."""
+    sites: dict[str, SitePoint | str] = {"attn_out": SitePoint(parts.attention, "output")}
+    if flat_mlp or parts.mlp is None:
+        why = "its MLP is bare Linear layers on tokens flattened across rows (no MLP module of its own)"
+        sites.update({s: why for s in ("resid_mid", "mlp_in", "mlp_out")})
+        return sites
+    sites["mlp_in"] = SitePoint(parts.mlp, "input")
+    sites["mlp_out"] = SitePoint(parts.mlp, "output")
+    no_mid = "attention and MLP run in parallel on the block's input, so there is no residual between them"
+    if parallel is True or parts.mlp_norm is None:
+        sites["resid_mid"] = no_mid
+    else:
+        sites["resid_mid"] = SitePoint(parts.mlp_norm, "stream", unless=parallel or None, refusal=no_mid)
+    return sites
 
 
 @dataclass(frozen=True)
@@ -54,6 +102,25 @@ class Family:
     padded_decoding: bool = True
     shared_decoding: bool = True
     greedy_head: bool = True
+    sites: dict = field(default=None, compare=False)  # site -> SitePoint or its refusal; None: from `parts`
+
+    def __post_init__(self) -> None:
+        if self.sites is None:
+            object.__setattr__(self, "sites", _sites(self.parts))
+
+    def site(self, name: str, config=None) -> SitePoint | None:
+        """Where site `name` is in a block (None: the block's output, resid_post); an unknown site, or
+        one this family (or this model's config) does not have, is refused with one line."""
+        if name == DEFAULT_SITE:
+            return None
+        if name not in SITES:
+            raise UserError(f"unknown site {name!r}; sites: {', '.join(SITES)}")
+        point = self.sites.get(name, "it is not in the family table")
+        if isinstance(point, SitePoint) and point.unless and getattr(config, point.unless, False):
+            point = f"{point.refusal} ({point.unless}=True)"
+        if isinstance(point, str):
+            raise UserError(f"site {name!r} is not available on the {self.model_type!r} family: {point}")
+        return point
 
 
 _LLAMA_PARTS = BlockParts(attention="self_attn", mlp="mlp", mlp_norm="post_attention_layernorm")
@@ -88,6 +155,7 @@ FAMILIES: dict[str, Family] = {
             "transformer.wte",
             "lm_head",
             BlockParts("attn", "mlp", None),
+            sites=_sites(BlockParts("attn", "mlp", None), parallel=True),
         ),
         Family(
             "gpt_neox",
@@ -96,6 +164,10 @@ FAMILIES: dict[str, Family] = {
             "gpt_neox.embed_in",
             ("lm_head", "embed_out"),  # embed_out before transformers 5
             BlockParts(attention="attention", mlp="mlp", mlp_norm="post_attention_layernorm"),
+            sites=_sites(
+                BlockParts(attention="attention", mlp="mlp", mlp_norm="post_attention_layernorm"),
+                parallel="use_parallel_residual",
+            ),
         ),
         Family(
             "opt",
@@ -104,6 +176,7 @@ FAMILIES: dict[str, Family] = {
             "model.decoder.embed_tokens",
             "lm_head",
             BlockParts(attention="self_attn", mlp=None, mlp_norm="final_layer_norm"),
+            sites=_sites(BlockParts(attention="self_attn", mlp=None, mlp_norm="final_layer_norm"), flat_mlp=True),
         ),
     )
 }
@@ -141,6 +214,8 @@ def check(model: nn.Module, model_name: str = "the model") -> Family:
 
 
 def _layout_problems(model: nn.Module, family: Family) -> Iterator[str]:
+    from torch import nn
+
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     blocks = module_at(model, family.blocks)
@@ -164,7 +239,18 @@ def _layout_problems(model: nn.Module, family: Family) -> Iterator[str]:
     for part, path in vars(family.parts).items():
         if path is not None and any(module_at(block, path) is None for block in blocks):
             yield f"a block has no {part} at {path}"
+    yield from _site_problems(blocks, family)
+
+
+def _site_problems(blocks: nn.ModuleList, family: Family) -> Iterator[str]:
+    for site, point in family.sites.items():  # the sites' modules (a refused site names none)
+        if site not in SITES:
+            yield f"its table names an unknown site {site!r}"
+        elif isinstance(point, SitePoint) and any(module_at(block, point.path) is None for block in blocks):
+            yield f"a block has no module at {point.path} for site {site}"
 
 
 def _width(module: nn.Module) -> int:
+    from torch import nn
+
     return module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features

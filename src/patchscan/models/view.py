@@ -99,6 +99,11 @@ class ModelView:
             self.__dict__["_block_returns_tuple"] = self._probe_block_output()
         return self.__dict__["_block_returns_tuple"]
 
+    def site(self, name: str):
+        """Where site `name` is inside each block (models.families.SitePoint), None for the block's
+        output (resid_post); a site the family or this model's config lacks is refused in one line."""
+        return self.family.site(name, self.model.config.get_text_config())
+
     @property
     def n_blocks(self) -> int:
         return len(self.blocks)

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from patchscan.errors import UserError
+from patchscan.models.families import SITES
 
 
 def _is_int(value: Any) -> bool:
@@ -86,6 +87,8 @@ RULES: tuple[Rule, ...] = (
     Rule("generation.share_lower_blocks", boolean()),
     Rule("patchscope.random_pairs", whole(0, optional=True)),
     Rule("patchscope.prompt_seed", whole(optional=True)),
+    Rule("patchscope.source_site", one_of(*SITES)),  # whether the model's family has it: checked at load
+    Rule("patchscope.target_site", one_of(*SITES)),
     Rule("source.min_tokens", whole(1)),
     Rule("source.max_tokens", whole(1)),
     Rule("source.min_position", whole(0)),

@@ -230,7 +230,7 @@ class CountingBackend(Backend):
     def cached_maps(self, folder, files: dict, shape: tuple[int, int], fit) -> dict:
         return fit()  # counted as a first run fits them; the map cache is neither read nor written
 
-    def capture(self, view, batch, positions, layers, want, with_logprobs):
+    def capture(self, view, batch, positions, layers, want, with_logprobs, site="resid_post"):
         width = max(len(p) for p in batch)
         self.forward(view, len(batch), width, width)
         states = torch.empty(len(layers), sum(map(len, positions)), view.width)

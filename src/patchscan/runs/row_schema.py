@@ -1,7 +1,7 @@
 """The row contract (docs/design.md §5, docs/running.md "What a run writes"), defined once for every experiment.
 
 Every row carries what re-runs it alone (`run_columns`: example, method, both models, source and
-target token ids, positions and blocks). Next-token rows add `next_token_columns`; generation
+target token ids, positions, blocks and sites). Next-token rows add `next_token_columns`; generation
 rows add `subject`, `object`, `generation` and their metrics. `frame` turns rows into a
 DataFrame whose block and position columns are nullable integers in every part file.
 """
@@ -23,6 +23,8 @@ RUN_COLUMNS = (
     "target_token_ids",
     "target_position",
     "target_layer",
+    "source_site",
+    "target_site",
 )
 # Next-token rows add these (surprisal only where p_L and the prediction share a vocabulary).
 NEXT_TOKEN_COLUMNS = (
@@ -50,6 +52,8 @@ def patch_columns(
     target_token_ids: Sequence[int],
     target_position: int | None,
     target_layer: int | None,
+    source_site: str,
+    target_site: str,
 ) -> dict:
     """Where one patch's vector came from and where it went, in the row contract's names and order:
     the columns the runner's rows and the API's result frames (`to_frame`) share."""
@@ -60,6 +64,8 @@ def patch_columns(
         "target_token_ids": [int(t) for t in target_token_ids],
         "target_position": target_position,
         "target_layer": target_layer,
+        "source_site": source_site,  # models.families.SITES: where in the block it was read
+        "target_site": target_site,  # and where it was written
     }
 
 
@@ -70,7 +76,8 @@ def run_columns(*, example_id: str, method: str, model: str, target_model: str, 
     >>> from patchscan.runs.row_schema import run_columns, RUN_COLUMNS
     >>> row = run_columns(example_id="0", method="patchscope", model="m", target_model="m",
     ...     source_token_ids=[1, 2], source_position=1, source_layer=3,
-    ...     target_token_ids=[4, 5], target_position=1, target_layer=3)
+    ...     target_token_ids=[4, 5], target_position=1, target_layer=3,
+    ...     source_site="resid_post", target_site="mlp_out")
     >>> tuple(row) == RUN_COLUMNS
     True
     """

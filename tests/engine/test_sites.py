@@ -1,0 +1,264 @@
+"""Sites of a block (issue 28): captures and patches at attn_out, mlp_in, mlp_out and resid_mid
+against plain hooks on the named Hugging Face module, written here without engine code, on every
+tiny family; resid_post unchanged; the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import patchscan as ps
+from patchscan.errors import UserError
+from tests.conftest import FAMILY_ARCHS, tiny
+
+# The HF module of each site, per model_type, written out by hand (the reference does not read the
+# family table): attention, MLP and the norm whose input is the residual between them.
+MODULES = {
+    **{t: ("self_attn", "mlp", "post_attention_layernorm") for t in ("llama", "mistral", "qwen2", "qwen3")},
+    "gemma3_text": ("self_attn", "mlp", "pre_feedforward_layernorm"),
+    "gpt2": ("attn", "mlp", "ln_2"),
+    "gptj": ("attn", "mlp", None),  # parallel attention and MLP: no resid_mid
+    "gpt_neox": ("attention", "mlp", None),  # the tiny config has use_parallel_residual=True
+    "opt": ("self_attn", None, None),  # fc1/fc2 on flattened tokens: only attn_out
+}
+SOURCE = "The Eiffel Tower is in Paris"
+TARGET = "Syria: Country in the Middle East, x"
+
+
+def _module(view, layer: int, site: str):
+    attn, mlp, norm = MODULES[view.model.config.model_type]
+    name = {"attn_out": attn, "mlp_out": mlp, "mlp_in": mlp, "resid_mid": norm}[site]
+    return None if name is None else getattr(view.blocks[layer], name)
+
+
+def _sites(view, sites=("attn_out", "mlp_in", "mlp_out", "resid_mid")):
+    return [s for s in sites if _module(view, 0, s) is not None]
+
+
+def _reference_hook(site: str, position: int, vector: torch.Tensor | None, store: dict | None = None):
+    """(register on the module) a plain hook reading or writing `site` at `position`, first call only."""
+    calls = {"n": 0}
+
+    def output_hook(module, inputs, output):
+        calls["n"] += 1
+        hidden = output[0] if isinstance(output, tuple) else output
+        if store is not None:
+            store["h"] = hidden[0, position].clone()
+            return None
+        if calls["n"] > 1:
+            return None
+        hidden = hidden.clone()
+        hidden[:, position] = vector
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def input_hook(module, args):
+        calls["n"] += 1
+        if store is not None:
+            store["h"] = args[0][0, position].clone()
+            return None
+        if calls["n"] > 1:
+            return None
+        if site == "resid_mid":  # the residual itself: the block adds the MLP to this very tensor
+            args[0][:, position] = vector
+            return None
+        hidden = args[0].clone()
+        hidden[:, position] = vector
+        return (hidden, *args[1:])
+
+    return output_hook if site in ("attn_out", "mlp_out") else input_hook
+
+
+def _register(module, site, hook):
+    if site in ("attn_out", "mlp_out"):
+        return module.register_forward_hook(hook)
+    return module.register_forward_pre_hook(hook)
+
+
+@torch.no_grad()
+def _hooked_logits(view, ids, layer, site, position, vector):
+    handle = _register(_module(view, layer, site), site, _reference_hook(site, position, vector))
+    try:
+        return view.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def _hooked_generate(view, ids, layer, site, position, vector, n):
+    handle = _register(_module(view, layer, site), site, _reference_hook(site, position, vector))
+    try:
+        t = torch.tensor([ids])
+        out = view.model.generate(
+            input_ids=t,
+            attention_mask=torch.ones_like(t),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=view.tokenizer.pad_token_id,
+            eos_token_id=sorted(view.eos_token_ids) or None,
+        )
+        return out[0, len(ids) :].tolist()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_captures_equal_a_hook_on_the_module(arch):
+    view = tiny(arch)
+    ids = view.encode(SOURCE)
+    for site in _sites(view):
+        states = ps.capture(view, SOURCE, layers=[0, view.n_blocks - 1], positions=[1, -1], site=site)
+        assert states.site == site
+        for layer in states.layers:
+            for position in states.positions:
+                store: dict = {}
+                handle = _register(_module(view, layer, site), site, _reference_hook(site, position, None, store))
+                with torch.no_grad():
+                    view.model(input_ids=torch.tensor([ids]))
+                handle.remove()
+                assert torch.equal(states[layer, position], store["h"]), (arch, site, layer, position)
+
+
+def _patches(view, site):
+    """Patches at `site` of blocks 0 and 2, at the placeholder (the last token) and one before it,
+    with the site's own states of the source prompt, amplified so that they change the output."""
+    src = ps.capture(view, SOURCE, layers=[0, 2], positions=[-1], site=site)
+    target = ps.TargetPrompt(view, TARGET, placeholder="x")
+    patches = []
+    for position in (target.position, target.position - 2):
+        for layer in (0, 2):
+            patches.append(target.patch(src.at(layer=layer).map(lambda v: 4 * v), layer=layer, position=position))
+    return target, patches
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_patched_next_token_and_generation_equal_a_hook_on_the_module(arch):
+    view = tiny(arch)
+    for site in _sites(view, ("mlp_out", "resid_mid")):
+        target, patches = _patches(view, site)
+        assert {p.target_site for p in patches} == {site}
+        result = ps.next_token(view, patches, top_k=1)
+        generated = ps.generate(view, patches, max_new_tokens=5)
+        for k, p in enumerate(patches):
+            ref = _hooked_logits(view, list(target.token_ids), p.target_layer, site, p.target_position, p.vector)
+            assert result.token_ids[k] == int(ref.argmax()), (arch, site, k)
+            assert result.logprobs[k] == pytest.approx(float(ref.log_softmax(-1).max()), abs=1e-4)
+            ref_tokens = _hooked_generate(
+                view, list(target.token_ids), p.target_layer, site, p.target_position, p.vector, 5
+            )
+            assert generated.token_ids[k] == ref_tokens, (arch, site, k)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_resid_post_is_unchanged(arch):
+    """The default site is the block's output, as before sites: equal to a hook on the block."""
+    view = tiny(arch)
+    src = ps.capture(view, SOURCE, layers=[1], positions=[-1])
+    assert src.site == "resid_post"
+    target = ps.TargetPrompt(view, TARGET, placeholder="x")
+    patch = target.patch(src.at(layer=1), layer=1)
+    explicit = target.patch(src.at(layer=1), layer=1, site="resid_post")
+    assert patch.target_site == explicit.target_site == "resid_post"
+
+    def hook(module, inputs, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()
+        hidden[:, patch.target_position] = patch.vector
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = view.blocks[1].register_forward_hook(hook)
+    with torch.no_grad():
+        ref = view.model(input_ids=torch.tensor([target.token_ids])).logits[0, -1]
+    handle.remove()
+    got = ps.next_token(view, [patch, explicit], top_k=1)
+    assert got.token_ids == [int(ref.argmax())] * 2
+    assert got.logprobs[0] == got.logprobs[1]
+
+
+def test_a_state_of_one_site_patches_another():
+    view = tiny("tiny_llama")
+    src = ps.capture(view, SOURCE, layers=[1], positions=[-1], site="mlp_out")
+    target = ps.TargetPrompt(view, TARGET, placeholder="x")
+    patch = target.patch(src.at(layer=1), site="resid_mid")
+    assert (patch.source.site, patch.target_site) == ("mlp_out", "resid_mid")
+    ref = _hooked_logits(view, list(target.token_ids), 1, "resid_mid", target.position, patch.vector)
+    assert ps.next_token(view, [patch], top_k=1).token_ids == [int(ref.argmax())]
+
+
+def test_unknown_and_missing_sites_are_refused():
+    view = tiny("tiny_llama")
+    with pytest.raises(UserError, match=r"unknown site 'mlp_output'; sites: resid_post, resid_mid, attn_out"):
+        ps.capture(view, SOURCE, site="mlp_output")
+    target = ps.TargetPrompt(view, TARGET, placeholder="x")
+    with pytest.raises(UserError, match="unknown site 'mlp'"):
+        target.patch(torch.zeros(view.width), layer=0, site="mlp")
+    for arch, family in (("tiny_neox", "gpt_neox"), ("tiny_gptj", "gptj")):
+        with pytest.raises(UserError, match=rf"site 'resid_mid' is not available on the '{family}' family: .*parallel"):
+            ps.capture(tiny(arch), SOURCE, site="resid_mid")
+    with pytest.raises(UserError, match="site 'mlp_out' is not available on the 'opt' family"):
+        ps.capture(tiny("tiny_opt"), SOURCE, site="mlp_out")
+
+
+def test_the_family_table_names_existing_modules_for_its_sites():
+    """families.check (at load) fails in one line when a site's module is missing."""
+    from patchscan.models.families import check
+
+    view = tiny("tiny_llama")
+    mlp = view.blocks[0].mlp
+    try:
+        del view.blocks[0].mlp
+        with pytest.raises(UserError, match="a block has no"):
+            check(view.model)
+    finally:
+        view.blocks[0].mlp = mlp
+
+
+def test_a_cli_run_at_mlp_out_writes_its_sites(tmp_path):
+    """`patchscope.target_site=mlp_out` reaches the patches and every row records both sites."""
+    import pandas as pd
+
+    from tests.helpers import cli
+
+    run = tmp_path / "run"
+    args = ["+experiment=next_token", "model=tiny_llama", "dataset.limit=2", "methods=[token_identity,logit_lens]"]
+    cli("run", *args, "patchscope.target_site=mlp_out", f"hydra.run.dir={run}", cwd=tmp_path)
+    df = pd.read_parquet(run / "results")
+    assert {"source_site", "target_site"} <= set(df.columns)
+    assert (df["source_site"] == "resid_post").all()
+    ident, lens = df[df["method"] == "token_identity"], df[df["method"] == "logit_lens"]
+    assert len(ident) and (ident["target_site"] == "mlp_out").all() and (lens["target_site"] == "resid_post").all()
+    bad = cli(
+        "run",
+        *args,
+        "patchscope.target_site=mlp_output",
+        f"hydra.run.dir={tmp_path / 'bad'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert "patchscope.target_site='mlp_output' is not valid; use one of resid_post, resid_mid" in bad.stderr
+
+
+@pytest.mark.parametrize(("site", "skipped"), [("resid_post", 3), ("resid_mid", 2), ("mlp_out", 0), ("attn_out", 0)])
+def test_next_token_skips_the_blocks_below_only_where_exact(site, skipped):
+    """At the last position, blocks 0..ℓ* are skipped for resid_post, 0..ℓ*-1 for resid_mid, none
+    for the others (counted as MLP calls on the one-token suffix), and the result is the hook's."""
+    view = tiny("tiny_llama")
+    target = ps.TargetPrompt(view, TARGET, placeholder="x")
+    vector = 3 * torch.randn(view.width, generator=torch.Generator().manual_seed(1))
+    patch = target.patch(vector, layer=2, site=site)
+    calls = [0] * view.n_blocks
+
+    def counter(b):
+        def hook(module, args):
+            calls[b] += args[0].shape[1] == 1  # the suffix, not the prefix's forward
+
+        return hook
+
+    handles = [block.mlp.register_forward_pre_hook(counter(b)) for b, block in enumerate(view.blocks)]
+    try:
+        got = ps.next_token(view, [patch], top_k=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == [0] * skipped + [1] * (view.n_blocks - skipped)
+    if site != "resid_post":
+        ref = _hooked_logits(view, list(target.token_ids), 2, site, target.position, vector)
+        assert got.token_ids == [int(ref.argmax())]
