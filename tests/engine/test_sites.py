@@ -262,3 +262,32 @@ def test_next_token_skips_the_blocks_below_only_where_exact(site, skipped):
     if site != "resid_post":
         ref = _hooked_logits(view, list(target.token_ids), 2, site, target.position, vector)
         assert got.token_ids == [int(ref.argmax())]
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_generation_logprobs_are_scored_at_the_patched_site(arch):
+    """GenerationResult.logprobs (one scoring forward) hooks each patch at its own site: they equal a
+    plain hook on the HF module over prompt + continuation."""
+    view = tiny(arch)
+    target = ps.TargetPrompt(view, TARGET)
+    src = ps.capture(view, SOURCE, layers=[1], positions=[-1], site="mlp_out")
+    patches = [target.patch(src.at(layer=1), site=site) for site in _sites(view, ("mlp_out", "resid_mid"))]
+    patches.append(target.patch(src.at(layer=1), site="resid_post"))
+    result = ps.generate(view, patches, max_new_tokens=3)
+    for patch, tokens, scored in zip(patches, result.token_ids, result.logprobs):
+        ids = list(target.token_ids) + tokens
+        site, layer = patch.target_site, patch.target_layer
+        if site == "resid_post":
+            module, hook = view.blocks[layer], _reference_hook("mlp_out", target.position, patch.vector)
+            handle = module.register_forward_hook(hook)  # a block's output is an output hook on the block
+        else:
+            hook = _reference_hook(site, target.position, patch.vector)
+            handle = _register(_module(view, layer, site), site, hook)
+        try:
+            with torch.no_grad():
+                logits = view.model(input_ids=torch.tensor([ids])).logits[0].float()
+        finally:
+            handle.remove()
+        first = len(target.token_ids) - 1
+        expected = torch.log_softmax(logits[first : first + len(tokens)], -1).gather(1, torch.tensor(tokens)[:, None])
+        assert torch.allclose(torch.tensor(scored), expected.squeeze(1), atol=1e-4), (arch, site)

@@ -3,88 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from patchscan.runs import runner
-from tests.helpers import cli, compose, rows
+from tests.helpers import compose
+from tests.runs.shared import FakeExperiment, fake_chunk, meta_of
 
 # ---------------------------------------------------------------- one shared small run
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny next_token run over a text file: 6 examples in 3 parts; its stderr went to a pipe (a log)."""
-    from patchscan.data.texts import load_texts
-
-    tmp = tmp_path_factory.mktemp("base")
-    texts = tmp / "texts.txt"
-    texts.write_text("\n".join(load_texts({"kind": "builtin", "name": "texts"})[:12]) + "\n")
-    args = [
-        "+experiment=next_token",
-        "model=tiny_llama",
-        "dataset=text",
-        f"dataset.path={texts}",
-        "dataset.limit=6",
-        "methods=[token_identity,logit_lens]",
-        "runner.examples_per_part=2",
-    ]
-    run = tmp / "run"
-    proc = cli("run", *args, f"hydra.run.dir={run}", cwd=tmp)
-    return {"tmp": tmp, "args": args, "run": run, "texts": texts, "stderr": proc.stderr, "rows": rows(run / "results")}
-
-
-def meta_of(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    return {
-        "fingerprint": runner.config_fingerprint(cfg),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "num_shards": int(cfg.runner.num_shards),
-    }
-
-
-class FakeExperiment:
-    """A scope without a model: rows from the examples alone (for runner faults)."""
-
-    @staticmethod
-    def metrics(df, cfg):
-        return {
-            "experiment": "fake",
-            "n_examples": int(df["example_id"].nunique()),
-            "undefined": math.nan,
-            "by_layer": [{"source_layer": 1, "value": float("inf")}],
-        }
-
-    @staticmethod
-    def report(metrics):
-        return ""
-
-    @staticmethod
-    def plot(df, metrics, run_dir):
-        return []
-
-
-def fake_chunk(chunk, progress):
-    progress(len(chunk))
-    return pd.DataFrame(
-        [
-            {
-                "example_id": e["example_id"],
-                "method": "fake",
-                "source_layer": layer,
-                "target_layer": None if layer else 3,
-                "source_position": 1.0,
-                "target_position": None,
-                "value": layer * int(e["example_id"]),
-            }
-            for e in chunk
-            for layer in (0, 1)
-        ]
-    )
 
 
 def test_metrics_are_strict_json_and_layer_columns_are_integers(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -12,35 +11,9 @@ import pytest
 from patchscan.errors import UserError
 from patchscan.runs import runner
 from tests.helpers import cli, cli_here, compose, one_line_error, rows, run_in
+from tests.runs.shared import copy_run, fake_chunk, meta_of
 
 # ---------------------------------------------------------------- one shared small run
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny next_token run over a text file: 6 examples in 3 parts; its stderr went to a pipe (a log)."""
-    from patchscan.data.texts import load_texts
-
-    tmp = tmp_path_factory.mktemp("base")
-    texts = tmp / "texts.txt"
-    texts.write_text("\n".join(load_texts({"kind": "builtin", "name": "texts"})[:12]) + "\n")
-    args = [
-        "+experiment=next_token",
-        "model=tiny_llama",
-        "dataset=text",
-        f"dataset.path={texts}",
-        "dataset.limit=6",
-        "methods=[token_identity,logit_lens]",
-        "runner.examples_per_part=2",
-    ]
-    run = tmp / "run"
-    proc = cli("run", *args, f"hydra.run.dir={run}", cwd=tmp)
-    return {"tmp": tmp, "args": args, "run": run, "texts": texts, "stderr": proc.stderr, "rows": rows(run / "results")}
-
-
-def copy_run(base, dest: Path) -> Path:
-    shutil.copytree(base["run"], dest)
-    return dest
 
 
 def test_affine_lens_maps_of_one_model_are_never_reused_for_another(tmp_path, monkeypatch):
@@ -137,16 +110,6 @@ def test_resume_compares_content_and_refuses_changed_data(base, tmp_path):
         base["texts"].write_text(original)
 
 
-def meta_of(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    return {
-        "fingerprint": runner.config_fingerprint(cfg),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "num_shards": int(cfg.runner.num_shards),
-    }
-
-
 def test_plan_skips_only_examples_whose_content_matches(tmp_path):
     """Case 4, in process: same ids with the same content are skipped; shards are disjoint by index."""
     cfg = compose("+experiment=next_token", "model=tiny_llama", "runner.num_shards=2", "runner.shard=1")
@@ -191,22 +154,3 @@ def test_a_damaged_part_is_named_and_repair_recomputes_it(base, tmp_path):
     run_in(run, *base["args"], "runner.repair=true")
     assert (run / "results" / ".quarantine" / part.name).exists()
     pd.testing.assert_frame_equal(rows(run / "results"), base["rows"])
-
-
-def fake_chunk(chunk, progress):
-    progress(len(chunk))
-    return pd.DataFrame(
-        [
-            {
-                "example_id": e["example_id"],
-                "method": "fake",
-                "source_layer": layer,
-                "target_layer": None if layer else 3,
-                "source_position": 1.0,
-                "target_position": None,
-                "value": layer * int(e["example_id"]),
-            }
-            for e in chunk
-            for layer in (0, 1)
-        ]
-    )

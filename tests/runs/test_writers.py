@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import multiprocessing
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,35 +16,9 @@ import pytest
 
 from patchscan.runs import runner
 from tests.helpers import cli, cli_here, compose, one_line_error, rows, run_in, snapshot
+from tests.runs.shared import FakeExperiment, copy_run, fake_chunk, meta_of
 
 # ---------------------------------------------------------------- one shared small run
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny next_token run over a text file: 6 examples in 3 parts; its stderr went to a pipe (a log)."""
-    from patchscan.data.texts import load_texts
-
-    tmp = tmp_path_factory.mktemp("base")
-    texts = tmp / "texts.txt"
-    texts.write_text("\n".join(load_texts({"kind": "builtin", "name": "texts"})[:12]) + "\n")
-    args = [
-        "+experiment=next_token",
-        "model=tiny_llama",
-        "dataset=text",
-        f"dataset.path={texts}",
-        "dataset.limit=6",
-        "methods=[token_identity,logit_lens]",
-        "runner.examples_per_part=2",
-    ]
-    run = tmp / "run"
-    proc = cli("run", *args, f"hydra.run.dir={run}", cwd=tmp)
-    return {"tmp": tmp, "args": args, "run": run, "texts": texts, "stderr": proc.stderr, "rows": rows(run / "results")}
-
-
-def copy_run(base, dest: Path) -> Path:
-    shutil.copytree(base["run"], dest)
-    return dest
 
 
 def test_a_second_writer_is_refused_naming_the_first(base, tmp_path):
@@ -80,16 +52,6 @@ def test_run_json_is_written_atomically(tmp_path, monkeypatch):
     assert json.loads(target.read_text()) == {"a": 1} and list(tmp_path.iterdir()) == [target]
 
 
-def meta_of(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    return {
-        "fingerprint": runner.config_fingerprint(cfg),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "num_shards": int(cfg.runner.num_shards),
-    }
-
-
 def test_a_refused_run_leaves_the_run_dir_byte_identical(base, tmp_path):
     """Case 6, and runner.seed in the fingerprint: a second seed into the same dir is refused, nothing changes."""
     before = snapshot(base["run"])
@@ -98,46 +60,6 @@ def test_a_refused_run_leaves_the_run_dir_byte_identical(base, tmp_path):
     proc = cli_here("run", *base["args"], "dataset.limit=abc", f"hydra.run.dir={base['run']}")
     one_line_error(proc, "dataset.limit='abc'")
     assert snapshot(base["run"]) == before
-
-
-class FakeExperiment:
-    """A scope without a model: rows from the examples alone (for runner faults)."""
-
-    @staticmethod
-    def metrics(df, cfg):
-        return {
-            "experiment": "fake",
-            "n_examples": int(df["example_id"].nunique()),
-            "undefined": math.nan,
-            "by_layer": [{"source_layer": 1, "value": float("inf")}],
-        }
-
-    @staticmethod
-    def report(metrics):
-        return ""
-
-    @staticmethod
-    def plot(df, metrics, run_dir):
-        return []
-
-
-def fake_chunk(chunk, progress):
-    progress(len(chunk))
-    return pd.DataFrame(
-        [
-            {
-                "example_id": e["example_id"],
-                "method": "fake",
-                "source_layer": layer,
-                "target_layer": None if layer else 3,
-                "source_position": 1.0,
-                "target_position": None,
-                "value": layer * int(e["example_id"]),
-            }
-            for e in chunk
-            for layer in (0, 1)
-        ]
-    )
 
 
 def test_tests_do_not_write_into_the_users_cache():

@@ -3,12 +3,13 @@ first use (`GenerationResult.logprobs`), kept here so results and readouts need 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from patchscan.engine.capture import pad_batch
-from patchscan.engine.hooks import block_hooks, grouped_patch_hooks
+from patchscan.engine.hooks import grouped_patch_hooks, site_hooks
 from patchscan.models.view import ModelView
 
 
@@ -17,17 +18,8 @@ def continuation_logprobs(
     lm: ModelView, patches: Sequence, continuations: Sequence[Sequence[int]], batch_size: int = 8
 ) -> list[list[float]]:
     """Log-probabilities of given continuations of patched target prompts, by one plain forward per
-    batch over prompt + continuation with each patch hooked in (right padding: positions exact).
-
-    >>> import patchscan as ps
-    >>> lm = ps.load_model("tiny_llama", device="cpu")
-    >>> p = ps.TargetPrompt(lm, "hello x", placeholder="x").baseline()
-    >>> [round(x, 3) <= 0 for x in ps.readouts.continuation_logprobs(lm, [p], [[42, 7]])[0]]
-    [True, True]
-
-    The same patch at the same position in a full forward gives what generation computed with the
-    patch in its prefill, since later positions see it only through attention.
-    """
+    batch over prompt + continuation with each patch hooked in at its site (right padding: positions
+    exact). The public face, with its example, is `ps.readouts.continuation_logprobs`."""
     resolved = [p.resolved(lm) for p in patches]
     out: list[list[float]] = []
     pad = lm.tokenizer.pad_token_id or 0
@@ -36,12 +28,13 @@ def continuation_logprobs(
         conts = [list(c) for c in continuations[start : start + batch_size]]
         ids, mask = pad_batch([list(p.target_ids) + c for p, c in zip(batch, conts)], pad)
         patched = [k for k, p in enumerate(batch) if p.vector is not None]
-        hooks = {}
-        if patched:
-            vectors = torch.stack([batch[k].vector.to(lm.device) for k in patched])
-            layers = [batch[k].target_layer for k in patched]
-            hooks = grouped_patch_hooks(layers, patched, [batch[k].target_position for k in patched], vectors)
-        with block_hooks(lm.blocks, hooks):
+        with contextlib.ExitStack() as hooked:
+            for site in sorted({batch[k].target_site for k in patched}):  # each site's rows hooked at that site
+                rows = [k for k in patched if batch[k].target_site == site]
+                vectors = torch.stack([batch[k].vector.to(lm.device) for k in rows])
+                layers = [batch[k].target_layer for k in rows]
+                hooks = grouped_patch_hooks(layers, rows, [batch[k].target_position for k in rows], vectors)
+                hooked.enter_context(site_hooks(lm.blocks, lm.site(site), hooks))
             logits = lm.model(input_ids=ids.to(lm.input_device), attention_mask=mask.to(lm.input_device)).logits
         for k, (p, c) in enumerate(zip(batch, conts)):
             first = len(p.target_ids) - 1
