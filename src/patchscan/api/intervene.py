@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from patchscan.api.states import State
-from patchscan.engine.hooks import hidden_of, site_hooks, with_hidden
+from patchscan.engine.hooks import hidden_of, overwritten, site_hooks, with_hidden
 from patchscan.errors import UserError
 from patchscan.models.families import DEFAULT_SITE
 from patchscan.models.view import ModelView
@@ -30,15 +30,14 @@ def _edit_hook(edits: list[tuple[int, torch.Tensor]], every_call: bool):
         calls["n"] += 1
         if calls["n"] > 1 and not every_call:  # generate: the prefill is the first call
             return output
-        hidden = hidden_of(output).clone()
-        length = hidden.shape[1]
+        length = hidden_of(output).shape[1]
         for position, vector in edits:
             if not -length <= position < length:
                 if calls["n"] == 1:
                     raise UserError(f"position {position} is out of range for a call on {length} tokens")
                 continue
-            hidden[:, position] = vector.to(hidden.device, hidden.dtype)
-        return with_hidden(output, hidden)
+            output = overwritten(output, slice(None), position, vector)
+        return output
 
     return hook
 

@@ -90,12 +90,20 @@ def patch_hook(rows: torch.Tensor, positions: torch.Tensor, vectors: torch.Tenso
     """
 
     def hook(module, inputs, output):
-        hidden = hidden_of(output).clone()
-        dev = hidden.device
-        hidden[rows.to(dev), positions.to(dev)] = vectors.to(dev, hidden.dtype)
-        return with_hidden(output, hidden)
+        return overwritten(output, rows, positions, vectors)
 
     return hook
+
+
+def overwritten(output, rows, positions, vectors: torch.Tensor):
+    """`output` (a module's output, tuple or tensor) with its hidden state overwritten at (rows,
+    positions) by `vectors`: the one overwrite of every patching hook (the engine's and ps.overwrite).
+    `rows` may be a slice (every row); indices and vectors go to the hidden state's device."""
+    hidden = hidden_of(output).clone()
+    dev = hidden.device
+    index = tuple(i.to(dev) if isinstance(i, torch.Tensor) else i for i in (rows, positions))
+    hidden[index] = vectors.to(dev, hidden.dtype)
+    return with_hidden(output, hidden)
 
 
 def grouped_patch_hooks(layers, rows, positions, vectors) -> dict[int, Callable]:
