@@ -166,7 +166,8 @@ def test_plan_builtin_loads_no_weights(no_weights):
     assert plan.examples == 5 and plan.cells == 5 * (2 * 10 * 10 + 10) and plan.counts.forward_passes > 0
 
 
-def test_plan_13b_from_its_config_alone(tmp_path):
+@pytest.mark.parametrize("dtype", [(), ("model.dtype=auto",)])  # auto: bf16 on a GPU, as load_model resolves it
+def test_plan_13b_from_its_config_alone(tmp_path, dtype):
     config = tmp_path / "llama2-13b" / "config.json"
     config.parent.mkdir()
     config.write_text(json.dumps(LLAMA2_13B))
@@ -176,6 +177,7 @@ def test_plan_13b_from_its_config_alone(tmp_path):
         "model=llama2_13b",
         f"model.config_path={config}",
         "model.device=cuda",
+        *dtype,
         f"dataset.path={LRE}",
         "runner.memory_budget_gb=null",
         "runner.gpu_memory_gb=80",

@@ -155,11 +155,12 @@ def counting_view(model_cfg) -> tuple[CountingView, str, str | None]:
         tokenizer, note = builtin_tokenizer(convert=False), STAND_IN_NOTE
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = resolve_dtype(model_cfg.get("dtype"))
+    device = resolve_device(model_cfg.get("device"))
+    dtype = resolve_dtype(model_cfg.get("dtype"), device)  # as load_model resolves it: auto is bf16 on a GPU
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     name = str(model_cfg.get("name") or model_cfg.get("id") or model_cfg.get("source"))
-    return CountingView(model, tokenizer, name, resolve_device(model_cfg.get("device"))), where, note
+    return CountingView(model, tokenizer, name, device), where, note
 
 
 class _CountingPrefixCache:
