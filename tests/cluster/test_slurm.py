@@ -228,12 +228,20 @@ def test_four_shard_sweep_on_slurm_equals_one_local_run(slurm, unsharded, tmp_pa
     assert_same_metrics(eval_metrics(results, tmp_path, slurm), ref_metrics)
 
 
-def held(env: dict, hold: Path, shard: int) -> dict:
-    """The environment of a sweep whose `shard` stops after its first part until the test removes the flag
-    (the runner's PATCHSCAN_HOLD_DIR barrier): a cancel or time limit then hits it midway on any machine."""
+def start_held(args: list[str], env: dict, tmp_path: Path, shard: int) -> subprocess.Popen:
+    """`patchscan ARGS` in the background, its `shard` stopping after its first part until the test removes
+    the flag (the runner's PATCHSCAN_HOLD_DIR barrier): a cancel or time limit then hits it midway on any machine."""
+    hold = tmp_path / "hold"
     hold.mkdir(exist_ok=True)
     (hold / f"shard-{shard:03d}").touch()
-    return dict(env, PATCHSCAN_HOLD_DIR=str(hold))
+    return subprocess.Popen(
+        [sys.executable, "-m", "patchscan.cli.main", *args],
+        cwd=tmp_path,
+        env=dict(env, PATCHSCAN_HOLD_DIR=str(hold)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_cancelled_shard_resumes_when_the_same_command_is_resubmitted(slurm, unsharded, tmp_path):
@@ -241,14 +249,7 @@ def test_cancelled_shard_resumes_when_the_same_command_is_resubmitted(slurm, uns
     there: Slurm's SIGTERM (bypassed by submitit) and SIGKILL KillWait seconds later find it waiting."""
     results, sweep = tmp_path / "results", tmp_path / "sweep"
     args = sweep_args(results, sweep, "hydra.launcher.timeout_min=10")
-    first = subprocess.Popen(
-        [sys.executable, "-m", "patchscan.cli.main", *args],
-        cwd=tmp_path,
-        env=held(slurm, tmp_path / "hold", shard=1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    first = start_held(args, slurm, tmp_path, shard=1)
     try:
         tasks = submitted(sweep)
         wait_for_part(results, 1)
@@ -297,14 +298,7 @@ def test_shard_past_its_time_limit_resumes_when_resubmitted(slurm, tmp_path):
     short = sweep_args(
         results, sweep, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=0", shards="1", limit=limit
     )
-    first = subprocess.Popen(
-        [sys.executable, "-m", "patchscan.cli.main", *short],
-        cwd=tmp_path,
-        env=held(slurm, tmp_path / "hold", shard=1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    first = start_held(short, slurm, tmp_path, shard=1)
     try:
         (job,) = submitted(sweep, 1)  # a sweep of one job: a plain job, no array
         out, _ = first.communicate(timeout=300)
