@@ -20,8 +20,12 @@ in the same run, and how much block work sharing the blocks below ℓ* between r
 continuation saves (generation.share_lower_blocks; --share both runs each workload with and without
 it and compares time, generations and the block rows run). With --dtype other than float32, every
 workload also runs on a float32 copy of the model, and the speed ratio and agreement with it are reported.
+With --sites resid_post,mlp_out every workload runs once per site (states read and written at that site
+of each block, issue 28), each against the naive method at the same site, and the summary gives each
+site's speed beside the first one's.
 
     python scripts/bench.py [--model smollm2_135m] [--dtype float32] [--device auto] [--quick] [--share both]
+                            [--sites resid_post,mlp_out]
 
 The script runs against an older engine too (PYTHONPATH=/path/to/old/src): what that engine lacks
 (stops) is left out, and configs are read from the checkout the imported patchscan belongs to.
@@ -144,6 +148,19 @@ def capture_rows(args) -> int:
     return 64 if args.batch_size == "auto" else args.batch_size
 
 
+def site_of(args) -> dict:
+    """capture's keyword for the site under test (none at the block output: older engines lack it)."""
+    return {} if args.site == "resid_post" else {"site": args.site}
+
+
+def target_of(args) -> dict:
+    return {} if args.site == "resid_post" else {"target_site": args.site}
+
+
+def at_site(args) -> str:
+    return "" if args.site == "resid_post" else f", at {args.site}"
+
+
 def scope_for(view, overrides: list[str]):
     """A scope composed from the project's configs, bound to the loaded model, recording its generations."""
     from hydra import compose, initialize_config_dir
@@ -168,9 +185,9 @@ def next_token_grid(view, args, key: str) -> Measured:
     identity = tuple(view.encode(IDENTITY))
 
     def run():
-        caps = capture(view, sources, layers, [[-1]] * len(sources), batch_size=capture_rows(args))
+        caps = capture(view, sources, layers, [[-1]] * len(sources), batch_size=capture_rows(args), **site_of(args))
         patches = [
-            Patch(target_ids=identity, target_position=-1, target_layer=t, vector=c.states[s, 0])
+            Patch(target_ids=identity, target_position=-1, target_layer=t, vector=c.states[s, 0], **target_of(args))
             for c in caps
             for s, t in pairs
         ]
@@ -178,6 +195,7 @@ def next_token_grid(view, args, key: str) -> Measured:
 
     (patches, top), seconds, mem = timed(run, view.device)
     label = "next-token grid, target block = source block" if key == "a" else "full source x target next-token grid"
+    label += at_site(args)
     calls = [(p, 0, None, None) for p in patches]
     return Measured(label, len(patches), seconds, mem, outputs=top.ids[:, 0].tolist(), calls=calls)
 
@@ -197,9 +215,11 @@ def attribute_generation_grid(view, args) -> Measured:
         stops["share_lower_blocks"] = args.sharing
 
     def run():
-        caps = capture(view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=capture_rows(args))
+        caps = capture(
+            view, subjects, gen_layers, [[-1]] * len(subjects), batch_size=capture_rows(args), **site_of(args)
+        )
         patches = [
-            Patch(target_ids=tuple(ids), target_position=pos, target_layer=t, vector=c.states[k, 0])
+            Patch(target_ids=tuple(ids), target_position=pos, target_layer=t, vector=c.states[k, 0], **target_of(args))
             for c in caps
             for k, _ in enumerate(gen_layers)
             for t in gen_layers
@@ -209,7 +229,7 @@ def attribute_generation_grid(view, args) -> Measured:
     with count_work(view.model) as counts:
         (patches, gens), seconds, mem = timed(run, view.device)
     label = f"attribute-extraction generation grid, {args.new_tokens} tokens, every {args.gen_layer_step}rd block"
-    label += ", stop when correct" if stop else ", full length"
+    label += (", stop when correct" if stop else ", full length") + at_site(args)
     calls = [(p, args.new_tokens, g, s) for p, g, s in zip(patches, gens, stops.get("stops") or [None] * len(gens))]
     metrics = [contains_answer(view.decode(g), a) for g, a in zip(gens, answers)]
     return Measured(label, len(patches), seconds, mem, counts, gens, metrics, calls, True)
@@ -225,6 +245,8 @@ SCOPE_WORKLOADS = {
 def scope_overrides(key: str, args) -> list[str]:
     experiment = SCOPE_WORKLOADS[key][0]
     common = [f"{EXPERIMENT_KEY}={experiment}", f"runner.batch_size={args.batch_size}"]
+    if args.site != "resid_post":
+        common += [f"patchscope.source_site={args.site}", f"patchscope.target_site={args.site}"]
     if args.sharing is not None:
         common.append(f"++generation.share_lower_blocks={str(args.sharing).lower()}")
     if key == "f":
@@ -247,7 +269,7 @@ def scope_workload(view, args, key: str) -> Measured:
         df, seconds, mem = timed(lambda: scope.run_chunk(examples, lambda n: None), view.device)
     column = "description" if key == "f" else "correct"
     methods = df["method"].value_counts().to_dict()
-    label = f"{SCOPE_WORKLOADS[key][1]}: {len(examples)} examples, rows {methods}"
+    label = f"{SCOPE_WORKLOADS[key][1]}: {len(examples)} examples, rows {methods}{at_site(args)}"
     outputs = [c[2] for c in recorder.calls]
     return Measured(
         label, len(recorder.calls), seconds, mem, counts, outputs, df[column].tolist(), recorder.calls, True
@@ -451,7 +473,14 @@ def parse(argv):
         help="LRE relation files for (d) and (e)",
     )
     parser.add_argument("--multihop-candidates", type=int, default=24, help="(d) two-hop candidates before the filter")
+    parser.add_argument(
+        "--sites",
+        default="resid_post",
+        help="comma-separated sites (resid_post, resid_mid, attn_out, mlp_in, mlp_out): each workload at each",
+    )
     args = parser.parse_args(argv)
+    args.sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    args.site = args.sites[0]
     if args.quick:
         args.examples, args.entities, args.naive_cells, args.multihop_candidates = 2, 4, 12, 8
     args.sharing = {"default": None, "on": True, "off": False, "both": True}[args.share]
@@ -528,19 +557,30 @@ def main(argv=None) -> int:
     reference = load(args, "float32") if view.dtype != torch.float32 else None
     roof = matmul_roof(view)
     print(f"matmul roof ({view.dtype}, 256 x width x intermediate): {roof:.1f} GFLOP/s")
-    rng, ratios = random.Random(0), {}
-    for key in args.workloads:
-        m = run_workload(view, args, key)
-        ratios[key] = report(view, m, naive_check(view, m, args, rng), startup, roof)
-        if args.share == "both" and m.generation:
-            compare_sharing(view, args, key, m)
-        if reference is not None:
-            ref = run_workload(reference, args, key)
-            print(
-                f"  vs float32 in this run: {ref.runs / ref.seconds:.1f} runs/s, {view.dtype} is "
-                f"{ref.seconds / m.seconds:.2f}x as fast; {agreement(m, ref)}"
-            )
-    print("\nsummary: " + ", ".join(f"({k}) {v:.1f}x" for k, v in ratios.items()))
+    rng, ratios, rates = random.Random(0), {}, {}
+    for site in args.sites:
+        args.site = site  # what the workloads read
+        for key in args.workloads:
+            m = run_workload(view, args, key)
+            ratios[key, args.site] = report(view, m, naive_check(view, m, args, rng), startup, roof)
+            rates[key, args.site] = m.runs / m.seconds
+            if args.share == "both" and m.generation:
+                compare_sharing(view, args, key, m)
+            if reference is not None:
+                ref = run_workload(reference, args, key)
+                print(
+                    f"  vs float32 in this run: {ref.runs / ref.seconds:.1f} runs/s, {view.dtype} is "
+                    f"{ref.seconds / m.seconds:.2f}x as fast; {agreement(m, ref)}"
+                )
+    first = args.sites[0]
+    for site in args.sites:
+        parts = [f"({k}) {ratios[k, site]:.1f}x" for k in args.workloads]
+        if site != first:  # the same workload at another site, in this run: its speed beside the first site's
+            parts = [
+                f"{p}, {rates[k, site] / rates[k, first]:.2f}x {first}'s runs/s" for p, k in zip(parts, args.workloads)
+            ]
+        label = f" at {site}" if len(args.sites) > 1 else ""
+        print(f"\nsummary{label} (vs naive): " + "; ".join(parts))
     return 0
 
 

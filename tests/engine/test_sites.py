@@ -10,95 +10,14 @@ import torch
 import patchscan as ps
 from patchscan.errors import UserError
 from tests.conftest import FAMILY_ARCHS, tiny
+from tests.reference import naive_generate, naive_logits, register, site_hook, site_module
 
-# The HF module of each site, per model_type, written out by hand (the reference does not read the
-# family table): attention, MLP and the norm whose input is the residual between them.
-MODULES = {
-    **{t: ("self_attn", "mlp", "post_attention_layernorm") for t in ("llama", "mistral", "qwen2", "qwen3")},
-    "gemma3_text": ("self_attn", "mlp", "pre_feedforward_layernorm"),
-    "gpt2": ("attn", "mlp", "ln_2"),
-    "gptj": ("attn", "mlp", None),  # parallel attention and MLP: no resid_mid
-    "gpt_neox": ("attention", "mlp", None),  # the tiny config has use_parallel_residual=True
-    "opt": ("self_attn", None, None),  # fc1/fc2 on flattened tokens: only attn_out
-}
 SOURCE = "The Eiffel Tower is in Paris"
 TARGET = "Syria: Country in the Middle East, x"
 
 
-def _module(view, layer: int, site: str):
-    attn, mlp, norm = MODULES[view.model.config.model_type]
-    name = {"attn_out": attn, "mlp_out": mlp, "mlp_in": mlp, "resid_mid": norm}[site]
-    return None if name is None else getattr(view.blocks[layer], name)
-
-
 def _sites(view, sites=("attn_out", "mlp_in", "mlp_out", "resid_mid")):
-    return [s for s in sites if _module(view, 0, s) is not None]
-
-
-def _reference_hook(site: str, position: int, vector: torch.Tensor | None, store: dict | None = None):
-    """(register on the module) a plain hook reading or writing `site` at `position`, first call only."""
-    calls = {"n": 0}
-
-    def output_hook(module, inputs, output):
-        calls["n"] += 1
-        hidden = output[0] if isinstance(output, tuple) else output
-        if store is not None:
-            store["h"] = hidden[0, position].clone()
-            return None
-        if calls["n"] > 1:
-            return None
-        hidden = hidden.clone()
-        hidden[:, position] = vector
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    def input_hook(module, args):
-        calls["n"] += 1
-        if store is not None:
-            store["h"] = args[0][0, position].clone()
-            return None
-        if calls["n"] > 1:
-            return None
-        if site == "resid_mid":  # the residual itself: the block adds the MLP to this very tensor
-            args[0][:, position] = vector
-            return None
-        hidden = args[0].clone()
-        hidden[:, position] = vector
-        return (hidden, *args[1:])
-
-    return output_hook if site in ("attn_out", "mlp_out") else input_hook
-
-
-def _register(module, site, hook):
-    if site in ("attn_out", "mlp_out"):
-        return module.register_forward_hook(hook)
-    return module.register_forward_pre_hook(hook)
-
-
-@torch.no_grad()
-def _hooked_logits(view, ids, layer, site, position, vector):
-    handle = _register(_module(view, layer, site), site, _reference_hook(site, position, vector))
-    try:
-        return view.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def _hooked_generate(view, ids, layer, site, position, vector, n):
-    handle = _register(_module(view, layer, site), site, _reference_hook(site, position, vector))
-    try:
-        t = torch.tensor([ids])
-        out = view.model.generate(
-            input_ids=t,
-            attention_mask=torch.ones_like(t),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=view.tokenizer.pad_token_id,
-            eos_token_id=sorted(view.eos_token_ids) or None,
-        )
-        return out[0, len(ids) :].tolist()
-    finally:
-        handle.remove()
+    return [s for s in sites if site_module(view, 0, s) is not None]
 
 
 @pytest.mark.parametrize("arch", FAMILY_ARCHS)
@@ -111,7 +30,7 @@ def test_captures_equal_a_hook_on_the_module(arch):
         for layer in states.layers:
             for position in states.positions:
                 store: dict = {}
-                handle = _register(_module(view, layer, site), site, _reference_hook(site, position, None, store))
+                handle = register(site_module(view, layer, site), site, site_hook(site, position, None, store))
                 with torch.no_grad():
                     view.model(input_ids=torch.tensor([ids]))
                 handle.remove()
@@ -139,13 +58,10 @@ def test_patched_next_token_and_generation_equal_a_hook_on_the_module(arch):
         result = ps.next_token(view, patches, top_k=1)
         generated = ps.generate(view, patches, max_new_tokens=5)
         for k, p in enumerate(patches):
-            ref = _hooked_logits(view, list(target.token_ids), p.target_layer, site, p.target_position, p.vector)
+            ref = naive_logits(view, p)
             assert result.token_ids[k] == int(ref.argmax()), (arch, site, k)
             assert result.logprobs[k] == pytest.approx(float(ref.log_softmax(-1).max()), abs=1e-4)
-            ref_tokens = _hooked_generate(
-                view, list(target.token_ids), p.target_layer, site, p.target_position, p.vector, 5
-            )
-            assert generated.token_ids[k] == ref_tokens, (arch, site, k)
+            assert generated.token_ids[k] == naive_generate(view, p, 5), (arch, site, k)
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
@@ -179,7 +95,7 @@ def test_a_state_of_one_site_patches_another():
     target = ps.TargetPrompt(view, TARGET, placeholder="x")
     patch = target.patch(src.at(layer=1), site="resid_mid")
     assert (patch.source.site, patch.target_site) == ("mlp_out", "resid_mid")
-    ref = _hooked_logits(view, list(target.token_ids), 1, "resid_mid", target.position, patch.vector)
+    ref = naive_logits(view, patch)
     assert ps.next_token(view, [patch], top_k=1).token_ids == [int(ref.argmax())]
 
 
@@ -260,7 +176,7 @@ def test_next_token_skips_the_blocks_below_only_where_exact(site, skipped):
             handle.remove()
     assert calls == [0] * skipped + [1] * (view.n_blocks - skipped)
     if site != "resid_post":
-        ref = _hooked_logits(view, list(target.token_ids), 2, site, target.position, vector)
+        ref = naive_logits(view, patch)
         assert got.token_ids == [int(ref.argmax())]
 
 
@@ -277,12 +193,8 @@ def test_generation_logprobs_are_scored_at_the_patched_site(arch):
     for patch, tokens, scored in zip(patches, result.token_ids, result.logprobs):
         ids = list(target.token_ids) + tokens
         site, layer = patch.target_site, patch.target_layer
-        if site == "resid_post":
-            module, hook = view.blocks[layer], _reference_hook("mlp_out", target.position, patch.vector)
-            handle = module.register_forward_hook(hook)  # a block's output is an output hook on the block
-        else:
-            hook = _reference_hook(site, target.position, patch.vector)
-            handle = _register(_module(view, layer, site), site, hook)
+        hook = site_hook(site, target.position, patch.vector)
+        handle = register(site_module(view, layer, site), site, hook)
         try:
             with torch.no_grad():
                 logits = view.model(input_ids=torch.tensor([ids])).logits[0].float()

@@ -75,9 +75,9 @@ def run_job(cfg) -> dict:
     validate(cfg)
     scope_cls = get_experiment(name)
     scope = scope_cls(cfg)  # reads and checks the data before any model is loaded
-    check_fits(cfg)  # the dry run's memory estimate refuses a generation that cannot fit, before any run dir
+    views = check_fits(cfg)  # the dry run's memory estimate refuses a generation that cannot fit, before any run dir
     if cfg.runner.get("dry_run"):
-        return dry_run(cfg, scope)
+        return dry_run(cfg, scope, views)
     plan = open_run(cfg, Path(hydra_cfg.runtime.output_dir))  # refuses a different config or a second writer
     try:
         view = load_model(cfg.model)
@@ -152,11 +152,12 @@ def write_error(exc: OSError, kept: str) -> str:
     return f"error: cannot write {exc.filename or 'a file'}: {exc.strerror}; {kept}"
 
 
-def dry_run(cfg, scope) -> dict:
-    """Print what the run would do, loading no weights (patchscan.runs.dry_run)."""
+def dry_run(cfg, scope, views: dict | None = None) -> dict:
+    """Print what the run would do, loading no weights (patchscan.runs.dry_run); `views`: the counting
+    views check_fits built."""
     from patchscan.runs.dry_run import make_plan
 
-    plan = make_plan(cfg, scope)
+    plan = make_plan(cfg, scope, views)
     print(plan.report())
     return plan.as_dict()
 

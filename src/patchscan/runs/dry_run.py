@@ -407,15 +407,18 @@ class Plan:
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
-def check_fits(cfg: DictConfig) -> None:
+def check_fits(cfg: DictConfig) -> dict[str, tuple]:
     """Refuse, before any run dir is accepted, a generation that cannot fit by the dry run's memory
     estimate: the weights and one row (`bytes_per_row` at `generation.max_new_tokens`) against the
-    device's whole memory (the GPU's, `runner.gpu_memory_gb` for one this machine lacks, or the RAM)."""
+    device's whole memory (the GPU's, `runner.gpu_memory_gb` for one this machine lacks, or the RAM).
+    Returns the counting views it built, by config key, for `make_plan` to reuse (building one is most
+    of a dry run's start-up)."""
     steps = (cfg.get("generation") or {}).get("max_new_tokens")
     if not steps:
-        return
+        return {}
     key = "target_model" if cfg.get("target_model") else "model"  # the model that generates
-    view, _, _ = counting_view(cfg[key])
+    built = counting_view(cfg[key])
+    view = built[0]
     row = bytes_per_row(view, int(steps))
     if view.device.type == "cuda":
         gpu = cfg.runner.get("gpu_memory_gb")
@@ -431,16 +434,22 @@ def check_fits(cfg: DictConfig) -> None:
             f"activations) beside {view.weight_bytes / 2**30:.1f} GiB of weights of {cfg[key].get('name') or key}, "
             f"over the {total / 2**30:.1f} GiB of {view.device}"
         )
+    return {key: built}
 
 
-def make_plan(cfg: DictConfig, scope) -> Plan:
-    """Run the scope's own code on a meta-device model with the counting engine; return the plan."""
+def make_plan(cfg: DictConfig, scope, views: dict[str, tuple] | None = None) -> Plan:
+    """Run the scope's own code on a meta-device model with the counting engine; return the plan.
+    `views`: counting views already built for these configs (check_fits'), by config key."""
     from patchscan.runs.runner import shard_examples
 
-    view, where, note = counting_view(cfg.model)
+    views = dict(views or {})
+    view, where, note = views.get("model") or counting_view(cfg.model)
     engine = CountingEngine(cfg.runner.get("gpu_memory_gb"))
     scope.engine = engine
-    targets = [counting_view(cfg.target_model)[0]] if cfg.get("target_model") else []  # cross_model's M*
+    if cfg.get("target_model"):  # cross_model's M*
+        targets = [(views.get("target_model") or counting_view(cfg.target_model))[0]]
+    else:
+        targets = []
     scope.bind(view, *targets)
     setup = Counts(**engine.counts.as_dict())
     examples = scope.examples()
