@@ -203,3 +203,24 @@ def test_generation_logprobs_are_scored_at_the_patched_site(arch):
         first = len(target.token_ids) - 1
         expected = torch.log_softmax(logits[first : first + len(tokens)], -1).gather(1, torch.tensor(tokens)[:, None])
         assert torch.allclose(torch.tensor(scored), expected.squeeze(1), atol=1e-4), (arch, site)
+
+
+def test_the_built_in_model_reads_and_writes_sites_as_hooks_do(builtin_view):
+    """SmolLM2-135M (issue 28's done-means): attn_out and mlp_out captures equal a hook on the HF
+    module exactly (fp32); an amplified mlp_out patch gives the hook's next token and generation."""
+    view = builtin_view
+    ids = view.encode(SOURCE)
+    for site in ("attn_out", "mlp_out"):
+        states = ps.capture(view, SOURCE, layers=[1, view.n_blocks - 1], positions=[-1], site=site)
+        for layer in states.layers:
+            store: dict = {}
+            handle = register(site_module(view, layer, site), site, site_hook(site, len(ids) - 1, None, store))
+            with torch.no_grad():
+                view.model(input_ids=torch.tensor([ids]))
+            handle.remove()
+            assert torch.equal(states[layer, -1], store["h"]), (site, layer)
+    src = ps.capture(view, SOURCE, layers=[3], positions=[-1], site="mlp_out")
+    target = ps.TargetPrompt(view, TARGET, placeholder="x")
+    patch = target.patch(src.at(layer=3).map(lambda v: 6 * v), layer=3, site="mlp_out")
+    assert ps.next_token(view, [patch], top_k=1).token_ids == [int(naive_logits(view, patch).argmax())]
+    assert ps.generate(view, [patch], max_new_tokens=6).token_ids[0] == naive_generate(view, patch, 6)
