@@ -209,21 +209,22 @@ class SuperscopesExperiment(Experiment):
 
     @staticmethod
     def _lines(metrics: dict) -> pd.DataFrame:
-        """Success rate per (line, source block, target block): site × {auto α, α = 1}, or site × α."""
+        """Success rate per (site, kind, source block, target block): kind auto α and α = 1, or each α."""
         if metrics["auto_alpha"]:
             by = pd.DataFrame(metrics["success"])
             parts = [
-                by.assign(line=by["source_site"] + label, rate=by[column], rate_se=by[f"{column}_se"])
-                for column, label in (("auto_alpha", " auto α"), ("alpha_1", " α=1"))
+                by.assign(kind=label, rate=by[column], rate_se=by[f"{column}_se"])
+                for column, label in (("auto_alpha", "auto α"), ("alpha_1", "α=1"))
             ]
             return pd.concat(parts, ignore_index=True).sort_values("source_site", kind="stable")
         by = pd.DataFrame(metrics["by_alpha"])
-        line = by["source_site"] + " α=" + by["alpha"].map(lambda a: f"{a:g}")
-        return by.assign(line=line, rate=by["success"], rate_se=by["success_se"])
+        kind = "α=" + by["alpha"].map(lambda a: f"{a:g}")
+        return by.assign(kind=kind, rate=by["success"], rate_se=by["success_se"])
 
     @staticmethod
     def report(metrics: dict) -> str:
         lines = SuperscopesExperiment._lines(metrics)
+        lines = lines.assign(line=lines["source_site"] + " " + lines["kind"])
         table = lines.pivot_table(index=["source_layer", "target_layer"], columns="line", values="rate", sort=False)
         return (
             f"superscopes: share of {metrics['n_examples']} entities whose generation has MiniLM cosine > "
@@ -233,15 +234,16 @@ class SuperscopesExperiment(Experiment):
 
     @staticmethod
     def plot(df: pd.DataFrame, metrics: dict, run_dir: Path) -> list[Path]:
-        from patchscan.plots.curves import method_curves
+        from patchscan.plots.curves import styled_curves
 
         return [
-            method_curves(
+            styled_curves(
                 SuperscopesExperiment._lines(metrics),
-                ["rate"],
-                [f"success rate (MiniLM cosine > {metrics['threshold']:g})"],
+                "rate",
+                f"share of entities with MiniLM cosine > {metrics['threshold']:g}",
                 run_dir / "superscopes_success.png",
+                color="source_site",
+                style="kind",
                 title=f"Superscopes: amplified states read at the entity prompt ({metrics['n_examples']} entities)",
-                line_column="line",
             )
         ]
