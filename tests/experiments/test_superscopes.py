@@ -49,7 +49,7 @@ def test_superscopes_rows_equal_a_plain_hook_and_metrics_recompute(tmp_path):
     df = pd.read_parquet(run / "results")
     assert len(df) == 2 * 2 * 3  # entities × sites × α, at block 1
     assert tuple(df.columns[: len(RUN_COLUMNS)]) == RUN_COLUMNS
-    assert {"subject", "alpha", "generation", "similarity", "auto_alpha_chosen"} <= set(df.columns)
+    assert {"subject", "object", "alpha", "generation", "similarity", "auto_alpha_chosen"} <= set(df.columns)
     assert sorted(df["source_site"].unique()) == ["mlp_out", "resid_post"] and (df["target_site"] == "resid_post").all()
     assert (df["source_layer"] == df["target_layer"]).all() and list(df["subject"][:1]) == ["Pink Floyd"]
 

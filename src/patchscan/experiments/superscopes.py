@@ -168,6 +168,7 @@ class SuperscopesExperiment(Experiment):
                     examples[k], "superscopes", s, self.target_ids, self.target_position, t, source_site=site
                 ),
                 "subject": examples[k]["name"],
+                "object": examples[k]["name"],  # the reference the generation is scored against: the name itself
                 "source_text": examples[k]["name"],
                 "target_prompt": self.prompt,
                 "alpha": alpha,
