@@ -86,21 +86,25 @@ class SuperscopesExperiment(Experiment):
         self.sites = _sites(block.get("sites"))
         self.alphas = _alphas(block.get("alphas"))
         self.target_layer = _target_layer(block.get("target_layer", "same"))
-        target = str(cfg.sweep.get("target_layers", "same")).strip().lower()
-        if target != "same":
+        self.refuse_replaced_keys()
+        path = cfg.dataset.get("path")
+        self.entities = read_lines(path, "entity file") if path else load_texts(cfg.dataset)
+
+    def refuse_replaced_keys(self) -> None:
+        """The shared keys that `superscopes:` replaces: set otherwise, they would be ignored in silence."""
+        sweep, patchscope = self.cfg.sweep, self.cfg.get("patchscope") or {}
+        if str(sweep.get("target_layers", "same")).strip().lower() != "same":
             raise UserError(
-                f"sweep.target_layers={_shown(cfg.sweep.target_layers)} does not apply to superscopes; "
+                f"sweep.target_layers={_shown(sweep.target_layers)} does not apply to superscopes; "
                 "use superscopes.target_layer=same or 0"
             )
         if self.source_site != "resid_post":
             raise UserError(
                 f"patchscope.source_site={self.source_site!r} does not apply to superscopes; use superscopes.sites"
             )
-        scale = (cfg.get("patchscope") or {}).get("scale") or 1.0
+        scale = patchscope.get("scale") or 1.0
         if float(scale) != 1.0:
             raise UserError(f"patchscope.scale={scale} does not apply to superscopes; use superscopes.alphas")
-        path = cfg.dataset.get("path")
-        self.entities = read_lines(path, "entity file") if path else load_texts(cfg.dataset)
 
     def bind(self, view, target_view=None) -> None:
         super().bind(view, target_view)
