@@ -12,7 +12,7 @@ DATA ?=
 N ?= 300
 ARGS ?=
 
-.PHONY: setup demo test test-slurm bench gpu-check crosscheck-next-token fig-next-token table-attributes fig-entity table-multihop fig-controls clean
+.PHONY: setup demo test test-slurm bench gpu-check crosscheck-next-token fig-next-token table-attributes fig-entity fig-superscopes table-multihop fig-controls clean
 
 setup: $(STAMP)
 
@@ -85,6 +85,11 @@ fig-controls: setup
 fig-entity: setup
 	$(VENV)/bin/patchscan run +experiment=entity_resolution model=$(MODEL) \
 	  hydra.run.dir=outputs/fig-entity/$(MODEL) $(ARGS)
+
+# Superscopes (Jacobi & Niv 2025): 48 names, sites mlp_out/mlp_in/resid_post, blocks 1..7, α 1..15, auto-α vs α = 1.
+fig-superscopes: setup
+	$(VENV)/bin/patchscan run +experiment=superscopes model=$(MODEL) \
+	  hydra.run.dir=outputs/fig-superscopes/$(MODEL) $(ARGS)
 
 table-multihop: setup
 	$(VENV)/bin/patchscan run +experiment=multihop model=$(MODEL) \

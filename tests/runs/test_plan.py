@@ -70,6 +70,15 @@ CASES = {
         "generation.max_new_tokens=4",
         "runner.examples_per_part=3",
     ],
+    "superscopes": [
+        "+experiment=superscopes",
+        "model=tiny_llama",
+        "dataset.limit=3",
+        "sweep.source_layers=1:3",
+        "superscopes.alphas=[1,3,6]",
+        "generation.max_new_tokens=4",
+        "runner.examples_per_part=2",
+    ],
     "cross_model": [
         "+experiment=cross_model",
         "model=tiny_llama",

@@ -12,6 +12,7 @@ EXPERIMENTS = {
     "entity_resolution": "patchscan.experiments.entities:EntityExperiment",
     "cross_model": "patchscan.experiments.cross_model:CrossModelExperiment",
     "multihop": "patchscan.experiments.multihop:MultihopExperiment",
+    "superscopes": "patchscan.experiments.superscopes:SuperscopesExperiment",
 }
 
 

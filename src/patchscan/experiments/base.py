@@ -173,8 +173,11 @@ class Experiment:
             return [random.Random(f"{int(self.cfg.runner.seed)}-{index}").randint(low, length - 1)]
         return grids.positions(spec, length, "sweep.source_positions")
 
-    def capture_sources(self, examples: list[dict], layers: Sequence[int] | None = None, with_logprobs=False):
-        """Source states of the examples (`ids`, `position`) at `layers` (default: `source_layers`)."""
+    def capture_sources(
+        self, examples: list[dict], layers: Sequence[int] | None = None, with_logprobs=False, site: str | None = None
+    ):
+        """Source states of the examples (`ids`, `position`) at `layers` (default: `source_layers`), read
+        at `site` (default: the configured `source_site`)."""
         return self.engine.capture(
             self.view,
             [e["ids"] for e in examples],
@@ -182,7 +185,7 @@ class Experiment:
             [[e["position"]] for e in examples],
             batch_size=self.capture_batch_size(),
             with_logprobs=with_logprobs,
-            site=self.source_site,
+            site=site or self.source_site,
         )
 
     # ------------------------------------------------------------------ rows
@@ -196,10 +199,19 @@ class Experiment:
         return {"model": self.view.name, "target_model": getattr(self, "target_view", self.view).name}
 
     def run_columns(
-        self, example: dict, method: str, source_layer, target_ids, target_position, target_layer, target_site=None
+        self,
+        example: dict,
+        method: str,
+        source_layer,
+        target_ids,
+        target_position,
+        target_layer,
+        target_site=None,
+        source_site=None,
     ) -> dict:
         """The row contract's common columns for one patched run of an example (`ids`, `position`);
-        the sites are the configured ones (`target_site` overrides, e.g. a lens reads the last block's output)."""
+        the sites are the configured ones (`target_site` overrides, e.g. a lens reads the last block's
+        output; `source_site`, e.g. superscopes reads several sites in one run)."""
         return row_contract.run_columns(
             example_id=example["example_id"],
             method=method,
@@ -210,6 +222,6 @@ class Experiment:
             target_token_ids=target_ids,
             target_position=target_position,
             target_layer=target_layer,
-            source_site=self.source_site,
+            source_site=source_site or self.source_site,
             target_site=target_site or self.target_site,
         )

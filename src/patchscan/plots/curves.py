@@ -1,4 +1,4 @@
-"""Line plots of a metric against the source block, one line per method, with SE bands."""
+"""Line plots of a metric against the source block, one line per method (or per pair of values), with SE bands."""
 
 from __future__ import annotations
 
@@ -37,6 +37,36 @@ def method_curves(
         ax.legend()
     if title:
         fig.suptitle(wrapped(title, fig.get_figwidth()))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def styled_curves(
+    by: pd.DataFrame, column: str, ylabel: str, path: Path, color: str, style: str, title: str = ""
+) -> Path:
+    """One panel; x = source_layer; one line per (`color`, `style`) pair of values: a colour for each
+    value of one column, a line style for each of the other (e.g. site × {auto α, α=1}); ±1 SE bands."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(by[color]))}
+    styles = dict(zip(dict.fromkeys(by[style]), ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))] * 4))
+    for (c, s), group in by.groupby([color, style], sort=False):
+        group = group.sort_values("source_layer")
+        x, y = group["source_layer"].astype(float), group[column]
+        ax.plot(x, y, marker="o", ms=3, color=colors[c], linestyle=styles[s], label=f"{c}, {s}")
+        if f"{column}_se" in group:
+            se = group[f"{column}_se"].fillna(0)
+            ax.fill_between(x, y - se, y + se, color=colors[c], alpha=0.1)
+    ax.set_xticks(sorted(by["source_layer"].astype(int).unique()))
+    ax.set_xlabel("source block ℓ")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(wrapped(title, fig.get_figwidth(), 10), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -106,6 +106,8 @@ RULES: tuple[Rule, ...] = (
     Rule("multihop.require_single_hops", boolean()),
     Rule("multihop.backpatch", boolean()),
     Rule("similarity.embedding", boolean()),
+    Rule("superscopes.auto_alpha", boolean()),
+    Rule("superscopes.threshold", number(-1.0)),
     Rule("model.dtype", one_of(None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")),
     Rule("target_model.dtype", one_of(None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")),
     Rule("model.device", device()),

@@ -238,10 +238,11 @@ class CountingBackend(Backend):
         row = 0
         for ids, pos in zip(batch, positions):
             for position in pos:
-                for i, layer in enumerate(layers):  # one value per (prompt, position, block), so the runs
-                    key = (tuple(ids), position, layer)  # that are identical for the real engine are so here
+                for i, layer in enumerate(layers):  # one value per (prompt, position, block, site), so the
+                    key = (tuple(ids), position, layer, site)  # runs identical for the real engine are so here
                     states[i, row] = self.state_ids.setdefault(key, float(len(self.state_ids) + 1))
                 row += 1
+        states[..., -1] = 1.0  # one fixed entry: α·h of one state never equals β·h of another (superscopes)
         return states, (torch.zeros(1, view.vocab_size).expand(row, -1) if with_logprobs else None)
 
     def logits(self, view, cache, patches, rows, skip):
@@ -281,7 +282,8 @@ class CountingBackend(Backend):
 
 class StandInMap:
     """A fitted map standing in for a least-squares one: a state's mean, repeated over the output width.
-    Stand-in states are constant vectors, one value per (prompt, position, block): they stay distinct."""
+    Stand-in states are constant vectors but their last entry, one value per (prompt, position, block,
+    site): their means stay distinct."""
 
     kind = "stand-in"
 

@@ -1,0 +1,99 @@
+"""Superscopes end to end on a tiny model: its rows against a plain hook (tests/reference.py), the
+auto-α choice and metrics recomputed from the rows, and the refusals of bad settings."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from patchscan.errors import UserError
+from patchscan.experiments import get_experiment
+from patchscan.metrics.similarity import embedding_cosine
+from patchscan.runs.row_schema import RUN_COLUMNS
+from tests.conftest import tiny
+from tests.helpers import compose, run_in
+from tests.reference import naive_generate
+
+OVERRIDES = [
+    "+experiment=superscopes",
+    "model=tiny_llama",
+    "dataset.limit=2",
+    "sweep.source_layers=[1]",
+    "superscopes.sites=[mlp_out,resid_post]",
+    "superscopes.alphas=[1,3,9]",
+]
+
+
+@torch.no_grad()
+def _mlp_output(view, ids: list[int], layer: int, position: int) -> torch.Tensor:
+    """The MLP output of block `layer` at `position`, read by a hook of its own on the HF module."""
+    store = {}
+
+    def hook(module, inputs, output):
+        store["h"] = output[0, position].clone()
+
+    handle = view.blocks[layer].mlp.register_forward_hook(hook)
+    try:
+        view.model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return store["h"]
+
+
+def test_superscopes_rows_equal_a_plain_hook_and_metrics_recompute(tmp_path):
+    run = run_in(tmp_path / "run", *OVERRIDES)
+    df = pd.read_parquet(run / "results")
+    assert len(df) == 2 * 2 * 3  # entities × sites × α, at block 1
+    assert tuple(df.columns[: len(RUN_COLUMNS)]) == RUN_COLUMNS
+    assert {"subject", "object", "alpha", "generation", "similarity", "auto_alpha_chosen"} <= set(df.columns)
+    assert sorted(df["source_site"].unique()) == ["mlp_out", "resid_post"] and (df["target_site"] == "resid_post").all()
+    assert (df["source_layer"] == df["target_layer"]).all() and list(df["subject"][:1]) == ["Pink Floyd"]
+
+    # one row, by hand: 3 × the MLP output of block 1 at the name's last token, written into block 1's output at x
+    view = tiny("tiny_llama")
+    row = df.query("source_site == 'mlp_out' and alpha == 3 and source_layer == 1 and example_id == '0'").iloc[0]
+    ids, position = [int(t) for t in row["source_token_ids"]], int(row["source_position"])
+    assert position == len(ids) - 1 and view.decode(ids) == "Pink Floyd"
+    patch = SimpleNamespace(
+        target_ids=row["target_token_ids"],
+        target_position=row["target_position"],
+        target_layer=1,
+        vector=3 * _mlp_output(view, ids, 1, position),
+    )
+    assert view.decode(naive_generate(view, patch, max_new_tokens=10)) == row["generation"]
+    assert row["similarity"] == pytest.approx(embedding_cosine([row["generation"]], ["Pink Floyd"])[0], abs=1e-5)
+
+    # auto-α: one row per (entity, site, block), the α ≠ 1 of highest similarity
+    cell = ["example_id", "source_site", "source_layer"]
+    chosen = df[df["auto_alpha_chosen"]]
+    assert (chosen["alpha"] != 1).all() and len(chosen) == len(df.groupby(cell))
+    best = df[df["alpha"] != 1].groupby(cell)["similarity"].max()
+    assert chosen.set_index(cell)["similarity"].sort_index().equals(best.sort_index())
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    wanted = df.assign(win=df["similarity"] > 0.3).groupby([*cell, df["alpha"] == 1])["win"].any()
+    for cell_metrics in metrics["success"]:
+        at = wanted.xs((cell_metrics["source_site"], cell_metrics["source_layer"]), level=[1, 2])
+        assert cell_metrics["alpha_1"] == at.xs(True, level=1).mean()
+        assert cell_metrics["auto_alpha"] == at.xs(False, level=1).mean()
+        assert cell_metrics["n"] == 2
+    assert (run / "superscopes_success.png").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("superscopes.sites=[mlp_out,mlp_output]", "superscopes.sites: unknown site 'mlp_output'; sites: resid_post"),
+        ("superscopes.alphas=[3,6]", "superscopes.alphas=[3, 6] has no 1"),
+        ("superscopes.target_layer=5", "superscopes.target_layer=5 is not valid; use same"),
+    ],
+)
+def test_bad_settings_are_refused_before_a_model_loads(override, message):
+    cfg = compose(*OVERRIDES, override)
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")) as refused:
+        get_experiment("superscopes")(cfg)
+    assert "\n" not in str(refused.value)
