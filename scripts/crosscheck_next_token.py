@@ -25,7 +25,7 @@ import torch
 
 from patchscan.errors import UserError
 from patchscan.models import load_model
-from patchscan.runs.runner import read_results, run_config
+from patchscan.runs.parts import read_results, run_config
 
 
 def overwrite_last_position(vector: torch.Tensor):

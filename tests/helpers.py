@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from patchscan.runs import runner
+from patchscan.runs import parts
 
 ROOT = Path(__file__).resolve().parents[1]
 LRE = ROOT / "tests" / "fixtures" / "lre"  # small relation files the team wrote; ../shared/data/lre has the real ones
@@ -123,7 +123,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def rows(results: Path) -> pd.DataFrame:
     """A results dir's rows in a fixed order, to compare two runs."""
-    return runner.read_results(results).sort_values(KEY).reset_index(drop=True)
+    return parts.read_results(results).sort_values(KEY).reset_index(drop=True)
 
 
 def grid_patches(view):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from patchscan.runs import runner
+from patchscan.runs import parts
 from tests.helpers import ROOT, cli, cli_here, compose, one_line_error, run_in
 
 # ---------------------------------------------------------------- one shared small run
@@ -159,7 +159,7 @@ def test_ctrl_c_says_how_many_examples_are_saved_and_how_to_resume(tmp_path):
         code=130,
     )
     saved = int(line.split("interrupted: ")[1].split()[0])
-    assert saved == runner.read_results(run)["example_id"].nunique() >= 2
+    assert saved == parts.read_results(run)["example_id"].nunique() >= 2
 
 
 def test_folder_model_as_the_readme_writes_it(tmp_path):

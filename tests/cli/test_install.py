@@ -94,7 +94,7 @@ def test_every_subpackage_is_packaged():
 
 
 def test_checkout_records_its_commit():
-    from patchscan.runs.runner import git_commit
+    from patchscan.runs.identity import git_commit
 
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")

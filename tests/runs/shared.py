@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from patchscan.runs import runner
+from patchscan.runs import identity
 from tests.helpers import cli, rows
 
 # ---------------------------------------------------------------- one shared small run
@@ -47,7 +47,7 @@ def meta_of(cfg) -> dict:
     from omegaconf import OmegaConf
 
     return {
-        "fingerprint": runner.config_fingerprint(cfg),
+        "fingerprint": identity.config_fingerprint(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "num_shards": int(cfg.runner.num_shards),
     }

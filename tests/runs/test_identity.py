@@ -19,7 +19,7 @@ import patchscan as ps
 from patchscan.data.texts import load_texts
 from patchscan.errors import UserError
 from patchscan.models import fingerprints
-from patchscan.runs import runner, store
+from patchscan.runs import parts, store
 from tests.helpers import ROOT, cli, cli_here, one_line_error, run_in
 
 TEXTS = load_texts({"kind": "builtin", "name": "texts"})
@@ -189,8 +189,8 @@ def test_every_part_carries_the_run_id_of_its_run_json(two_runs):
     for run in (two_runs["a"], two_runs["b"]):
         run_id = json.loads((run / "results" / "_run.json").read_text())["run_id"]
         for part in (run / "results").glob("part-*.parquet"):
-            assert pq.read_schema(part).metadata[runner.RUN_ID_KEY].decode() == run_id
-    assert runner.recorded_run_id(two_runs["a"] / "results") != runner.recorded_run_id(two_runs["b"] / "results")
+            assert pq.read_schema(part).metadata[parts.RUN_ID_KEY].decode() == run_id
+    assert parts.recorded_run_id(two_runs["a"] / "results") != parts.recorded_run_id(two_runs["b"] / "results")
 
 
 def test_parts_without_run_json_are_not_adopted_by_another_model(two_runs, tmp_path):
@@ -229,7 +229,7 @@ def test_a_part_of_another_run_is_not_merged_into_the_metrics(two_runs, tmp_path
     shutil.copy(stray, run / "results" / "part-000-0000050.parquet")
     one_line_error(cli_here("eval", str(run)), "part-000-0000050.parquet", "belongs to another run")
     with pytest.raises(UserError, match="belongs to another run"):
-        runner.read_results(run)
+        parts.read_results(run)
     proc = cli_here("run", *two_runs["args"], "model=tiny_llama", f"hydra.run.dir={run}")
     one_line_error(proc, "belongs to another run")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from patchscan.runs import runner
+from patchscan.runs import parts, runner
 from tests.helpers import compose
 from tests.runs.shared import FakeExperiment, fake_chunk, meta_of
 
@@ -25,7 +25,7 @@ def test_metrics_are_strict_json_and_layer_columns_are_integers(tmp_path):
     text = (tmp_path / "run" / "metrics.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert metrics["complete"] is True and json.loads(text)["undefined"] is None
-    df = runner.read_results(plan.results_dir)
+    df = parts.read_results(plan.results_dir)
     from patchscan.runs.row_schema import INDEX_COLUMNS
 
     for column in INDEX_COLUMNS:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from patchscan.runs import runner
+from patchscan.runs import lock, parts, runner, store
 from tests.helpers import cli, cli_here, compose, one_line_error, rows, run_in, snapshot
 from tests.runs.shared import FakeExperiment, copy_run, fake_chunk, meta_of
 
@@ -25,13 +25,13 @@ def test_a_second_writer_is_refused_naming_the_first(base, tmp_path):
     """Case 3: while one process holds a run dir, a second run on it (any runner settings) is refused."""
     run = copy_run(base, tmp_path / "run")
     before = snapshot(run)
-    lock = runner.ShardLock(run / "results", 0).acquire()
+    held = lock.ShardLock(run / "results", 0).acquire()
     try:
         proc = cli(
             "run", *base["args"], "runner.examples_per_part=3", f"hydra.run.dir={run}", cwd=tmp_path, check=False
         )
     finally:
-        lock.release()
+        held.release()
     one_line_error(proc, "being written by pid", str(os.getpid()))
     after = snapshot(run)
     after.pop("results/.lock-shard-000"), before.pop("results/.lock-shard-000")
@@ -41,14 +41,14 @@ def test_a_second_writer_is_refused_naming_the_first(base, tmp_path):
 def test_run_json_is_written_atomically(tmp_path, monkeypatch):
     """Case 3: _run.json goes through a temporary name; a crash mid-write leaves the old file whole."""
     target = tmp_path / "_run.json"
-    runner.write_atomic(target, '{"a": 1}')
+    store.write_atomic(target, '{"a": 1}')
 
     def boom(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(runner.os, "replace", boom)
     with pytest.raises(OSError):
-        runner.write_atomic(target, '{"a": 2}')
+        store.write_atomic(target, '{"a": 2}')
     assert json.loads(target.read_text()) == {"a": 1} and list(tmp_path.iterdir()) == [target]
 
 
@@ -139,14 +139,14 @@ def _shard_worker(shard: int, results: str, out: str, barrier) -> int:
     plan = runner.plan_run(runner.open_run(cfg, Path(out)), examples, meta_of(cfg))
     *head, last = [plan.todo[i : i + 2] for i in range(0, len(plan.todo), 2)]
     for chunk in head:
-        runner.write_part(
+        parts.write_part(
             runner.with_keys(fake_chunk(chunk, lambda n: None), chunk),
             plan.results_dir,
             f"part-{shard:03d}-{chunk[0]['_index']:07d}.parquet",
             plan.run_id,
         )
     barrier.wait()  # all eight write their last part, their _run.json and their metrics at once
-    runner.write_part(
+    parts.write_part(
         runner.with_keys(fake_chunk(last, lambda n: None), last),
         plan.results_dir,
         f"part-{shard:03d}-{last[0]['_index']:07d}.parquet",
@@ -167,7 +167,7 @@ def test_eight_shards_finishing_at_once_into_one_results_dir(tmp_path):
                 _shard_worker, [(s, str(results), str(tmp_path / f"job{s}"), barrier) for s in range(8)]
             )
     assert sorted(done) == list(range(8))
-    df = runner.read_results(results)
+    df = parts.read_results(results)
     assert df["example_id"].nunique() == 40 and not df.duplicated(["example_id", "source_layer"]).any()
     assert json.loads((results / "_run.json").read_text())["n_examples"] == 40
     assert not [p for p in results.iterdir() if p.name.endswith(".tmp")]

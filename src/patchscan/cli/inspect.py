@@ -140,7 +140,7 @@ def _default_method(methods: Sequence[str]) -> str:
 
 def example_rows(run_dir: str | Path, example: str, method: str | None = None):
     """(rows of one example and one method, sorted by ℓ then ℓ*; the method) of a run dir or results dir."""
-    from patchscan.runs.runner import read_results, run_meta
+    from patchscan.runs.parts import read_results, run_meta
 
     run_meta(run_dir)  # one line when the folder is no run
     df = read_results(run_dir)
@@ -166,7 +166,7 @@ def _row_text(row) -> str:
 
 def _rows_at(rows, spec: str, run_dir: str | Path, example: str):
     """The rows at the --layers blocks ℓ, resolved against the run's model; one line when none is there."""
-    from patchscan.runs.runner import run_meta
+    from patchscan.runs.parts import run_meta
 
     have = sorted({int(b) for b in rows["source_layer"]})
     n = (run_meta(run_dir)[1].get("model") or {}).get("n_blocks") or (have[-1] + 1 if have else 0)

@@ -62,7 +62,8 @@ def run_job(cfg) -> dict:
     from patchscan.models import load_model
     from patchscan.runs.config_checks import validate
     from patchscan.runs.dry_run import check_fits
-    from patchscan.runs.runner import execute, finalize, open_run, plan_run, run_metadata
+    from patchscan.runs.identity import run_metadata
+    from patchscan.runs.runner import execute, finalize, open_run, plan_run
 
     name = cfg.get("experiment", {}).get("name")
     if not name or name == "???":
@@ -102,16 +103,7 @@ def run_job(cfg) -> dict:
             )
             return finalize(scope_cls, cfg, plan.run_dir, plan.results_dir)
         except KeyboardInterrupt:
-            where = plan.run_dir if plan.results_dir == plan.run_dir / "results" else plan.results_dir
-            how = (
-                f"hydra.run.dir={where}"
-                if where == plan.run_dir
-                else f"runner.results_dir={where} runner.shard={plan.shard}"
-            )
-            raise Interrupted(
-                f"interrupted: {plan.saved()} of {len(plan.mine)} examples saved in {plan.results_dir}; "
-                f"rerun the same command with {how} to resume"
-            ) from None
+            raise Interrupted(plan.interrupted()) from None
     finally:
         plan.release()
 
@@ -121,7 +113,7 @@ def _accept(run_dir: Path, cfg, hydra_cfg) -> None:
     refused run touches nothing)."""
     from omegaconf import OmegaConf
 
-    from patchscan.runs.runner import write_atomic
+    from patchscan.runs.store import write_atomic
 
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
@@ -391,7 +383,8 @@ def eval_main(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
     from patchscan.experiments import get_experiment
-    from patchscan.runs.runner import finalize, run_config
+    from patchscan.runs.parts import run_config
+    from patchscan.runs.runner import finalize
 
     parser = argparse.ArgumentParser(
         prog="patchscan eval", description="Recompute metrics.json and plots of a run from its Parquet results alone."

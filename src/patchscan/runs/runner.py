@@ -13,394 +13,48 @@ shard, so shards sharing a results dir write disjoint examples.
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
 import json
 import logging
-import math
 import os
-import platform
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from patchscan.errors import UserError
+from patchscan.runs.identity import (
+    config_difference,
+    config_fingerprint,
+    example_key,
+    identity_difference,
+    run_id,
+    run_identity,
+)
+from patchscan.runs.lock import ShardLock
+from patchscan.runs.parts import (
+    META_NAME,
+    part_files,
+    read_results,
+    recorded_run_id,
+    run_meta,
+    stored_examples,
+    strict_json,
+    write_part,
+)
 from patchscan.runs.row_schema import int_columns
-from patchscan.runs.store import write_atomic  # noqa: F401 - the one atomic writer, also runner.write_atomic
+from patchscan.runs.store import write_atomic
 
 if TYPE_CHECKING:
     from patchscan.engine.counting import Counts
     from patchscan.models.fingerprints import Inputs
 
 log = logging.getLogger(__name__)
-META_NAME = "_run.json"  # starts with "_" so Parquet readers ignore it
-LOCK_PREFIX = ".lock-shard-"  # starts with "." so Parquet readers ignore it
-QUARANTINE = ".quarantine"  # where runner.repair=true moves bad parts
-# example fields that are results of the model, not its definition (left out of example_key)
-DERIVED_FIELDS = ("probe", "filled_generation", "filled_correct")
 PROGRESS_INTERVAL_S = 5.0
-RUN_ID_KEY = b"patchscan.run_id"  # Parquet schema metadata: the run identity a part belongs to
-
-
-# ---------------------------------------------------------------- config identity
-
-
-def _identity_config(cfg: DictConfig | dict) -> dict:
-    """The part of a config that decides the results: all but how they are batched, sharded, resumed."""
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
-    runner = data.pop("runner", None) or {}
-    data.pop("hydra", None)
-    data["seed"] = runner.get("seed", 0)  # runner.seed picks positions and probe folds
-    return data
-
-
-def config_fingerprint(cfg: DictConfig | dict) -> str:
-    """A hash of everything that decides the results (not how they are batched or sharded)."""
-    blob = json.dumps(_identity_config(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def config_difference(old: dict, new: dict) -> str | None:
-    """The first key (dotted) whose value differs between two configs' identities, as 'key: a there, b here'."""
-
-    def walk(a: Any, b: Any, prefix: str) -> str | None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                found = walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-                if found:
-                    return found
-            return None
-        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
-            name = "runner.seed" if prefix == "seed" else prefix
-            return f"{name}={json.dumps(a, default=str)} there, {json.dumps(b, default=str)} here"
-        return None
-
-    return walk(_identity_config(old), _identity_config(new), "")
-
-
-IDENTITY_PARTS = {  # what a run's identity holds, in the order a difference is reported
-    "config": "the config",
-    "models": "model weights",
-    "data": "data",
-    "maps": "fitted maps",
-}
-
-
-def run_identity(meta: dict, inputs: Inputs | None = None) -> dict:
-    """Everything that determines a row beyond the example itself: the config, the exact fingerprint
-    of every model loaded, the digest of every data file the config names, and the key of every set
-    of maps fitted or loaded (`fingerprints.Inputs`, recorded while the run was set up)."""
-    from patchscan.models.fingerprints import data_fingerprint
-
-    models = dict(inputs.models) if inputs is not None else {}
-    model = meta.get("model") or {}
-    if model.get("fingerprint") and model["fingerprint"] not in models.values():
-        models[model.get("name") or "model"] = model["fingerprint"]
-    return {
-        "config": meta.get("fingerprint") or config_fingerprint(meta["config"]),
-        "models": models,
-        "data": data_fingerprint(_identity_config(meta.get("config") or {})),
-        "maps": dict(inputs.maps) if inputs is not None else {},
-    }
-
-
-def run_id(identity: dict) -> str:
-    """The short hash of a run identity that every part of the run carries."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def identity_difference(old: dict | None, new: dict, parts: tuple[str, ...] = tuple(IDENTITY_PARTS)) -> str | None:
-    """What differs between two run identities (among `parts`), as one phrase naming the first change."""
-    if not old:
-        return "it was written without a run identity (by an older patchscan)"
-    for part in parts:
-        a, b = old.get(part), new.get(part)
-        if a == b:
-            continue
-        if not isinstance(a, dict) or not isinstance(b, dict):
-            return f"{IDENTITY_PARTS[part]}: {a} there, {b} here"
-        name = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-        if name not in b:
-            return f"{IDENTITY_PARTS[part]}: {name} was used there, not here"
-        if name not in a:
-            return f"{IDENTITY_PARTS[part]}: {name} is used here, not there"
-        return f"{IDENTITY_PARTS[part]}: {name} changed (digest {a[name]} there, {b[name]} here)"
-    return None
-
-
-def example_key(example: dict) -> str:
-    """A short hash of what defines an example (all its fields but private and model-derived ones)."""
-    content = {k: v for k, v in example.items() if not k.startswith("_") and k not in DERIVED_FIELDS}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- files
-
-
-def strict_json(value: Any) -> Any:
-    """NaN and infinities become null, numpy scalars plain numbers: json.dumps(allow_nan=False) then passes."""
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        try:
-            value = value.item()
-        except (ValueError, TypeError):
-            return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is pd.NA or value is pd.NaT:
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def part_files(results_dir: Path) -> list[Path]:
-    return sorted(results_dir.glob("part-*.parquet"))
-
-
-def check_parts(results_dir: Path, repair: bool = False) -> list[Path]:
-    """The readable part files; an empty, truncated or unreadable one is one error line (or, with
-    repair, moved to results/.quarantine/ so its examples are computed again)."""
-    good = []
-    for part in part_files(results_dir):
-        problem = None
-        try:
-            meta = pq.ParquetFile(part).metadata
-            if meta.num_rows == 0:
-                problem = "is empty"
-            elif "example_id" not in meta.schema.names:
-                problem = "has no example_id column"
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            problem = f"is truncated or unreadable ({str(exc).splitlines()[0][:120]})"
-        if problem is None:
-            good.append(part)
-        elif repair:
-            _set_aside(results_dir, part, f"it {problem}")
-        else:
-            raise UserError(
-                f"part file {part} {problem}; rerun with runner.repair=true to move it aside and recompute its examples"
-            )
-    return good
-
-
-def _set_aside(results_dir: Path, part: Path, problem: str) -> None:
-    aside = results_dir / QUARANTINE
-    aside.mkdir(exist_ok=True)
-    os.replace(part, aside / part.name)
-    log.warning("runner.repair: moved %s (%s) to %s; its examples run again", part.name, problem, aside)
-
-
-def recorded_run_id(results_dir: Path) -> str:
-    """The run id in a results dir's _run.json; one error line when there is none to check parts against."""
-    meta_path = results_dir / META_NAME
-    if not meta_path.is_file():
-        raise UserError(
-            f"{results_dir} holds part files but no {META_NAME}: which run wrote them is unknown, so they are "
-            "not adopted; move them away or choose another run dir (hydra.run.dir=...)"
-        )
-    try:
-        found = json.loads(meta_path.read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise UserError(f"cannot read {meta_path}: {exc}") from exc
-    if not found:
-        raise UserError(f"{meta_path} has no run identity (written by an older patchscan); rerun into a new run dir")
-    return found
-
-
-def run_parts(results_dir: Path, expected: str | None = None, repair: bool = False) -> dict[Path, dict[str, str]]:
-    """The one reader of a results dir's parts: part -> {example_id: example_key}, each part checked:
-    readable, stamped with the run id of `_run.json` (or `expected`), and no example in two parts.
-    Anything else is one error line (with repair: the part is moved to .quarantine/ and its examples
-    run again). resume, eval, show and finalize all read through here."""
-    parts = check_parts(results_dir, repair)
-    if not parts:
-        return {}
-    expected = expected or recorded_run_id(results_dir)
-    out: dict[Path, dict[str, str]] = {}
-    owner: dict[str, Path] = {}
-    for part in parts:
-        stamp = (pq.read_schema(part).metadata or {}).get(RUN_ID_KEY, b"").decode() or None
-        table = pq.read_table(
-            part, columns=[c for c in ("example_id", "example_key") if c in pq.read_schema(part).names]
-        )
-        ids = table.column("example_id").to_pylist()
-        twice = next((i for i in ids if i in owner), None)
-        if stamp != expected:
-            problem = f"belongs to another run (run id {stamp}, this results dir's is {expected})"
-        elif twice is not None:
-            problem = f"repeats example {twice!r} of {owner[twice].name} (a part copied in twice?)"
-        else:
-            keys = table.column("example_key").to_pylist() if "example_key" in table.column_names else [None] * len(ids)
-            out[part] = dict(zip(ids, keys))
-            owner.update(dict.fromkeys(ids, part))
-            continue
-        if not repair:
-            raise UserError(
-                f"part file {part} {problem}; move it out, or rerun with runner.repair=true to set it aside"
-            )
-        _set_aside(results_dir, part, problem)
-    return out
-
-
-def stored_examples(results_dir: Path, repair: bool = False, expected: str | None = None) -> dict[str, str | None]:
-    """example_id -> example_key of the examples written in a results dir (checked: `run_parts`)."""
-    done: dict[str, str | None] = {}
-    for examples in run_parts(results_dir, expected, repair).values():
-        done.update(examples)
-    return done
-
-
-def write_part(df: pd.DataFrame, results_dir: Path, name: str, run_id: str) -> Path:
-    """Write atomically (`store.write_atomic`), stamped with the run's id in the Parquet schema
-    metadata, so every reader can tell the run's own parts from others. Never an empty part."""
-    import pyarrow as pa
-
-    if df.empty:
-        raise RuntimeError(f"refusing to write an empty part {name}: the scope returned no rows")
-    schema = pa.Schema.from_pandas(df, preserve_index=False)
-    schema = schema.with_metadata({**(schema.metadata or {}), RUN_ID_KEY: run_id.encode()})
-    return write_atomic(results_dir / name, lambda tmp: df.to_parquet(tmp, index=False, schema=schema))
-
-
-def run_config(run_dir: str | Path) -> tuple[Path, dict]:
-    """The results dir of a run dir (or of a results dir itself) and the config the run was composed with."""
-    results_dir, meta = run_meta(run_dir)
-    return results_dir, meta["config"]
-
-
-def run_meta(run_dir: str | Path) -> tuple[Path, dict]:
-    run_dir = Path(run_dir)
-    results_dir = run_dir if (run_dir / META_NAME).is_file() else run_dir / "results"
-    meta = results_dir / META_NAME
-    if not meta.is_file():
-        raise UserError(f"{run_dir} is not a patchscan run dir or results dir (no {META_NAME})")
-    try:
-        return results_dir, json.loads(meta.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {meta}: {exc}") from exc
-
-
-def read_results(run_dir: str | Path) -> pd.DataFrame:
-    """All rows of a run dir (or of a results dir itself): its part files only, whatever else lies there."""
-    run_dir = Path(run_dir)
-    results = run_dir / "results" if (run_dir / "results").is_dir() else run_dir
-    parts = run_parts(results)
-    if not parts:
-        raise UserError(f"no results found in {results}")
-    return pads.dataset([str(p) for p in parts], format="parquet").to_table().to_pandas()
-
-
-def git_commit() -> str | None:
-    """The commit of the patchscan checkout this code runs from; None for an installed package or
-    without git. Only a repository whose top level is the checkout counts, never one that merely
-    contains the installed package (a venv inside some project) or the working directory."""
-    import patchscan
-
-    root = Path(patchscan.__file__).resolve().parents[2]  # src/patchscan/__init__.py -> the checkout
-    if not (root / "pyproject.toml").is_file() or not (root / "src" / "patchscan").is_dir():
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if len(out) != 2 or Path(out[0]).resolve() != root:
-        return None
-    return out[1]
-
-
-def run_metadata(cfg: DictConfig, view=None, n_examples: int | None = None) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    meta: dict[str, Any] = {
-        "experiment": cfg.experiment.name,
-        "fingerprint": config_fingerprint(cfg),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "n_examples": n_examples,
-        "num_shards": int(cfg.runner.num_shards),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "pandas": pd.__version__},
-    }
-    from patchscan import __version__
-
-    meta["versions"]["patchscan"] = __version__
-    meta["git_commit"] = git_commit()
-    if view is not None:
-        from patchscan.models.fingerprints import model_fingerprint
-
-        meta["model"] = {
-            "name": view.name,
-            "class": type(view.model).__name__,
-            "dtype": str(view.dtype),
-            "device": str(view.device),
-            "n_blocks": view.n_blocks,
-            "width": view.width,
-            "fingerprint": model_fingerprint(view),
-            "revision": cfg.model.get("revision"),
-            "id": cfg.model.get("id") or cfg.model.get("path"),
-        }
-    return meta
-
-
-# ---------------------------------------------------------------- locks
-
-
-class ShardLock:
-    """flock on results/.lock-shard-SSS, held for the whole run; the file names the holder.
-
-    The kernel drops the lock when its process dies (SIGKILL included), so a rerun after a crash
-    takes it at once. A refused run writes nothing into the file.
-    """
-
-    def __init__(self, results_dir: Path, shard: int):
-        self.path = results_dir / f"{LOCK_PREFIX}{shard:03d}"
-        self.shard = shard
-        self.fh = None
-
-    def acquire(self) -> ShardLock:
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                fh.close()
-                raise
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise UserError(
-                f"{self.path.parent} (shard {self.shard}) is being written by {holder}; wait for it "
-                "to finish, or write elsewhere (hydra.run.dir=... or runner.results_dir=...)"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        fh.flush()
-        self.fh = fh
-        return self
-
-    def release(self) -> None:
-        if self.fh is not None:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
-            self.fh.close()
-            self.fh = None
 
 
 # ---------------------------------------------------------------- plan
@@ -439,6 +93,16 @@ class RunPlan:
         except UserError:
             return 0
         return sum(1 for e in self.mine if stored.get(e["example_id"], "") in (e["_key"], None))
+
+    def interrupted(self) -> str:
+        """What an interrupted run says: how much is saved, and the command line that resumes it."""
+        where = self.run_dir if self.results_dir == self.run_dir / "results" else self.results_dir
+        how = f"runner.results_dir={where} runner.shard={self.shard}"
+        how = f"hydra.run.dir={where}" if where == self.run_dir else how
+        return (
+            f"interrupted: {self.saved()} of {len(self.mine)} examples saved in {self.results_dir}; "
+            f"rerun the same command with {how} to resume"
+        )
 
 
 def _finished(run_dir: Path) -> bool:
