@@ -47,6 +47,7 @@ CASES = {
         "sweep.target_layers=[0,2]",
         "generation.max_new_tokens=4",
         "runner.examples_per_part=3",
+        "controls=[prompt_only,embedding_only,shuffled_source,source_in_prompt,zero,mean]",
     ],
     "entity_resolution": [
         "+experiment=entity_resolution",
@@ -56,6 +57,7 @@ CASES = {
         "sweep.source_layers=[0,3]",
         "generation.max_new_tokens=8",
         "runner.examples_per_part=2",
+        "controls=[source_in_prompt,zero,mean]",  # the shared controls: their rows counted too
     ],
     "multihop": [
         "+experiment=multihop",
@@ -69,6 +71,7 @@ CASES = {
         "sweep.target_layers=[0,2]",
         "generation.max_new_tokens=4",
         "runner.examples_per_part=3",
+        "controls=[source_in_prompt,zero,mean]",  # the shared controls: their rows counted too
     ],
     "cross_model": [
         "+experiment=cross_model",
@@ -93,6 +96,7 @@ CASES = {
         "generation.max_new_tokens=5",
         "dataset=builtin_texts",
         "runner.examples_per_part=2",
+        "controls=[source_in_prompt,zero,mean]",  # the shared controls: their rows counted too
     ],
 }
 
