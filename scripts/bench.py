@@ -227,6 +227,8 @@ def scope_overrides(key: str, args) -> list[str]:
     common = [f"{EXPERIMENT_KEY}={experiment}", f"runner.batch_size={args.batch_size}"]
     if args.sharing is not None:
         common.append(f"++generation.share_lower_blocks={str(args.sharing).lower()}")
+    # the controls these workloads were first measured with (docs/performance.md), not today's defaults
+    common.append("controls=[prompt_only,embedding_only,shuffled_source]" if key == "e" else "controls=[]")
     if key == "f":
         return common + [f"dataset.limit={args.entities}", "similarity.embedding=false"]
     step = f"::{args.gen_layer_step}"

@@ -110,8 +110,9 @@ def test_an_unknown_control_is_refused_in_one_line(experiment, extra):
     from patchscan.experiments import get_experiment
     from tests.helpers import LRE
 
-    overrides = [f"experiment={experiment}", "model=tiny_llama", f"dataset.path={LRE}", extra]
-    cfg = compose(*overrides, *(["controls=[prompt_only]"] if experiment == "cross_model" else []))
+    data = [f"dataset.path={LRE}"] if experiment in ("attribute_extraction", "multihop") else []
+    cross = ["controls=[prompt_only]"] if experiment == "cross_model" else []  # attribute_extraction's own
+    cfg = compose(f"experiment={experiment}", "model=tiny_llama", *data, extra, *cross)
     with pytest.raises(UserError) as caught:
         get_experiment(experiment)(cfg)
     message = str(caught.value)

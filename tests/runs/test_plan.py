@@ -166,8 +166,8 @@ def test_plan_builtin_loads_no_weights(no_weights):
         ]
     )
     assert 134e6 < plan.n_parameters < 136e6 and plan.weight_bytes == 4 * plan.n_parameters
-    # the grid, shuffled_source on the same grid, embedding_only at each of the 10 target blocks
-    assert plan.examples == 5 and plan.cells == 5 * (2 * 10 * 10 + 10) and plan.counts.forward_passes > 0
+    # the grid, shuffled_source, zero and mean on the same grid, embedding_only at each of the 10 target blocks
+    assert plan.examples == 5 and plan.cells == 5 * (4 * 10 * 10 + 10) and plan.counts.forward_passes > 0
 
 
 @pytest.mark.parametrize("dtype", [(), ("model.dtype=auto",)])  # auto: bf16 on a GPU, as load_model resolves it

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -280,9 +281,10 @@ class CountingBackend(Backend):
 
 
 def stand_in_value(k: int) -> float:
-    """The k-th distinct stand-in state's value: k + 1 plus an irrational fraction, so that a mean of
-    several (the `mean` control) equals none of them, as with real states (equal runs merge alike)."""
-    return float(k + 1) + (k * 0.6180339887498949) % 1.0
+    """The k-th distinct stand-in state's value: k + 1 plus a seeded random fraction, so that a mean of
+    several (the `mean` control) equals none of them, as with real states (equal runs merge alike; a
+    fraction linear in k would make the mean of an evenly spaced set one of its members)."""
+    return float(k + 1) + random.Random(k).random() * 0.5 + 0.25
 
 
 class StandInMap:
