@@ -81,6 +81,7 @@ def test_cross_model_entity_task_maps_states_through_its_affine_maps():
         "dataset.limit=1",
         "generation.max_new_tokens=3",
         "controls=[source_in_prompt]",
+        "similarity.embedding=false",
     )
     entity = scope.entity_scope
     assert "map_state" not in vars(entity) and entity.maps is scope.maps

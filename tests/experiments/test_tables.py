@@ -199,6 +199,8 @@ def test_controls_are_computed_as_defined(tmp_path):
         row.source_subject
     )
     check_shared_controls(view, examples, df)
+    # a chunk of one example (as a shard or a resume may run it) patches the mean over ALL examples
+    check_shared_controls(view, examples, scope.run_chunk(examples[:1], lambda n: None))
     metrics = scope.metrics(df, cfg)
     task = {t["task"]: t for t in metrics["tasks"]}["country_capital_city"]
     for key in ("patchscope_mean", "patchscope_std", "probe_mean", "t", "p_bonferroni", "embedding_only",
@@ -241,9 +243,9 @@ def check_shared_controls(view, examples, df):
     out = view.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False,
                               pad_token_id=view.tokenizer.pad_token_id)  # fmt: skip
     assert view.tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True) == sip.generation
+    mean = torch.stack([block_outputs(view, e["ids"], 3)[e["position"]] for e in examples]).mean(0)
     for method in ("zero", "mean"):
         row = df[(df["method"] == method) & (df["source_layer"] == 3)].iloc[0]
-        mean = torch.stack([block_outputs(view, e["ids"], 3)[e["position"]] for e in examples]).mean(0)
         vector = torch.zeros(view.width) if method == "zero" else mean
         patch = Patch(target_ids=tuple(row.target_token_ids), target_position=int(row.target_position),
                       target_layer=int(row.target_layer), vector=vector)  # fmt: skip
