@@ -249,6 +249,8 @@ def scope_overrides(key: str, args) -> list[str]:
         common += [f"patchscope.source_site={args.site}", f"patchscope.target_site={args.site}"]
     if args.sharing is not None:
         common.append(f"++generation.share_lower_blocks={str(args.sharing).lower()}")
+    # the controls these workloads were first measured with (docs/performance.md), not today's defaults
+    common.append("controls=[prompt_only,embedding_only,shuffled_source]" if key == "e" else "controls=[]")
     if key == "f":
         return common + [f"dataset.limit={args.entities}", "similarity.embedding=false"]
     step = f"::{args.gen_layer_step}"

@@ -109,6 +109,7 @@ def entity_run(tmp_path_factory):
         "sweep.source_layers=[0,1,3]",
         "generation.max_new_tokens=4",
         "similarity.embedding=false",
+        "controls=[]",  # the Patchscope's rows alone (the default zero and mean controls add rows per block)
     )
 
 

@@ -74,13 +74,49 @@ def test_cross_model_entity_task_maps_states_through_its_affine_maps():
     scope = bound(
         "cross_model",
         "task=entity_description",
-        "target_model=tiny_llama",
+        "target_model=tiny_llama_wide",
         "maps.train_texts=40",
         "sweep.source_layers=[1]",
         "sweep.target_layers=[2]",
         "dataset.limit=1",
+        "generation.max_new_tokens=3",
+        "controls=[source_in_prompt]",
+        "similarity.embedding=false",
     )
     entity = scope.entity_scope
     assert "map_state" not in vars(entity) and entity.maps is scope.maps
     h = torch.randn(tiny("tiny_llama").width)
     assert torch.equal(entity.map_state(h, 1, 2), scope.maps[1, 2](h))
+    # the swap's input-only control asks the verbalizer M*: the name, then the prompt without its x
+    row = scope.run_chunk(scope.examples(), lambda n: None).set_index("method").loc["source_in_prompt"]
+    wide = scope.target_view
+    assert wide.name == "tiny_llama_wide" and row.target_prompt.startswith(row.subject + "\nSyria: ")
+    x = wide.tokenizer(row.target_prompt, return_tensors="pt").input_ids
+    out = wide.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False,
+                              pad_token_id=wide.tokenizer.pad_token_id)  # fmt: skip
+    assert wide.tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True) == row.generation
+
+
+@pytest.mark.parametrize(
+    ("experiment", "extra"),
+    [
+        ("attribute_extraction", "controls=[zero,bogus]"),
+        ("entity_resolution", "controls=[bogus]"),
+        ("multihop", "controls=[bogus]"),
+        ("cross_model", "task=entity_description"),
+    ],
+)
+def test_an_unknown_control_is_refused_in_one_line(experiment, extra):
+    from patchscan.errors import UserError
+    from patchscan.experiments import get_experiment
+    from tests.helpers import LRE
+
+    data = [f"dataset.path={LRE}"] if experiment in ("attribute_extraction", "multihop") else []
+    cross = ["controls=[prompt_only]"] if experiment == "cross_model" else []  # attribute_extraction's own
+    cfg = compose(f"experiment={experiment}", "model=tiny_llama", *data, extra, *cross)
+    with pytest.raises(UserError) as caught:
+        get_experiment(experiment)(cfg)
+    message = str(caught.value)
+    bad = "prompt_only" if experiment == "cross_model" else "bogus"
+    assert "\n" not in message and f"unknown control {bad!r}" in message
+    assert "source_in_prompt, zero, mean" in message

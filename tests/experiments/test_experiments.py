@@ -53,7 +53,8 @@ def test_attribute_extraction_rows_rerun_alone(tmp_path):
         "generation.max_new_tokens=6",
     )
     patch = df[df["method"] == "patchscope"]
-    controls = {"prompt_only", "embedding_only", "shuffled_source"}  # on by default (test_tables.py checks them)
+    # on by default (test_tables.py checks them)
+    controls = {"prompt_only", "embedding_only", "shuffled_source", "source_in_prompt", "zero", "mean"}
     assert (
         len(patch) == 8 * 2 * 2 and set(df["method"]) == {"patchscope", "subject_in_prompt", "source_state"} | controls
     )
@@ -143,7 +144,8 @@ def test_entity_resolution_scores_and_plot(tmp_path):
         "generation.max_new_tokens=8",
     )
     df = pd.read_parquet(run / "results")
-    assert len(df) == 6 and (df["source_layer"] == df["target_layer"]).all()
+    assert df.groupby("method").size().to_dict() == {"patchscope": 6, "zero": 6, "mean": 6}  # the default controls
+    assert (df["source_layer"] == df["target_layer"]).all()
     assert df["rouge_l"].between(0, 1).all() and df["embedding_cosine"].between(-1, 1).all()
     assert {"subject", "object", "generation", "description", "popularity"} <= set(df.columns)
     assert (run / "entity_similarity.png").exists()
@@ -208,7 +210,11 @@ def test_multihop_methods_and_directions(tmp_path):
         "multihop.per_pair_limit=2",
         "generation.max_new_tokens=4",
     )
-    assert set(df["method"]) == {"vanilla", "cot", "patchscope", "patchscope_code", "patchscope_cot", "backpatch"}
+    grid = {"patchscope", "patchscope_code", "patchscope_cot", "backpatch"}
+    assert set(df["method"]) == {"vanilla", "cot", "source_in_prompt"} | grid  # source_in_prompt: on by default
+    sip = df[df["method"] == "source_in_prompt"]
+    assert len(sip) == df["example_id"].nunique() and sip["target_layer"].isna().all()
+    assert sip["target_prompt"].str.endswith(" is located\nThe capital city of").all()
     assert str(df["source_layer"].dtype) == "Int64" and str(df["target_layer"].dtype) == "Int64"
     back = df[df["method"] == "backpatch"]
     assert (back["target_layer"] < back["source_layer"]).all()

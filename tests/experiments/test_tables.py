@@ -155,6 +155,7 @@ def control_run(tmp_path):
         "sweep.target_layers=[0,2]",
         "generation.max_new_tokens=4",
         "table.paper=null",
+        "controls=[prompt_only,embedding_only,shuffled_source,source_in_prompt,zero,mean]",
     )
     from patchscan.experiments.attributes import AttributeExperiment
 
@@ -174,6 +175,9 @@ def test_controls_are_computed_as_defined(tmp_path):
         "prompt_only": 4,
         "subject_in_prompt": 4,
         "source_state": 8,
+        "source_in_prompt": 4,
+        "zero": 16,
+        "mean": 16,
     }  # fmt: skip  (banana has no donor)
     po = df[df["method"] == "prompt_only"].iloc[0]  # the target prompt, placeholder as is, unpatched
     plain = Patch(target_ids=tuple(po.target_token_ids), target_position=-1, target_layer=0, vector=None)
@@ -194,16 +198,59 @@ def test_controls_are_computed_as_defined(tmp_path):
     assert view.decode(naive_generate(view, patch, 4)) == row.generation and row.source_text.endswith(
         row.source_subject
     )
+    check_shared_controls(view, examples, df)
+    # a chunk of one example (as a shard or a resume may run it) patches the mean over ALL examples
+    check_shared_controls(view, examples, scope.run_chunk(examples[:1], lambda n: None))
     metrics = scope.metrics(df, cfg)
     task = {t["task"]: t for t in metrics["tasks"]}["country_capital_city"]
     for key in ("patchscope_mean", "patchscope_std", "probe_mean", "t", "p_bonferroni", "embedding_only",
-                "shuffled_source_mean", "prompt_only", "subject_in_prompt", "paper_patchscope_mean"):  # fmt: skip
+                "shuffled_source_mean", "prompt_only", "subject_in_prompt", "paper_patchscope_mean",
+                "zero_mean", "mean_mean", "source_in_prompt"):  # fmt: skip
         assert key in task
+    assert task["gain"] == pytest.approx(task["patchscope_mean"] - task["source_in_prompt"])
     report = scope.report(metrics)
     header = report.splitlines()[1]
-    for column in ("probe", "patchscope", "p_bonf", "paper_patchscope", "embedding_only", "shuffled_source"):
+    for column in ("probe", "patchscope", "p_bonf", "paper_patchscope", "embedding_only", "shuffled_source",
+                   "zero", "mean", "source_in_prompt", "gain"):  # fmt: skip
         assert column in header
     assert {c["method"] for c in metrics["by_layer"]} >= {"patchscope", "shuffled_source"}
+
+
+def block_outputs(view, ids: list[int], layer: int) -> torch.Tensor:
+    """A plain forward hook on block `layer`: its output at every position of one prompt."""
+    seen = []
+
+    def hook(module, inputs, output):
+        seen.append((output[0] if isinstance(output, tuple) else output)[0].detach().clone())
+
+    handle = view.blocks[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            view.model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def check_shared_controls(view, examples, df):
+    """source_in_prompt = a plain HF greedy continuation of "<source text>\n<prompt without x>";
+    a zero row = a plain hook writing zeros; a mean row = the mean of every example's state (a plain
+    capture of each), patched by a plain hook."""
+    sip = df[df["method"] == "source_in_prompt"].iloc[0]
+    text = sip.source_text.strip() + "\n" + "The capital city of"  # the documented prompt, built by hand
+    assert sip.target_prompt == text
+    x = view.tokenizer(text, return_tensors="pt").input_ids
+    out = view.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False,
+                              pad_token_id=view.tokenizer.pad_token_id)  # fmt: skip
+    assert view.tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True) == sip.generation
+    mean = torch.stack([block_outputs(view, e["ids"], 3)[e["position"]] for e in examples]).mean(0)
+    for method in ("zero", "mean"):
+        row = df[(df["method"] == method) & (df["source_layer"] == 3)].iloc[0]
+        vector = torch.zeros(view.width) if method == "zero" else mean
+        patch = Patch(target_ids=tuple(row.target_token_ids), target_position=int(row.target_position),
+                      target_layer=int(row.target_layer), vector=vector)  # fmt: skip
+        assert view.decode(naive_generate(view, patch, 4)) == row.generation, method
+        assert row.source_layer == 3 and row.target_prompt == "The capital city of x"
 
 
 def test_placeholder_text_and_scale_change_the_patch(tmp_path):

@@ -47,6 +47,7 @@ CASES = {
         "sweep.target_layers=[0,2]",
         "generation.max_new_tokens=4",
         "runner.examples_per_part=3",
+        "controls=[prompt_only,embedding_only,shuffled_source,source_in_prompt,zero,mean]",
     ],
     "entity_resolution": [
         "+experiment=entity_resolution",
@@ -56,6 +57,7 @@ CASES = {
         "sweep.source_layers=[0,3]",
         "generation.max_new_tokens=8",
         "runner.examples_per_part=2",
+        "controls=[source_in_prompt,zero,mean]",  # the shared controls: their rows counted too
     ],
     "multihop": [
         "+experiment=multihop",
@@ -69,6 +71,7 @@ CASES = {
         "sweep.target_layers=[0,2]",
         "generation.max_new_tokens=4",
         "runner.examples_per_part=3",
+        "controls=[source_in_prompt,zero,mean]",  # the shared controls: their rows counted too
     ],
     "superscopes": [
         "+experiment=superscopes",
@@ -102,6 +105,7 @@ CASES = {
         "generation.max_new_tokens=5",
         "dataset=builtin_texts",
         "runner.examples_per_part=2",
+        "controls=[source_in_prompt,zero,mean]",  # the shared controls: their rows counted too
     ],
 }
 
@@ -171,8 +175,8 @@ def test_plan_builtin_loads_no_weights(no_weights):
         ]
     )
     assert 134e6 < plan.n_parameters < 136e6 and plan.weight_bytes == 4 * plan.n_parameters
-    # the grid, shuffled_source on the same grid, embedding_only at each of the 10 target blocks
-    assert plan.examples == 5 and plan.cells == 5 * (2 * 10 * 10 + 10) and plan.counts.forward_passes > 0
+    # the grid, shuffled_source, zero and mean on the same grid, embedding_only at each of the 10 target blocks
+    assert plan.examples == 5 and plan.cells == 5 * (4 * 10 * 10 + 10) and plan.counts.forward_passes > 0
 
 
 @pytest.mark.parametrize("dtype", [(), ("model.dtype=auto",)])  # auto: bf16 on a GPU, as load_model resolves it

@@ -29,6 +29,7 @@ from patchscan.data.patchscopes_tsv import tsv_samples
 from patchscan.data.texts import read_lines
 from patchscan.engine import Patch, Scale
 from patchscan.errors import UserError
+from patchscan.experiments import controls
 from patchscan.experiments.base import Experiment
 from patchscan.experiments.prompts import (
     fill_placeholder,
@@ -46,6 +47,7 @@ from patchscan.metrics.text import contains_answer
 log = logging.getLogger(__name__)
 SOURCE_KINDS = ("subject", "template", "texts")
 CONTROLS = ("prompt_only", "embedding_only", "shuffled_source")  # subject_in_prompt always runs (the filter)
+# and the shared ones (experiments.controls): source_in_prompt, zero, mean
 EMPTY_STATE = np.zeros(0, dtype=np.float32)  # rows other than source_state: an empty list<float>
 
 
@@ -152,10 +154,8 @@ class AttributeExperiment(Experiment):
         kind = cfg.source.kind
         if kind not in SOURCE_KINDS:
             raise UserError(f"unknown source.kind {kind!r}; choose from {', '.join(SOURCE_KINDS)}")
-        self.controls = list(cfg.get("controls") or [])
-        bad = [c for c in self.controls if c not in CONTROLS]
-        if bad:
-            raise UserError(f"unknown control {bad[0]!r}; choose from {', '.join(CONTROLS)}")
+        self.controls = controls.check(cfg, self.name, CONTROLS)
+        self.nulls = controls.NullStates()
         self.scale = Scale(cfg.patchscope.get("scale", 1.0) or 1.0)
         self.texts = read_lines(cfg.source.texts_path, "source texts file") if kind == "texts" else []
         dcfg = cfg.dataset
@@ -249,6 +249,9 @@ class AttributeExperiment(Experiment):
                     "no attribute-extraction sample left (check dataset.relations and source.kind)", self.dropped
                 )
             )
+        if "mean" in self.controls:  # the `mean` control's states: over every example, before shards split them
+            sources = {"subject": [(e["ids"], e["position"]) for e in out]}
+            self.nulls = controls.NullStates.capture(self, view, sources, self.source_layers)
         return out
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
@@ -282,7 +285,7 @@ class AttributeExperiment(Experiment):
         for e, cap in zip(donors, caps[len(kept) :]):
             for s, t in self.pairs:
                 work.add(e, "shuffled_source", s, t, self._target(e), self.scale(cap.at(s)))
-        self._add_controls(work, kept)
+        self._add_controls(work, kept, caps)
         n_new = int(cfg.generation.max_new_tokens)
         stops = self.stops([e["object"] for e, *_ in work.cells])
         gens = self.engine.generate(
@@ -347,11 +350,21 @@ class AttributeExperiment(Experiment):
             rows.append(self._row(e, "subject_in_prompt", None, None, ids, len(ids) - 1, generation, correct, text))
         return rows
 
-    def _add_controls(self, work: _Work, kept: list[dict]) -> None:
-        """`prompt_only` (the target prompt unpatched, placeholder as is) and `embedding_only` (the
-        subject's last-token input embedding patched at each ℓ*, scaled like the states)."""
-        for e in kept:
+    def _add_controls(self, work: _Work, kept: list[dict], caps: list) -> None:
+        """`prompt_only` (the target prompt unpatched, placeholder as is), `embedding_only` (the
+        subject's last-token input embedding patched at each ℓ*, scaled like the states), and the shared
+        ones (experiments.controls): `source_in_prompt` (the source text, then the target prompt without
+        its placeholder, unpatched), `zero` and `mean` (the Patchscope's grid with a null vector)."""
+        for e, cap in zip(kept, caps):
             prompt, ids, pos = self._target(e)
+            for control in (c for c in self.controls if c in controls.NULL_PATCHES):
+                for s, t in self.pairs:
+                    vector = self.nulls.vector(control, cap.at(s), "subject", s)
+                    work.add(e, control, s, t, (prompt, ids, pos), self.scale(vector))
+            if "source_in_prompt" in self.controls:
+                text = controls.source_in_prompt(self.cfg, e["source_text"], e["target_prompt"])
+                plain = self.view.encode(text)
+                work.add(e, "source_in_prompt", None, None, (text, plain, len(plain) - 1), None)
             if "prompt_only" in self.controls:
                 work.add(e, "prompt_only", None, None, (prompt, ids, len(ids) - 1), None)
             if "embedding_only" in self.controls:
@@ -418,8 +431,9 @@ class AttributeExperiment(Experiment):
             "attribute extraction (Table 2's way): accuracy in %, mean ± std over source blocks ℓ (per ℓ a sample "
             "counts if some ℓ* gives the object); probe = logistic regression per block, 3-fold CV; t, p_bonf = "
             "paired t-test over blocks, Bonferroni over tasks; n = samples patched / samples (the filter); paper_* "
-            "from the paper's Table 2 (GPT-J 6B); controls on the same samples; ! = the Patchscope does not beat "
-            "shuffled_source and embedding_only\n" + format_table(metrics["tasks"])
+            "from the paper's Table 2 (GPT-J 6B); controls on the same samples; gain = patchscope - source_in_prompt "
+            "(points); ! = the Patchscope does not beat shuffled_source, embedding_only, zero, mean and "
+            "source_in_prompt (those that ran)\n" + format_table(metrics["tasks"])
         )
 
     @staticmethod

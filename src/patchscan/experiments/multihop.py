@@ -13,6 +13,11 @@ A two-hop query composes two LRE relations whose hop-1 object is the hop-2 subje
   from each other. Pairs whose question does not start with text before π1 get no such rows;
 - backpatch: the question's last-position state at block ℓ patched back into block ℓ* < ℓ.
 A sample is corrected by a method when its answer appears for some (ℓ, ℓ*).
+`controls` (experiments.controls): `zero` / `mean` rows null every grid method's vector (`null_of`
+names the method; the mean is over all candidates' states at that method's source position), and
+one `source_in_prompt` row per sample built from the first of `multihop.directions`: paper = the
+question up to the end of π1, then the hop-2 prompt without its placeholder; code = the hop-2
+prompt's text before the placeholder, then π1; cot = π1, then the question's text before π1.
 With `multihop.require_single_hops`, each chunk first asks both single hops (`hop1` / `hop2` rows,
 for every candidate, so a resume knows filtered samples are done); the methods run only for
 samples the model answers hop by hop. `dataset.limit` counts candidates, before that filter.
@@ -30,6 +35,7 @@ from omegaconf import DictConfig
 from patchscan.data.lre import load_relations
 from patchscan.engine import Patch
 from patchscan.errors import UserError
+from patchscan.experiments import controls
 from patchscan.experiments.base import Experiment
 from patchscan.experiments.prompts import find_word, placeholder_position, span_last_token
 from patchscan.grids import layer_pairs
@@ -40,6 +46,13 @@ log = logging.getLogger(__name__)
 GRID_METHODS = ("patchscope", "patchscope_code", "patchscope_cot", "backpatch")
 DIRECTIONS = ("paper", "code", "cot")
 HOP_METHODS = ("hop1", "hop2")  # the single-hop filter's answers, for every candidate sample
+# where each grid method reads its source state (the `mean` control averages states of that kind)
+SOURCE_KINDS = {
+    "patchscope": "phrase_in_question",
+    "patchscope_code": "head",
+    "patchscope_cot": "phrase",
+    "backpatch": "question",
+}
 
 
 class _Work:
@@ -49,8 +62,10 @@ class _Work:
         self.site = site  # the target site of every patched run
         self.patches: list[Patch] = []
         self.cells: list[tuple] = []
+        self.null_of: list[str] = []  # the grid method a `zero` / `mean` row nulls ("" for the others)
 
     def add(self, e, method, s, t, target_ids, position, vector, source_ids, source_position, source_text, prompt):
+        self.null_of.append("")
         self.patches.append(
             Patch(
                 target_ids=tuple(target_ids),
@@ -77,6 +92,15 @@ def paper_pairs(path) -> dict[str, int]:
         return {}
     table = pd.read_csv(path)
     return {f"{a} -> {b}": int(n) for a, b, n in zip(table["hop1_relation"], table["hop2_relation"], table["samples"])}
+
+
+def with_gains(record: dict) -> dict:
+    """`<method>_gain` = a grid method's accuracy minus `source_in_prompt`'s (the source text given as text)."""
+    if "source_in_prompt" in record:
+        for method in GRID_METHODS:
+            if method in record:
+                record[f"{method}_gain"] = record[method] - record["source_in_prompt"]
+    return record
 
 
 class MultihopExperiment(Experiment):
@@ -124,6 +148,8 @@ class MultihopExperiment(Experiment):
         bad = [d for d in directions if d not in DIRECTIONS]
         if bad:
             raise UserError(f"unknown multihop.directions value {bad[0]!r}; choose from {', '.join(DIRECTIONS)}")
+        self.controls = controls.check(cfg, self.name)
+        self.nulls = controls.NullStates()
 
     def bind(self, view) -> None:
         super().bind(view)
@@ -133,9 +159,66 @@ class MultihopExperiment(Experiment):
         self.layers = sorted({s for s, _ in self.pairs} | {t for _, t in self.pairs})
 
     def examples(self) -> list[dict]:
-        """The two-hop samples; `dataset.limit` applies here, before the single-hop filter (per chunk)."""
+        """The two-hop samples; `dataset.limit` applies here, before the single-hop filter (per chunk).
+        With the `mean` control, the mean source states of every candidate are captured here."""
         limit = self.cfg.dataset.get("limit")
-        return [dict(s) for s in (self.samples[: int(limit)] if limit else self.samples)]
+        out = [dict(s) for s in (self.samples[: int(limit)] if limit else self.samples)]
+        if "mean" in self.controls:
+            sources: dict[str, list] = {}
+            for e in out:
+                for kind, (ids, position) in self._sources(e).items():
+                    sources.setdefault(kind, []).append((ids, position))
+            self.nulls = controls.NullStates.capture(self, self.view, sources, sorted({s for s, _ in self.pairs}))
+        return out
+
+    def _sources(self, e: dict) -> dict[str, tuple[list[int], int]]:
+        """(ids, position) of each source kind the configured grid methods read (SOURCE_KINDS)."""
+        view, cfg = self.view, self.cfg
+        q_ids = view.encode(e["question"])
+        src_ids, src_pos = span_last_token(view, e["question"], e["phrase"])
+        head = self._hop2_head(e)
+        phrase_ids = view.encode(e["phrase"])
+        out = {"phrase": (phrase_ids, len(phrase_ids) - 1)} if "cot" in cfg.multihop.directions else {}
+        if "paper" in cfg.multihop.directions:
+            out["phrase_in_question"] = (src_ids[: src_pos + 1], src_pos)
+        if "code" in cfg.multihop.directions:
+            head_ids = view.encode(head)
+            out["head"] = (head_ids, len(head_ids) - 1)
+        if cfg.multihop.backpatch:
+            out["question"] = (q_ids, len(q_ids) - 1)
+        return out
+
+    def _hop2_head(self, e: dict) -> str:
+        """The hop-2 prompt's text before its placeholder ("The capital city of")."""
+        placeholder, occurrence = self.cfg.patchscope.placeholder, self.cfg.patchscope.get("placeholder_occurrence")
+        return e["hop2_prompt"][: find_word(e["hop2_prompt"], placeholder, "placeholder", occurrence)[0]].rstrip()
+
+    def _source_in_prompt(self, work: _Work, e: dict) -> None:
+        """The `source_in_prompt` control, from the first of multihop.directions (module docstring)."""
+        direction = list(self.cfg.multihop.directions)[0]
+        question, phrase = e["question"], e["phrase"]
+        if direction == "paper":
+            source, prompt = question[: question.rfind(phrase) + len(phrase)], e["hop2_prompt"]
+        elif direction == "code":
+            source, prompt = self._hop2_head(e), phrase
+        else:
+            at = question.find(phrase)
+            source, prompt = phrase, question[:at].rstrip() if at > 0 else question
+        text = controls.source_in_prompt(self.cfg, source, prompt)
+        ids = self.view.encode(text)
+        work.add(e, "source_in_prompt", None, None, ids, len(ids) - 1, None, ids, None, source, text)
+
+    def _add_nulls(self, work: _Work) -> None:
+        """The `zero` and `mean` controls: every grid cell again with its vector nulled."""
+        nulls = [c for c in self.controls if c in controls.NULL_PATCHES]
+        for cell, patch in list(zip(work.cells, work.patches)):
+            e, method, s, t, t_ids, t_pos, s_ids, s_pos, s_text, prompt = cell
+            if method not in GRID_METHODS:
+                continue
+            for control in nulls:
+                vector = self.nulls.vector(control, patch.vector, SOURCE_KINDS[method], s)
+                work.add(e, control, s, t, t_ids, t_pos, vector, s_ids, s_pos, s_text, prompt)
+                work.null_of[-1] = method
 
     def run_chunk(self, examples: list[dict], progress: Callable[[int], None]) -> pd.DataFrame:
         """The single-hop filter (one generate call for both hops of every example; `hop1`/`hop2`
@@ -176,7 +259,7 @@ class MultihopExperiment(Experiment):
             work.plain(e, "cot", cot, view.encode(cot))
             hop2_ids, hop2_pos = placeholder_position(view, e["hop2_prompt"], placeholder, occurrence)
             src_ids, src_pos = span_last_token(view, e["question"], e["phrase"])
-            head = e["hop2_prompt"][: find_word(e["hop2_prompt"], placeholder, "placeholder", occurrence)[0]].rstrip()
+            head = self._hop2_head(e)
             head_ids = view.encode(head)
             sources.append(
                 (q_ids, hop2_ids, hop2_pos, src_ids[: src_pos + 1], src_pos, head, head_ids, view.encode(e["phrase"]))
@@ -235,6 +318,9 @@ class MultihopExperiment(Experiment):
                         e["question"],
                         e["question"],
                     )
+            if "source_in_prompt" in self.controls:
+                self._source_in_prompt(work, e)
+        self._add_nulls(work)
         return self._rows(work, self.engine.generate(view, work.patches, progress=progress, **self._generation(work)))
 
     def _cot_cells(self, work: _Work, e: dict, phrase_ids: list[int], phrase_state) -> None:
@@ -264,7 +350,9 @@ class MultihopExperiment(Experiment):
     def _rows(self, work: _Work, gens: list[list[int]]) -> list[dict]:
         view, cs = self.view, self.cfg.generation.case_sensitive
         rows = []
-        for (e, method, s, t, t_ids, t_pos, s_ids, s_pos, s_text, prompt), gen in zip(work.cells, gens):
+        for (e, method, s, t, t_ids, t_pos, s_ids, s_pos, s_text, prompt), of, gen in zip(
+            work.cells, work.null_of, gens
+        ):
             text = view.decode(gen)
             answer = e["bridge"] if method == "hop1" else e["object"]
             rows.append(
@@ -279,6 +367,7 @@ class MultihopExperiment(Experiment):
                     "generation": text,
                     "correct": contains_answer(text, answer, cs),
                     "stop_when_correct": self.stop_when_correct,
+                    "null_of": of,
                 }
             )
         return rows
@@ -304,6 +393,9 @@ class MultihopExperiment(Experiment):
                 "pairs": [],
                 "fixing_cells": [],
             }
+        if "null_of" in df:  # a null patch is named with the method it nulls: zero(patchscope_cot)
+            nulled = df["method"].isin(controls.NULL_PATCHES) & (df["null_of"].fillna("") != "")
+            df = df.assign(method=df["method"].where(~nulled, df["method"] + "(" + df["null_of"].fillna("") + ")"))
         per_sample = df.groupby(["relation", "example_id", "method"])["correct"].any().unstack("method")
         vanilla_fail = ~per_sample["vanilla"].astype(bool)
         pairs = []
@@ -315,13 +407,14 @@ class MultihopExperiment(Experiment):
                 if method in GRID_METHODS:
                     fixed = group.loc[fails, method].astype(bool)
                     record[f"{method}_fixes"] = float(fixed.mean()) if len(fixed) else float("nan")
-            pairs.append(record)
+            pairs.append(with_gains(record))
         overall = {"n": int(len(per_sample)), "vanilla_failures": int(vanilla_fail.sum())}
         for method in per_sample.columns:
             overall[method] = float(per_sample[method].astype(bool).mean())
             if method in GRID_METHODS:
                 fixed = per_sample.loc[vanilla_fail, method].astype(bool)
                 overall[f"{method}_fixes"] = float(fixed.mean()) if len(fixed) else float("nan")
+        overall = with_gains(overall)
         failed_ids = set(per_sample.index[vanilla_fail.values].get_level_values("example_id"))
         grid = df[df["method"].isin(GRID_METHODS) & df["example_id"].isin(failed_ids)]
         cells = grid.groupby(["method", "source_layer", "target_layer"])["correct"].sum().reset_index()
@@ -361,7 +454,8 @@ class MultihopExperiment(Experiment):
             kept
             + beside
             + "multi-hop accuracy (a grid method counts if any (ℓ, ℓ*) gives the answer); *_fixes = share of "
-            "vanilla failures fixed; paper_samples = the pair's samples in the paper's Table 8\n"
+            "vanilla failures fixed; paper_samples = the pair's samples in the paper's Table 8; zero(m) / mean(m) = "
+            "method m with a null vector; *_gain = minus source_in_prompt\n"
             + table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
         )
 

@@ -3,10 +3,12 @@
 Per task and source block ℓ, accuracy = share of samples for which some target block ℓ* gives the
 object; a cell is mean ± std of that accuracy over ℓ (not the best ℓ), for the Patchscope and the
 linear probe, with a paired t-test over blocks, Bonferroni-corrected over the tasks of the table.
-Controls sit in the same row: `prompt_only` and `subject_in_prompt` (one score per sample),
-`embedding_only` (any ℓ*, one score per sample), `shuffled_source` (mean over ℓ, like the
-Patchscope). A task is flagged when the Patchscope's mean does not beat both `shuffled_source` and
-`embedding_only`: its "correct" answers may come from the prompt, not from the patched state.
+Controls sit in the same row: `prompt_only`, `subject_in_prompt` and `source_in_prompt` (one score
+per sample), `embedding_only` (any ℓ*, one score per sample), `shuffled_source`, `zero` and `mean`
+(mean over ℓ, like the Patchscope); `gain` = the Patchscope's mean minus `source_in_prompt`, in
+points. A task is flagged when the Patchscope's mean does not beat `shuffled_source`,
+`embedding_only`, the null patches and `source_in_prompt` (those that ran): its "correct" answers
+may come from the prompt or from the source text given as text, not from the patched state.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import pandas as pd
 from patchscan.metrics.stats import any_target_block, bonferroni, over_blocks, paired_ttest, significance_mark
 
 log = logging.getLogger(__name__)
-PER_SAMPLE_CONTROLS = ("prompt_only", "subject_in_prompt", "embedding_only")
+PER_SAMPLE_CONTROLS = ("prompt_only", "subject_in_prompt", "embedding_only", "source_in_prompt")
+OVER_BLOCK_CONTROLS = ("shuffled_source", "zero", "mean")  # mean ± std over ℓ, like the Patchscope
 PAPER_COLUMNS = ("probe_mean", "probe_std", "patchscope_mean", "patchscope_std", "significant", "n")
 
 
@@ -54,7 +57,6 @@ def _task_row(task: str, df: pd.DataFrame, probe: pd.DataFrame) -> dict:
     scope_curve, probe_curve = per_block(patched), probe.groupby("source_layer")["correct"].mean()
     scope, probe_stats = over_blocks(scope_curve), over_blocks(probe_curve)
     t, p = paired_ttest(scope_curve, probe_curve)
-    shuffled = over_blocks(per_block(df[(df["method"] == "shuffled_source") & df["example_id"].isin(kept)]))
     row = {
         "task": task,
         "n_samples": int(df["example_id"].nunique()),
@@ -69,14 +71,17 @@ def _task_row(task: str, df: pd.DataFrame, probe: pd.DataFrame) -> dict:
         "blocks": scope["blocks"],
         "t": t,
         "p": p,
-        "shuffled_source_mean": shuffled["mean"],
-        "shuffled_source_std": shuffled["std"],
     }
+    for method in OVER_BLOCK_CONTROLS:
+        rows = df[(df["method"] == method) & df["example_id"].isin(kept)]
+        stats = over_blocks(per_block(rows)) if len(rows) else {"mean": math.nan, "std": math.nan}
+        row[f"{method}_mean"], row[f"{method}_std"] = stats["mean"], stats["std"]
     for method in PER_SAMPLE_CONTROLS:
         rows = df[df["method"] == method]
         row[method] = per_sample_accuracy(
             rows if method == "subject_in_prompt" else rows[rows["example_id"].isin(kept)]
         )
+    row["gain"] = row["patchscope_mean"] - row["source_in_prompt"]  # NaN without the control
     return row
 
 
@@ -90,7 +95,7 @@ def attribute_table(df: pd.DataFrame, probe: pd.DataFrame, paper: pd.DataFrame |
         row = _task_row(task, df[df["relation"] == task], probe[probe["relation"] == task])
         row["p_bonferroni"] = bonferroni(row["p"], len(tasks))
         row["significant"] = significance_mark(row["t"], row["p_bonferroni"], ("patchscope", "probe"), thresholds)
-        controls = [row["shuffled_source_mean"], row["embedding_only"]]
+        controls = [row[f"{m}_mean"] for m in OVER_BLOCK_CONTROLS] + [row["embedding_only"], row["source_in_prompt"]]
         row["beats_controls"] = all(c != c or row["patchscope_mean"] > c for c in controls)
         has_paper = paper is not None and task in paper.index
         for column in PAPER_COLUMNS:
@@ -116,7 +121,8 @@ def _pct(value) -> str:
 
 def format_table(tasks: list[dict]) -> str:
     """Table 2's layout (accuracy in %, mean ± std over source blocks), the paper's columns beside ours,
-    then the controls; `!` marks tasks where the Patchscope does not beat shuffled_source and embedding_only."""
+    then the controls; `!` marks tasks where the Patchscope does not beat shuffled_source, embedding_only,
+    zero, mean and source_in_prompt (those that ran); gain = patchscope − source_in_prompt, in points."""
     lines = []
     for r in tasks:
         lines.append(
@@ -139,6 +145,10 @@ def format_table(tasks: list[dict]) -> str:
                 "subject_in_prompt": _pct(r["subject_in_prompt"]),
                 "embedding_only": _pct(r["embedding_only"]),
                 "shuffled_source": _pm(r["shuffled_source_mean"], r["shuffled_source_std"]),
+                "zero": _pm(r.get("zero_mean"), r.get("zero_std")),
+                "mean": _pm(r.get("mean_mean"), r.get("mean_std")),
+                "source_in_prompt": _pct(r.get("source_in_prompt")),
+                "gain": "-" if r.get("gain") is None or r["gain"] != r["gain"] else f"{100 * r['gain']:+.1f}",
                 "": "" if r["beats_controls"] else "!",
             }
         )

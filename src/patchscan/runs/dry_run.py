@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -240,7 +241,7 @@ class CountingBackend(Backend):
             for position in pos:
                 for i, layer in enumerate(layers):  # one value per (prompt, position, block, site), so the
                     key = (tuple(ids), position, layer, site)  # runs identical for the real engine are so here
-                    states[i, row] = self.state_ids.setdefault(key, float(len(self.state_ids) + 1))
+                    states[i, row] = self.state_ids.setdefault(key, stand_in_value(len(self.state_ids)))
                 row += 1
         states[..., -1] = 1.0  # one fixed entry: α·h of one state never equals β·h of another (superscopes)
         return states, (torch.zeros(1, view.vocab_size).expand(row, -1) if with_logprobs else None)
@@ -278,6 +279,13 @@ class CountingBackend(Backend):
             self.forward(view, len(part), len(ids) - position, len(ids) + max_new_tokens)
         width = max(len(patches[part[0]].target_ids) for part in parts) + max_new_tokens
         return self._decode(view, sum(map(len, parts)), width, max_new_tokens)
+
+
+def stand_in_value(k: int) -> float:
+    """The k-th distinct stand-in state's value: k + 1 plus a seeded random fraction, so that a mean of
+    several (the `mean` control) equals none of them, as with real states (equal runs merge alike; a
+    fraction linear in k would make the mean of an evenly spaced set one of its members)."""
+    return float(k + 1) + random.Random(k).random() * 0.5 + 0.25
 
 
 class StandInMap:
@@ -453,8 +461,8 @@ def make_plan(cfg: DictConfig, scope, views: dict[str, tuple] | None = None) -> 
     else:
         targets = []
     scope.bind(view, *targets)
+    examples = scope.examples()  # with the `mean` control, its states are captured here: set-up too
     setup = Counts(**engine.counts.as_dict())
-    examples = scope.examples()
     for i, example in enumerate(examples):
         example["_index"] = i
     num_shards, shard = int(cfg.runner.num_shards), int(cfg.runner.shard)
@@ -465,7 +473,10 @@ def make_plan(cfg: DictConfig, scope, views: dict[str, tuple] | None = None) -> 
         scope.run_chunk(mine[start : start + per_part], lambda n: None)
     notes = [note] if note else []
     if setup.forward_passes:
-        notes.append(f"{setup.forward_passes} more forward passes before the chunks (fitting maps; cached after a run)")
+        notes.append(
+            f"{setup.forward_passes} more forward passes before the chunks (fitting maps, cached after a run; "
+            "the mean control's states)"
+        )
     if cfg.get("filter") or (cfg.get("multihop") and cfg.multihop.get("require_single_hops")):
         notes.append("upper bound: assumes every example passes the filter")
     return Plan(
