@@ -46,8 +46,15 @@ def _mlp_output(view, ids: list[int], layer: int, position: int) -> torch.Tensor
 
 def test_superscopes_rows_equal_a_plain_hook_and_metrics_recompute(tmp_path):
     run = run_in(tmp_path / "run", *OVERRIDES)
-    df = pd.read_parquet(run / "results")
-    assert len(df) == 2 * 2 * 3  # entities × sites × α, at block 1
+    rows = pd.read_parquet(run / "results")
+    assert rows["method"].value_counts().to_dict() == {
+        "superscopes": 2 * 2 * 3,  # entities × sites × α, at block 1
+        "mean": 2 * 2 * 3,
+        "zero": 2 * 2,  # α changes no zero vector: one a site
+        "source_in_prompt": 2,
+    }
+    _check_controls(rows)
+    df = rows[rows["method"] == "superscopes"]
     assert tuple(df.columns[: len(RUN_COLUMNS)]) == RUN_COLUMNS
     assert {"subject", "object", "alpha", "generation", "similarity", "auto_alpha_chosen"} <= set(df.columns)
     assert sorted(df["source_site"].unique()) == ["mlp_out", "resid_post"] and (df["target_site"] == "resid_post").all()
@@ -75,6 +82,8 @@ def test_superscopes_rows_equal_a_plain_hook_and_metrics_recompute(tmp_path):
     assert chosen.set_index(cell)["similarity"].sort_index().equals(best.sort_index())
 
     metrics = json.loads((run / "metrics.json").read_text())
+    plain = rows[rows["method"] == "source_in_prompt"]
+    assert metrics["source_in_prompt"] == (plain["similarity"] > 0.3).mean()
     wanted = df.assign(win=df["similarity"] > 0.3).groupby([*cell, df["alpha"] == 1])["win"].any()
     for cell_metrics in metrics["success"]:
         at = wanted.xs((cell_metrics["source_site"], cell_metrics["source_layer"]), level=[1, 2])
@@ -82,6 +91,34 @@ def test_superscopes_rows_equal_a_plain_hook_and_metrics_recompute(tmp_path):
         assert cell_metrics["auto_alpha"] == at.xs(False, level=1).mean()
         assert cell_metrics["n"] == 2
     assert (run / "superscopes_success.png").exists()
+
+
+def _check_controls(rows: pd.DataFrame) -> None:
+    """zero, mean and source_in_prompt rows against plain references (own hooks, HF generate)."""
+    view = tiny("tiny_llama")
+    names = ["Pink Floyd", "Led Zeppelin"]
+    mean = sum(_mlp_output(view, view.encode(n), 1, len(view.encode(n)) - 1) for n in names) / 2
+    for method, vector in (("mean", 9 * mean), ("zero", torch.zeros(view.width))):
+        alpha = 9 if method == "mean" else 1
+        row = rows.query(f"method == '{method}' and source_site == 'mlp_out' and alpha == {alpha}").iloc[1]
+        patch = SimpleNamespace(
+            target_ids=row["target_token_ids"], target_position=row["target_position"], target_layer=1, vector=vector
+        )
+        assert view.decode(naive_generate(view, patch, max_new_tokens=10)) == row["generation"], method
+    row = rows[rows["method"] == "source_in_prompt"].iloc[0]
+    text = "Pink Floyd\n" + row["target_prompt"].split("\n", 1)[1]
+    assert row["target_prompt"] == text and not text.rstrip().endswith("x")
+    ids = torch.tensor([view.encode(text)])
+    with torch.no_grad():
+        out = view.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=view.tokenizer.pad_token_id,
+            eos_token_id=sorted(view.eos_token_ids) or None,
+        )
+    assert view.decode(out[0, ids.shape[1] :].tolist()) == row["generation"]
 
 
 @pytest.mark.parametrize(

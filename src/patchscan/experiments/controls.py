@@ -82,9 +82,12 @@ class NullStates:
         self.means = means or {}
 
     @classmethod
-    def capture(cls, scope, view, sources: dict[str, list[tuple[list[int], int]]], layers: Sequence[int]):
+    def capture(
+        cls, scope, view, sources: dict[str, list[tuple[list[int], int]]], layers: Sequence[int], sites=None
+    ):
         """Means of `sources[kind]` ((token ids, position) per example) at `layers`, through
-        `scope.engine.capture` (so a dry run counts it), summed in float64 in a fixed order."""
+        `scope.engine.capture` (so a dry run counts it), summed in float64 in a fixed order; read at
+        `sites[kind]` (default: the scope's `source_site`)."""
         means = {}
         for kind, items in sources.items():
             keys = list(dict.fromkeys((tuple(ids), int(pos)) for ids, pos in items))
@@ -100,7 +103,7 @@ class NullStates:
                     list(layers),
                     [[k[1]] for k in part],
                     batch_size=scope.capture_batch_size(),
-                    site=scope.source_site,
+                    site=(sites or {}).get(kind, scope.source_site),
                 )
                 for key, cap in zip(part, caps):
                     term = cap.states[:, 0].detach().to("cpu", torch.float64) * weight[key]
