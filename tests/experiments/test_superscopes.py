@@ -108,17 +108,8 @@ def _check_controls(rows: pd.DataFrame) -> None:
     row = rows[rows["method"] == "source_in_prompt"].iloc[0]
     text = "Pink Floyd\n" + row["target_prompt"].split("\n", 1)[1]
     assert row["target_prompt"] == text and not text.rstrip().endswith("x")
-    ids = torch.tensor([view.encode(text)])
-    with torch.no_grad():
-        out = view.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=10,
-            do_sample=False,
-            pad_token_id=view.tokenizer.pad_token_id,
-            eos_token_id=sorted(view.eos_token_ids) or None,
-        )
-    assert view.decode(out[0, ids.shape[1] :].tolist()) == row["generation"]
+    plain = SimpleNamespace(target_ids=view.encode(text), target_position=-1, target_layer=0, vector=None)
+    assert view.decode(naive_generate(view, plain, max_new_tokens=10)) == row["generation"]  # HF generate, no hook
 
 
 @pytest.mark.parametrize(

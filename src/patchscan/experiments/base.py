@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from patchscan import engine as batched_engine
 from patchscan import grids
 from patchscan.errors import UserError
+from patchscan.experiments.prompts import placeholder_position
 from patchscan.grids import layer_pairs
 from patchscan.models.families import DEFAULT_SITE
 from patchscan.models.view import ModelView
@@ -120,6 +121,15 @@ class Experiment:
             sweep.source_layers, sweep.target_layers, self.view.n_blocks, self.target_view.n_blocks
         )
         self.source_layers = sorted({s for s, _ in self.pairs})
+
+    def set_target_prompt(self, prompt: str) -> None:
+        """`prompt`, `target_ids` and `target_position` (its placeholder, `patchscope.placeholder` and
+        `placeholder_occurrence`) in the target model: the experiments with one target prompt."""
+        patchscope = self.cfg.patchscope
+        self.prompt = prompt
+        self.target_ids, self.target_position = placeholder_position(
+            self.target_view, prompt, patchscope.placeholder, patchscope.get("placeholder_occurrence")
+        )
 
     def limited(self, items: list) -> list:
         """The first `dataset.limit` items (all without a limit)."""

@@ -82,9 +82,7 @@ class NullStates:
         self.means = means or {}
 
     @classmethod
-    def capture(
-        cls, scope, view, sources: dict[str, list[tuple[list[int], int]]], layers: Sequence[int], sites=None
-    ):
+    def capture(cls, scope, view, sources: dict[str, list[tuple[list[int], int]]], layers: Sequence[int], sites=None):
         """Means of `sources[kind]` ((token ids, position) per example) at `layers`, through
         `scope.engine.capture` (so a dry run counts it), summed in float64 in a fixed order; read at
         `sites[kind]` (default: the scope's `source_site`)."""

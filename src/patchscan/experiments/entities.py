@@ -21,7 +21,7 @@ from patchscan.data.entities import load_entities
 from patchscan.engine import Patch, Scale
 from patchscan.experiments import controls
 from patchscan.experiments.base import Experiment
-from patchscan.experiments.prompts import placeholder_position, span_last_token
+from patchscan.experiments.prompts import span_last_token
 from patchscan.metrics.answers import StopAfterDescription, first_description
 from patchscan.metrics.stats import grouped_mean_se
 
@@ -78,13 +78,7 @@ class EntityExperiment(Experiment):
         super().bind(view, target_view)
         self.maps = maps
         self.set_layer_pairs()
-        self.prompt = self.cfg.patchscope.target_prompt
-        self.target_ids, self.target_position = placeholder_position(
-            self.target_view,
-            self.prompt,
-            self.cfg.patchscope.placeholder,
-            self.cfg.patchscope.get("placeholder_occurrence"),
-        )
+        self.set_target_prompt(self.cfg.patchscope.target_prompt)
 
     def examples(self) -> list[dict]:
         """One example per entity and source position (`sweep.source_positions` among the name's

@@ -24,7 +24,6 @@ from patchscan.data.texts import load_texts
 from patchscan.engine import Patch
 from patchscan.errors import UserError
 from patchscan.experiments.base import Experiment
-from patchscan.experiments.prompts import placeholder_position
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.runs.row_schema import next_token_columns
 
@@ -79,10 +78,7 @@ class NextTokenExperiment(Experiment):
     def bind(self, view, target_view=None) -> None:
         super().bind(view)
         cfg = self.cfg
-        self.prompt = identity_prompt(view, cfg.patchscope)
-        self.target_ids, self.target_position = placeholder_position(
-            view, self.prompt, cfg.patchscope.placeholder, cfg.patchscope.get("placeholder_occurrence")
-        )
+        self.set_target_prompt(identity_prompt(view, cfg.patchscope))
         self.set_layer_pairs()
         n_train = int(cfg.affine_lens.train_texts) if "affine_lens" in self.methods else 0
         if n_train and self.source_site != "resid_post":  # its maps are fitted between block outputs

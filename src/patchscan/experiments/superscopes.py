@@ -25,7 +25,7 @@ from patchscan.engine import Patch, Scale
 from patchscan.errors import UserError
 from patchscan.experiments import controls
 from patchscan.experiments.base import Experiment
-from patchscan.experiments.prompts import placeholder_position, span_last_token
+from patchscan.experiments.prompts import span_last_token
 from patchscan.grids import layer_pairs
 from patchscan.metrics.stats import grouped_mean_se
 from patchscan.models.families import SITES
@@ -124,13 +124,7 @@ class SuperscopesExperiment(Experiment):
         sweep = self.cfg.sweep
         self.pairs = layer_pairs(sweep.source_layers, target, self.view.n_blocks, self.target_view.n_blocks)
         self.source_layers = sorted({s for s, _ in self.pairs})
-        self.prompt = self.cfg.patchscope.target_prompt
-        self.target_ids, self.target_position = placeholder_position(
-            self.target_view,
-            self.prompt,
-            self.cfg.patchscope.placeholder,
-            self.cfg.patchscope.get("placeholder_occurrence"),
-        )
+        self.set_target_prompt(self.cfg.patchscope.target_prompt)
 
     def examples(self) -> list[dict]:
         """One example per entity name: the name alone, read at its last token."""
