@@ -144,7 +144,8 @@ def test_entity_resolution_scores_and_plot(tmp_path):
         "generation.max_new_tokens=8",
     )
     df = pd.read_parquet(run / "results")
-    assert df.groupby("method").size().to_dict() == {"patchscope": 6, "zero": 6, "mean": 6}  # the default controls
+    default_controls = {"zero": 6, "mean": 6, "source_in_prompt": 3}  # one source_in_prompt row per entity
+    assert df.groupby("method").size().to_dict() == {"patchscope": 6, **default_controls}
     assert (df["source_layer"] == df["target_layer"]).all()
     assert df["rouge_l"].between(0, 1).all() and df["embedding_cosine"].between(-1, 1).all()
     assert {"subject", "object", "generation", "description", "popularity"} <= set(df.columns)
