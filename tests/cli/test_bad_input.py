@@ -145,6 +145,10 @@ def test_ctrl_c_says_how_many_examples_are_saved_and_how_to_resume(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C's default action in the run, whatever this process inherited: a shell that starts a job
+        # in the background without job control (`cmd &` in a script, nohup) has it ignore SIGINT, and
+        # Python then installs no KeyboardInterrupt handler, so the run would finish instead
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
     while time.time() < deadline and len(list((run / "results").glob("part-*.parquet"))) < 2:
