@@ -117,6 +117,9 @@ def _check_controls(rows: pd.DataFrame) -> None:
     [
         ("superscopes.sites=[mlp_out,mlp_output]", "superscopes.sites: unknown site 'mlp_output'; sites: resid_post"),
         ("superscopes.alphas=[3,6]", "superscopes.alphas=[3, 6] has no 1"),
+        ("superscopes.alphas=[1,inf]", "superscopes.alphas=[1, inf] is not valid; use a list of finite numbers"),
+        ("controls=zero", "controls='zero' is not a list; use controls=[source_in_prompt, zero, mean]"),
+        ("controls=[zero,zero]", "controls names 'zero' twice; name each control once"),
         ("superscopes.target_layer=5", "superscopes.target_layer=5 is not valid; use same"),
     ],
 )

@@ -126,3 +126,11 @@ def test_the_one_model_config_composer_gives_what_a_run_gets():
 
     for name in option_names("model"):
         assert model_config(name) == OmegaConf.to_container(compose_config([f"model={name}"]).model), name
+
+
+def test_a_similarity_threshold_is_a_cosine():
+    validate(compose_config(["experiment=superscopes", "superscopes.threshold=-1"]))
+    for value in ("5", "1.5", "-2"):
+        cfg = compose_config(["experiment=superscopes", f"superscopes.threshold={value}"])
+        with pytest.raises(UserError, match=r"superscopes.threshold=.* a number from -1 to 1"):
+            validate(cfg)

@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 
 import torch
+from omegaconf import ListConfig
 
 from patchscan.errors import UserError
 
@@ -37,11 +38,17 @@ MEAN_BATCH = 256  # source prompts captured per call while the mean is summed (b
 def check(cfg, experiment: str, own: Sequence[str] = ()) -> list[str]:
     """The configured `controls` (a list), each one of `own` (the experiment's) or the shared ones;
     `controls_template` must hold {source} and {prompt} and nothing else in braces."""
-    controls = [str(c) for c in (cfg.get("controls") or [])]
+    value = cfg.get("controls")
     choices = (*own, *SHARED)
+    if value is not None and not isinstance(value, ListConfig | list):  # a string would be read letter by letter
+        raise UserError(f"controls={value!r} is not a list; use controls=[{', '.join(choices)}] (any of them) or []")
+    controls = [str(c) for c in (value or [])]
     bad = next((c for c in controls if c not in choices), None)
     if bad is not None:
         raise UserError(f"unknown control {bad!r} for {experiment}; choose from {', '.join(choices)}")
+    twice = next((c for c in controls if controls.count(c) > 1), None)
+    if twice is not None:  # its rows would be written twice and weigh double in every mean
+        raise UserError(f"controls names {twice!r} twice; name each control once")
     if "source_in_prompt" in controls:
         template(cfg)
     return controls

@@ -14,6 +14,7 @@ then the description prompt without its placeholder, unpatched: the name read as
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,10 +55,12 @@ def _sites(value) -> list[str]:
 
 def _alphas(value) -> list[float]:
     numbers = isinstance(value, ListConfig | list) and all(
-        isinstance(a, int | float) and not isinstance(a, bool) and a > 0 for a in value
+        isinstance(a, int | float) and not isinstance(a, bool) and 0 < a < math.inf for a in value
     )
     if not numbers or not value:
-        raise UserError(f"superscopes.alphas={_shown(value)} is not valid; use a list of numbers > 0 with 1 in it")
+        raise UserError(
+            f"superscopes.alphas={_shown(value)} is not valid; use a list of finite numbers > 0 with 1 in it"
+        )
     if 1 not in value:
         raise UserError(f"superscopes.alphas={_shown(value)} has no 1; α = 1, the plain patch, is the baseline: add it")
     if len(set(value)) != len(value) or len(value) < 2:

@@ -26,11 +26,19 @@ def whole(minimum: int | None = None, optional: bool = False) -> tuple[Callable[
     return (lambda v: (optional and v is None) or (_is_int(v) and (minimum is None or v >= minimum))), what
 
 
-def number(minimum: float = 0.0, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
-    what = f"a number >= {minimum:g}" + (" or null" if optional else "")
-    return (
-        lambda v: (optional and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= minimum)
-    ), what
+def number(
+    minimum: float = 0.0, optional: bool = False, maximum: float | None = None
+) -> tuple[Callable[[Any], bool], str]:
+    what = f"a number >= {minimum:g}" if maximum is None else f"a number from {minimum:g} to {maximum:g}"
+    what += " or null" if optional else ""
+
+    def ok(v) -> bool:
+        if optional and v is None:
+            return True
+        is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return is_number and v >= minimum and (maximum is None or v <= maximum)
+
+    return ok, what
 
 
 def boolean() -> tuple[Callable[[Any], bool], str]:
@@ -107,7 +115,7 @@ RULES: tuple[Rule, ...] = (
     Rule("multihop.backpatch", boolean()),
     Rule("similarity.embedding", boolean()),
     Rule("superscopes.auto_alpha", boolean()),
-    Rule("superscopes.threshold", number(-1.0)),
+    Rule("superscopes.threshold", number(-1.0, maximum=1.0)),  # a cosine
     Rule("model.dtype", one_of(None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")),
     Rule("target_model.dtype", one_of(None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")),
     Rule("model.device", device()),
