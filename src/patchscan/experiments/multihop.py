@@ -165,28 +165,33 @@ class MultihopExperiment(Experiment):
         out = [dict(s) for s in (self.samples[: int(limit)] if limit else self.samples)]
         if "mean" in self.controls:
             sources: dict[str, list] = {}
+            kinds = self._configured_kinds()
             for e in out:
                 for kind, (ids, position) in self._sources(e).items():
-                    sources.setdefault(kind, []).append((ids, position))
+                    if kind in kinds:
+                        sources.setdefault(kind, []).append((ids, position))
             self.nulls = controls.NullStates.capture(self, self.view, sources, sorted({s for s, _ in self.pairs}))
         return out
 
     def _sources(self, e: dict) -> dict[str, tuple[list[int], int]]:
-        """(ids, position) of each source kind the configured grid methods read (SOURCE_KINDS)."""
-        view, cfg = self.view, self.cfg
-        q_ids = view.encode(e["question"])
+        """(ids, position) where each source kind of SOURCE_KINDS is read: the one derivation the grid's
+        capture and the `mean` control's share, so the mean averages the very states the grid patches."""
+        view = self.view
         src_ids, src_pos = span_last_token(view, e["question"], e["phrase"])
-        head = self._hop2_head(e)
-        phrase_ids = view.encode(e["phrase"])
-        out = {"phrase": (phrase_ids, len(phrase_ids) - 1)} if "cot" in cfg.multihop.directions else {}
-        if "paper" in cfg.multihop.directions:
-            out["phrase_in_question"] = (src_ids[: src_pos + 1], src_pos)
-        if "code" in cfg.multihop.directions:
-            head_ids = view.encode(head)
-            out["head"] = (head_ids, len(head_ids) - 1)
-        if cfg.multihop.backpatch:
-            out["question"] = (q_ids, len(q_ids) - 1)
-        return out
+        head_ids, q_ids, phrase_ids = (view.encode(t) for t in (self._hop2_head(e), e["question"], e["phrase"]))
+        return {
+            "phrase_in_question": (src_ids[: src_pos + 1], src_pos),
+            "head": (head_ids, len(head_ids) - 1),
+            "question": (q_ids, len(q_ids) - 1),
+            "phrase": (phrase_ids, len(phrase_ids) - 1),
+        }
+
+    def _configured_kinds(self) -> set[str]:
+        """The source kinds the configured grid methods read."""
+        directions = self.cfg.multihop.directions
+        methods = {"paper": "patchscope", "code": "patchscope_code", "cot": "patchscope_cot"}
+        kinds = {SOURCE_KINDS[methods[d]] for d in directions}
+        return kinds | ({SOURCE_KINDS["backpatch"]} if self.cfg.multihop.backpatch else set())
 
     def _hop2_head(self, e: dict) -> str:
         """The hop-2 prompt's text before its placeholder ("The capital city of")."""
@@ -258,14 +263,12 @@ class MultihopExperiment(Experiment):
             cot = cfg.multihop.cot_prefix + e["question"]
             work.plain(e, "cot", cot, view.encode(cot))
             hop2_ids, hop2_pos = placeholder_position(view, e["hop2_prompt"], placeholder, occurrence)
-            src_ids, src_pos = span_last_token(view, e["question"], e["phrase"])
-            head = self._hop2_head(e)
-            head_ids = view.encode(head)
-            sources.append(
-                (q_ids, hop2_ids, hop2_pos, src_ids[: src_pos + 1], src_pos, head, head_ids, view.encode(e["phrase"]))
-            )
-            prompts += [src_ids[: src_pos + 1], head_ids, q_ids, view.encode(e["phrase"])]
-            positions += [[src_pos], [-1], [-1], [-1]]
+            read = self._sources(e)
+            (src_ids, src_pos), head_ids, phrase_ids = read["phrase_in_question"], read["head"][0], read["phrase"][0]
+            sources.append((q_ids, hop2_ids, hop2_pos, src_ids, src_pos, self._hop2_head(e), head_ids, phrase_ids))
+            for kind in ("phrase_in_question", "head", "question", "phrase"):  # the order caps are read in below
+                prompts.append(read[kind][0])
+                positions.append([read[kind][1]])
         caps = self.engine.capture(
             view, prompts, self.layers, positions, batch_size=self.capture_batch_size(), site=self.source_site
         )
